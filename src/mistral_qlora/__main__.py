@@ -1,0 +1,4 @@
+from mistral_qlora.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Batches for the Trainer: packed rows (the default) or padded batches (the baseline).
+
+Packed: the sequences of the micro-batch's rows are concatenated into one (1, T) row with
+`position_ids` restarting at 0 for each sequence and no `attention_mask`; transformers then builds
+a block-diagonal (and windowed) mask for eager/SDPA/flex, and flash-style kernels take the
+`cu_seq_lens_*`/`max_length_*` computed here on the CPU (no device sync inside the model).
+The first token of every sequence gets label -100, so no sequence learns to predict the next.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+from mistral_qlora.data.tokenize import IGNORE_INDEX
+
+
+class PackedRows(Dataset):
+    """Item i is the list of examples packed into row i."""
+
+    def __init__(self, examples: list[dict], rows: list[list[int]]):
+        self.examples = examples
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> list[dict]:
+        return [self.examples[j] for j in self.rows[i]]
+
+
+class PackedCollator:
+    def __init__(self, with_cu_seqlens: bool = False):
+        self.with_cu_seqlens = with_cu_seqlens
+
+    def __call__(self, items: list[list[dict] | dict]) -> dict[str, torch.Tensor]:
+        # Training items are packed rows (lists of examples); evaluation items are single examples.
+        input_ids, labels, position_ids, seq_lens = [], [], [], []
+        for item in items:
+            for ex in item if isinstance(item, list) else [item]:
+                n = len(ex["input_ids"])
+                input_ids += ex["input_ids"]
+                labels += [IGNORE_INDEX] + ex["labels"][1:]
+                position_ids += range(n)
+                seq_lens.append(n)
+        batch = {
+            "input_ids": torch.tensor([input_ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([position_ids], dtype=torch.long),
+        }
+        if self.with_cu_seqlens:
+            cu = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
+            cu[1:] = torch.cumsum(torch.tensor(seq_lens, dtype=torch.int32), 0)
+            batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu
+            batch["max_length_q"] = batch["max_length_k"] = max(seq_lens)
+        return batch
+
+
+class PaddedCollator:
+    """Right-padded batches with an attention mask: the seed's recipe."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(ex["input_ids"]) for ex in examples)
+        input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for i, ex in enumerate(examples):
+            n = len(ex["input_ids"])
+            input_ids[i, :n] = torch.tensor(ex["input_ids"])
+            labels[i, :n] = torch.tensor(ex["labels"])
+            attention_mask[i, :n] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

@@ -1,0 +1,129 @@
+"""Turn records of any accepted form into conversations: lists of (prompt, answer) turns.
+
+Forms (`data.format`, detected from the first record's keys when `auto`):
+- `text`: the seed's `<s>[INST] question [/INST] answer </s>` (turns may be chained);
+- `prompt_response`: `prompt` + `response` columns;
+- `instruction`: `instruction` (+ optional `input`) + `output` columns;
+- `messages`: a list of `{"role", "content"}` (system, then alternating user/assistant).
+The Mistral v1 template itself is applied by `tokenize.py`; this module only extracts text.
+"""
+
+from __future__ import annotations
+
+import re
+
+from mistral_qlora.errors import UserError
+
+Turn = tuple[str, str]  # (user prompt, assistant answer)
+
+_TURN = re.compile(r"\[INST\](.*?)\[/INST\](.*?)(?:</s>|(?=\[INST\])|\Z)", re.DOTALL)
+
+FORM_KEYS = {
+    "text": ("text",),
+    "messages": ("messages",),
+    "prompt_response": ("prompt", "response"),
+    "instruction": ("instruction", "output"),
+}
+
+
+def _snippet(value, width: int = 60) -> str:
+    s = value if isinstance(value, str) else repr(value)
+    s = " ".join(s.split())
+    return repr(s if len(s) <= width else s[: width - 3] + "...")
+
+
+def detect_format(record: dict, source: str) -> str:
+    for form, keys in (("messages", FORM_KEYS["messages"]), ("text", FORM_KEYS["text"]),
+                       ("prompt_response", FORM_KEYS["prompt_response"]), ("instruction", FORM_KEYS["instruction"])):
+        if all(k in record for k in keys):
+            return form
+    raise UserError(
+        f"{source}: record 0 has keys {sorted(record)}; expected 'text', 'messages', "
+        "'prompt'+'response' or 'instruction'+'output' (see dataset/README.md)"
+    )
+
+
+def parse_text(text, where: str) -> list[Turn]:
+    if not isinstance(text, str):
+        raise UserError(f"{where}: 'text' must be a string, got {type(text).__name__} {_snippet(text)}")
+    body = text.strip()
+    body = body.removeprefix("<s>")
+    turns = []
+    for m in _TURN.finditer(body):
+        prompt, answer = m.group(1).strip(), m.group(2).strip()
+        turns.append((prompt, answer))
+    if not turns:
+        raise UserError(f"{where}: text has no '[INST] ... [/INST]' pair: {_snippet(text)}")
+    for prompt, answer in turns:
+        if not prompt:
+            raise UserError(f"{where}: empty question between [INST] and [/INST]: {_snippet(text)}")
+        if not answer:
+            raise UserError(f"{where}: no answer after [/INST]: {_snippet(text)}")
+    return turns
+
+
+def _string_field(record: dict, key: str, where: str, required: bool = True) -> str:
+    value = record.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise UserError(f"{where}: '{key}' must be a string, got {type(value).__name__} {_snippet(value)}")
+    if required and not value.strip():
+        raise UserError(f"{where}: '{key}' is empty")
+    return value.strip()
+
+
+def parse_messages(messages, where: str) -> list[Turn]:
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+    system = ""
+    turns: list[Turn] = []
+    pending: str | None = None
+    for j, msg in enumerate(messages):
+        if not isinstance(msg, dict) or not isinstance(msg.get("content"), str):
+            raise UserError(f"{where}: message {j} must be {{\"role\": ..., \"content\": \"...\"}}, got {_snippet(msg)}")
+        role, content = msg.get("role"), msg["content"].strip()
+        if role == "system" and j == 0:
+            system = content
+        elif role == "user" and pending is None:
+            pending = content
+        elif role == "assistant" and pending is not None:
+            if system and not turns:
+                pending = f"{system}\n\n{pending}"
+            if not pending or not content:
+                raise UserError(f"{where}: message {j} or the one before it has empty content")
+            turns.append((pending, content))
+            pending = None
+        else:
+            raise UserError(
+                f"{where}: message {j} has role {role!r}; roles must be an optional system message, "
+                "then user and assistant alternating"
+            )
+    if pending is not None:
+        raise UserError(f"{where}: the last message is from the user; conversations must end with the assistant")
+    return turns
+
+
+def to_turns(record: dict, form: str, where: str) -> list[Turn]:
+    if form == "text":
+        if "text" not in record:
+            raise UserError(f"{where}: no 'text' key (keys: {sorted(record)})")
+        return parse_text(record["text"], where)
+    if form == "messages":
+        return parse_messages(record.get("messages"), where)
+    if form == "prompt_response":
+        return [(_string_field(record, "prompt", where), _string_field(record, "response", where))]
+    if form == "instruction":
+        instruction = _string_field(record, "instruction", where)
+        extra = _string_field(record, "input", where, required=False)
+        prompt = f"{instruction}\n\n{extra}" if extra else instruction
+        return [(prompt, _string_field(record, "output", where))]
+    raise ValueError(f"unknown format {form!r}")
+
+
+def records_to_conversations(records: list[dict], form: str, source: str) -> list[list[Turn]]:
+    if not records:
+        raise UserError(f"{source}: the dataset is empty (no records)")
+    if form == "auto":
+        form = detect_format(records[0], source)
+    return [to_turns(rec, form, f"{source} record {i}") for i, rec in enumerate(records)]

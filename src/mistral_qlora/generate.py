@@ -1,0 +1,67 @@
+"""Greedy generation with the Mistral instruct template, from a model in memory or an adapter on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from mistral_qlora.errors import UserError
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 48) -> list[str]:
+    if not prompts:
+        return []
+    was_training = model.training
+    model.eval()
+    device = next(p.device for p in model.parameters())
+    answers = []
+    for prompt in prompts:
+        ids = [tokenizer.bos_token_id] + tokenizer(f"[INST] {prompt} [/INST]", add_special_tokens=False)["input_ids"]
+        input_ids = torch.tensor([ids], device=device)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        answers.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip())
+    model.train(was_training)
+    return answers
+
+
+def load_for_generation(adapter: str | None, model: str | None, bits: int = 4):
+    """(model, tokenizer) from an adapter folder (its base from adapter_config.json) or a plain model."""
+    from mistral_qlora.config import ModelSection, QuantizationSection
+    from mistral_qlora.modeling.model import load_base_model, resolve_dtype, resolve_model_path
+    from mistral_qlora.modeling.tokenizer import load_tokenizer
+
+    if adapter is None and model is None:
+        raise UserError("generate: give --adapter DIR (a trained adapter) or --model NAME_OR_PATH")
+    tokenizer_path = None
+    if adapter is not None:
+        cfg_file = Path(adapter) / "adapter_config.json"
+        if not cfg_file.is_file():
+            raise UserError(f"{adapter}: no adapter_config.json (point --adapter at a run's adapter/ folder)")
+        base = model or json.loads(cfg_file.read_text())["base_model_name_or_path"]
+        if (Path(adapter) / "tokenizer_config.json").is_file():
+            tokenizer_path = adapter
+    else:
+        base = model
+    path = resolve_model_path(base)
+    tokenizer = load_tokenizer(tokenizer_path or path)
+    dtype = resolve_dtype("auto")
+    device_map = {"": 0} if torch.cuda.is_available() else None
+    net = load_base_model(path, ModelSection(name_or_path=base), QuantizationSection(bits=bits), "sdpa", dtype,
+                          device_map=device_map)
+    if adapter is not None:
+        from peft import PeftModel
+
+        net = PeftModel.from_pretrained(net, adapter)
+    net.config.use_cache = True
+    return net, tokenizer

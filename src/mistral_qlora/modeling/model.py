@@ -1,0 +1,104 @@
+"""The base model in 4-bit (bitsandbytes NF4) with LoRA adapters (PEFT) and activation checkpointing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mistral_qlora.config import TINY_MODEL, LoraSection, ModelSection, QuantizationSection
+from mistral_qlora.errors import UserError
+from mistral_qlora.modeling.attention import IMPLEMENTATION
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local folder, the embedded tiny model's cache folder, or a hub id left for transformers."""
+    if name_or_path == TINY_MODEL:
+        from mistral_qlora.modeling.tiny import ensure_tiny_model
+
+        return str(ensure_tiny_model())
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise UserError(f"model.name_or_path={name_or_path!r}: folder has no config.json (not a transformers checkpoint)")
+        return str(p)
+    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") != 1:
+        raise UserError(
+            f"model.name_or_path={name_or_path!r}: no such folder, and not a hub id like "
+            f"'mistralai/Mistral-7B-Instruct-v0.2' (or use {TINY_MODEL!r})"
+        )
+    return name_or_path
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def load_model_config(path: str, model_cfg: ModelSection):
+    """The checkpoint's config with the run's overrides (sliding window) applied."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, revision=model_cfg.revision)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model.name_or_path={path!r}: cannot load its config: {str(exc).splitlines()[0]}") from None
+    if model_cfg.sliding_window != "auto":
+        config.sliding_window = model_cfg.sliding_window
+    config.use_cache = False
+    return config
+
+
+def load_base_model(
+    path: str,
+    model_cfg: ModelSection,
+    quant_cfg: QuantizationSection,
+    attention: str,
+    dtype: torch.dtype,
+    device_map=None,
+    quant_storage: torch.dtype = torch.uint8,
+):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {}
+    if quant_cfg.bits == 4:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant_cfg.quant_type,
+            bnb_4bit_use_double_quant=quant_cfg.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=quant_storage,
+        )
+    return AutoModelForCausalLM.from_pretrained(
+        path,
+        config=load_model_config(path, model_cfg),
+        revision=model_cfg.revision,
+        dtype=dtype,
+        attn_implementation=IMPLEMENTATION[attention],
+        device_map=device_map,
+        **kwargs,
+    )
+
+
+def add_lora(model, lora_cfg: LoraSection, gradient_checkpointing: bool, reentrant: bool = False):
+    """Freeze the base, enable activation checkpointing, wrap with LoRA adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        # Reentrant checkpointing only back-propagates into a block whose input requires grad.
+        model.enable_input_require_grads()
+    peft_config = LoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=lora_cfg.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
