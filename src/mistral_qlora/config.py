@@ -158,11 +158,14 @@ def _describe(err: dict, known: list[str]) -> str:
             leaves = difflib.get_close_matches(leaf, [k.rpartition(".")[2] for k in peers], n=1, cutoff=0.5)
             hint = [f"{section}.{leaves[0]}" if section else leaves[0]] if leaves else []
         return f"unknown key '{key}'" + (f"; did you mean '{hint[0]}'?" if hint else "")
+    def num(v):
+        return format(v, "g") if isinstance(v, float) else v
+
     bounds = {
-        "greater_than": f"must be > {ctx.get('gt')}",
-        "greater_than_equal": f"must be >= {ctx.get('ge')}",
-        "less_than": f"must be < {ctx.get('lt')}",
-        "less_than_equal": f"must be <= {ctx.get('le')}",
+        "greater_than": f"must be > {num(ctx.get('gt'))}",
+        "greater_than_equal": f"must be >= {num(ctx.get('ge'))}",
+        "less_than": f"must be < {num(ctx.get('lt'))}",
+        "less_than_equal": f"must be <= {num(ctx.get('le'))}",
     }
     if kind in bounds:
         return f"{key}: {bounds[kind]} (got {got!r})"

@@ -6,6 +6,7 @@ input (config, data, paths) is checked before the first byte is written to outpu
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -69,6 +70,15 @@ def clear_previous_run(out: Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+
+
+def record_base_model(adapter_dir: Path, name: str) -> None:
+    """Name the base as the user did (tiny-random-mistral, a hub id), not by a cache path, so the
+    adapter loads anywhere. Done after saving: PEFT looks the base up while it saves."""
+    path = adapter_dir / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = name
+    write_json(path, config)
 
 
 def training_arguments(cfg: RunConfig, rt: Runtime, has_eval: bool):
@@ -135,8 +145,6 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict:
     device_map = {"": rt.local_rank} if rt.device == "cuda" else None
     model = load_base_model(model_path, cfg.model, cfg.quantization, attention, rt.dtype, device_map=device_map)
     model = add_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
-    # Record the name the user gave (tiny-random-mistral, a hub id), not a cache path.
-    model.peft_config["default"].base_model_name_or_path = cfg.model.name_or_path
 
     # 3. Output folder: only now is anything written.
     if overwrite:
@@ -176,6 +184,8 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict:
 
     samples_after = generate_answers(model, tokenizer, data.sample_prompts, cfg.eval.max_new_tokens)
     trainer.save_model(str(out / "adapter"))
+    if rt.is_main:
+        record_base_model(out / "adapter", cfg.model.name_or_path)
     summary = {
         "initial_eval_loss": initial_eval_loss,
         "final_eval_loss": final_eval_loss,

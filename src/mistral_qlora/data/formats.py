@@ -27,9 +27,9 @@ FORM_KEYS = {
 
 
 def _snippet(value, width: int = 60) -> str:
-    s = value if isinstance(value, str) else repr(value)
-    s = " ".join(s.split())
-    return repr(s if len(s) <= width else s[: width - 3] + "...")
+    s = " ".join((value if isinstance(value, str) else repr(value)).split())
+    s = s if len(s) <= width else s[: width - 3] + "..."
+    return repr(s) if isinstance(value, str) else s
 
 
 def detect_format(record: dict, source: str) -> str:

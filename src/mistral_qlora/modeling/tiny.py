@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mistral_qlora.modeling.tokenizer import write_mistral_v1_tokenizer
 
-TINY_VERSION = "v1"
+TINY_VERSION = "v2"
 TINY_SEED = 1234
 TINY_CONFIG = dict(
     vocab_size=32000,
@@ -28,6 +28,7 @@ TINY_CONFIG = dict(
     sliding_window=64,
     rope_theta=1_000_000.0,
     rms_norm_eps=1e-5,
+    initializer_range=0.08,
     tie_word_embeddings=False,
     bos_token_id=1,
     eos_token_id=2,

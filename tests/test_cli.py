@@ -1,0 +1,101 @@
+"""Bad input at the command line: one clear line on stderr, exit code 2, nothing written."""
+
+import json
+
+import pytest
+
+from mistral_qlora.cli import main
+
+from conftest import ROOT, run_cli, story_records
+
+
+def cli(capsys, *args):
+    with pytest.raises(SystemExit) as info:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return info.value.code, out, err
+
+
+def _train_args(tmp_path, data, *extra):
+    return ["train", str(ROOT / "configs/tiny.yaml"), "--set", f"data.train={data}",
+            "--set", f"output_dir={tmp_path / 'out'}", *extra]
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+BAD_DATA = {
+    "malformed.json": ('[{"text": "<s>[INST] a [/INST] b </s>"},\n {"text": }]', r"malformed.json:2:\d+: malformed JSON"),
+    "bad.jsonl": ('{"text": "<s>[INST] a [/INST] b </s>"}\n{"text": "x"\n', r"bad.jsonl:2:\d+: bad JSON line"),
+    "noinst.json": (json.dumps([{"text": "<s>[INST] a [/INST] b </s>"}, {"text": "plain words"}]),
+                    r"noinst.json record 1: text has no '\[INST\] ... \[/INST\]' pair: 'plain words'"),
+    "nonstring.json": (json.dumps([{"text": ["a"]}]), r"nonstring.json record 0: 'text' must be a string, got list"),
+    "empty.json": ("[]", r"empty.json: the dataset is empty"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_DATA))
+def test_bad_data_is_one_line_exit_2_nothing_written(tmp_path, capsys, name):
+    text, pattern = BAD_DATA[name]
+    data = _write(tmp_path, name, text)
+    code, out, err = cli(capsys, *_train_args(tmp_path, data))
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mistral-qlora: error: ")
+    assert __import__("re").search(pattern, lines[0]), lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ("train.lerning_rate=1e-4", "unknown key 'train.lerning_rate'; did you mean 'train.learning_rate'?"),
+    ("train.micro_batch_size=0", "train.micro_batch_size: must be >= 1 (got 0)"),
+    ("lora.dropout=abc", "lora.dropout: "),
+    ("model.name_or_path=/no/such/model", "model.name_or_path='/no/such/model': no such folder"),
+    ("data.train=/no/such/file.json", "/no/such/file.json: data file not found"),
+])
+def test_bad_config_is_one_line_exit_2_nothing_written(tmp_path, capsys, override, pattern):
+    data = _write(tmp_path, "ok.json", json.dumps(story_records(8)))
+    code, out, err = cli(capsys, *_train_args(tmp_path, data, "--set", override))
+    assert code == 2
+    assert err.count("\n") == 1 and pattern in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_reports_and_writes_nothing(tmp_path, capsys):
+    data = _write(tmp_path, "ok.json", json.dumps(story_records(30)))
+    code, out, err = cli(capsys, "prepare", str(ROOT / "configs/tiny.yaml"), "--set", f"data.train={data}",
+                         "--set", f"output_dir={tmp_path / 'out'}")
+    assert code == 0
+    assert "records: 27 train, 3 eval" in out
+    assert "packing:" in out and "efficiency" in out and "steps per epoch" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_finished_run_is_not_overwritten_without_flag(tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "summary.json").write_text("{}")
+    data = _write(tmp_path, "ok.json", json.dumps(story_records(8)))
+    code, out, err = cli(capsys, *_train_args(tmp_path, data))
+    assert code == 2 and "holds a finished run; pass --overwrite" in err
+    assert (out_dir / "summary.json").read_text() == "{}"
+    assert sorted(p.name for p in out_dir.iterdir()) == ["summary.json"]
+
+
+def test_subprocess_error_has_no_traceback_unless_debug(tmp_path):
+    args = ["train", "configs/tiny.yaml", "--set", "train.epochs=-1", "--set", f"output_dir={tmp_path / 'o'}"]
+    proc = run_cli(*args)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("mistral-qlora: error: configs/tiny.yaml: train.epochs: must be > 0 (got -1)")
+    proc = run_cli("--debug", *args)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_env_names_the_attention_backend(capsys):
+    code, out, err = cli(capsys, "env")
+    assert code == 0
+    assert "attention backends (model.attention=auto -> " in out
+    assert "transformers" in out and "bitsandbytes" in out
