@@ -12,7 +12,7 @@ import os
 import sys
 
 from mistral_qlora import __version__
-from mistral_qlora.errors import EXIT_USER_ERROR, UserError
+from mistral_qlora.errors import Preempted, UserError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune: data -> 4-bit model + LoRA -> adapter in output_dir")
     _add_config_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in output_dir")
+    p.add_argument("--force", action="store_true",
+                   help="resume a checkpoint even though the data or batch settings changed")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("prepare", help="validate the data and print its statistics (writes nothing)")
@@ -44,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, choices=(4, 16), default=4, help="load the base in 4-bit or 16-bit")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("merge", help="merge an adapter into a 16-bit copy of its base (safetensors)")
+    p.add_argument("--adapter", required=True, help="a run's adapter/ folder")
+    p.add_argument("--output", required=True, help="new folder for the merged model")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
+    p.set_defaults(func=cmd_merge)
+
     p = sub.add_parser("env", help="versions, GPUs, usable attention backends and kernels")
     p.set_defaults(func=cmd_env)
     return parser
@@ -54,7 +63,7 @@ def cmd_train(args) -> int:
     from mistral_qlora.train import run_training
 
     cfg = load_config(args.config, args.overrides)
-    summary = run_training(cfg, overwrite=args.overwrite)
+    summary = run_training(cfg, overwrite=args.overwrite, force=args.force)
     if int(os.environ.get("RANK", "0")) == 0:
         _print_summary(cfg.output_dir, summary)
     return 0
@@ -89,6 +98,15 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from mistral_qlora.export import merge_adapter
+
+    out = merge_adapter(args.adapter, args.output, dtype=args.dtype, model=args.model)
+    print(f"merged model ({args.dtype}) written to {out}; try: mistral-qlora generate --model {out} --bits 16 "
+          "--prompt ...")
+    return 0
+
+
 def cmd_env(args) -> int:
     from mistral_qlora.envinfo import environment_report
 
@@ -120,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.debug:
             raise
         print(f"mistral-qlora: error: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except Preempted as exc:
+        print(f"mistral-qlora: preempted: {exc}", file=sys.stderr)
         code = exc.exit_code
     except KeyboardInterrupt:
         print("mistral-qlora: interrupted", file=sys.stderr)

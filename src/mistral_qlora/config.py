@@ -81,6 +81,9 @@ class TrainSection(_Section):
     eval_steps: int = Field(20, ge=1)
     save_steps: int = Field(50, ge=1)
     logging_steps: int = Field(5, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    # auto: continue from the newest complete checkpoint in output_dir; never; or a checkpoint folder.
+    resume: str = "auto"
 
 
 class EvalSection(_Section):

@@ -13,3 +13,9 @@ class UserError(Exception):
     """A problem with the user's input (config, data, paths, resources), told in one line."""
 
     exit_code = EXIT_USER_ERROR
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM/SIGUSR1 after saving a checkpoint; rerun the same command to resume."""
+
+    exit_code = EXIT_PREEMPTED

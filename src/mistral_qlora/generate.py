@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -38,30 +37,20 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
 def load_for_generation(adapter: str | None, model: str | None, bits: int = 4):
     """(model, tokenizer) from an adapter folder (its base from adapter_config.json) or a plain model."""
     from mistral_qlora.config import ModelSection, QuantizationSection
+    from mistral_qlora.export import adapter_base, attach_adapter
     from mistral_qlora.modeling.model import load_base_model, resolve_dtype, resolve_model_path
     from mistral_qlora.modeling.tokenizer import load_tokenizer
 
     if adapter is None and model is None:
         raise UserError("generate: give --adapter DIR (a trained adapter) or --model NAME_OR_PATH")
-    tokenizer_path = None
-    if adapter is not None:
-        cfg_file = Path(adapter) / "adapter_config.json"
-        if not cfg_file.is_file():
-            raise UserError(f"{adapter}: no adapter_config.json (point --adapter at a run's adapter/ folder)")
-        base = model or json.loads(cfg_file.read_text())["base_model_name_or_path"]
-        if (Path(adapter) / "tokenizer_config.json").is_file():
-            tokenizer_path = adapter
-    else:
-        base = model
+    base = model or adapter_base(adapter)
     path = resolve_model_path(base)
-    tokenizer = load_tokenizer(tokenizer_path or path)
-    dtype = resolve_dtype("auto")
+    has_tokenizer = adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(adapter if has_tokenizer else path)
     device_map = {"": 0} if torch.cuda.is_available() else None
-    net = load_base_model(path, ModelSection(name_or_path=base), QuantizationSection(bits=bits), "sdpa", dtype,
-                          device_map=device_map)
+    net = load_base_model(path, ModelSection(name_or_path=base), QuantizationSection(bits=bits), "sdpa",
+                          resolve_dtype("auto"), device_map=device_map)
     if adapter is not None:
-        from peft import PeftModel
-
-        net = PeftModel.from_pretrained(net, adapter)
+        net = attach_adapter(net, adapter, base)
     net.config.use_cache = True
     return net, tokenizer

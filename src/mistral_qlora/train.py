@@ -1,26 +1,37 @@
 """One training run: config -> data -> model -> transformers.Trainer -> artifacts in output_dir.
 
 Read top to bottom, this is the whole recipe. Everything that can fail because of the user's
-input (config, data, paths) is checked before the first byte is written to output_dir.
+input (config, data, paths, an incompatible checkpoint) is checked before the first byte is
+written to output_dir. Checkpoints are staged and committed atomically (checkpoints.py), so a
+kill at any moment loses at most the steps since the last save.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mistral_qlora.artifacts import SUMMARY, perplexity, plot_loss, samples_markdown, atomic_write_text, write_json
+from mistral_qlora import checkpoints
+from mistral_qlora.artifacts import SUMMARY, atomic_write_text, perplexity, plot_loss, samples_markdown, write_json
 from mistral_qlora.config import RunConfig
-from mistral_qlora.errors import UserError
+from mistral_qlora.errors import Preempted, UserError
 
 # What a run owns in output_dir (removed by --overwrite; nothing else is touched).
-RUN_FILES = ("adapter", "checkpoints", "tensorboard", SUMMARY, "config.yaml", "loss.png", "samples.md")
+RUN_FILES = ("adapter", "checkpoints", "tensorboard", SUMMARY, "config.yaml", "loss.png", "samples.md",
+             "history.json")
+
+
+def log(message: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"mistral-qlora: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -58,9 +69,16 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
             f"output_dir={str(out)!r} holds a finished run; pass --overwrite to replace it "
             "or set output_dir to a new folder"
         )
+    # Root ignores permission bits, so ask the filesystem itself: create and remove a probe file
+    # in the nearest folder that exists (nothing is left behind).
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    if not os.access(probe, os.W_OK):
-        raise UserError(f"output_dir={str(out)!r} is not writable ({probe} refuses writes)")
+    try:
+        import tempfile
+
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise UserError(f"output_dir={str(out)!r} is not writable ({probe}: {exc.strerror})") from None
 
 
 def clear_previous_run(out: Path) -> None:
@@ -72,22 +90,59 @@ def clear_previous_run(out: Path) -> None:
             path.unlink()
 
 
-def record_base_model(adapter_dir: Path, name: str) -> None:
-    """Name the base as the user did (tiny-random-mistral, a hub id), not by a cache path, so the
-    adapter loads anywhere. Done after saving: PEFT looks the base up while it saves."""
-    path = adapter_dir / "adapter_config.json"
-    config = json.loads(path.read_text())
-    config["base_model_name_or_path"] = name
-    write_json(path, config)
+def run_fingerprint(cfg: RunConfig, train_examples: list[dict], world_size: int) -> dict:
+    """What a checkpoint must agree with to be resumed: model and LoRA shape, data, batch geometry."""
+    h = hashlib.sha256()
+    for ex in train_examples:
+        h.update(json.dumps([ex["input_ids"], ex["labels"]]).encode())
+    return {
+        "model": cfg.model.name_or_path,
+        "revision": cfg.model.revision,
+        "quantization": cfg.quantization.model_dump(),
+        "lora": {"r": cfg.lora.r, "target_modules": cfg.lora.target_modules},
+        "data": h.hexdigest(),
+        "packing": cfg.data.tokens_per_row if cfg.data.packing else None,
+        "micro_batch_size": cfg.train.micro_batch_size,
+        "grad_accum": cfg.train.grad_accum,
+        "world_size": world_size,
+        "seed": cfg.train.seed,
+    }
+
+
+def find_resume_checkpoint(cfg: RunConfig, fingerprint: dict, overwrite: bool, force: bool) -> Path | None:
+    root = checkpoints.checkpoints_root(cfg.output_dir)
+    if overwrite:
+        return None
+    resume = cfg.train.resume
+    if resume == "never":
+        if checkpoints.complete_checkpoints(root):
+            raise UserError(
+                f"output_dir={cfg.output_dir!r} has checkpoints of an unfinished run and train.resume=never; "
+                "set train.resume=auto to continue it or pass --overwrite to start again"
+            )
+        return None
+    if resume == "auto":
+        ckpt = checkpoints.newest_valid(root, warn=log)
+    else:
+        ckpt = Path(resume)
+        if not ckpt.is_dir():
+            raise UserError(f"train.resume={resume!r}: no such checkpoint folder")
+        problem = checkpoints.verify(ckpt)
+        if problem:
+            raise UserError(f"train.resume={resume!r}: checkpoint is incomplete or corrupt: {problem}")
+    if ckpt is not None:
+        checkpoints.check_fingerprint(ckpt, fingerprint, force, warn=log)
+    return ckpt
 
 
 def training_arguments(cfg: RunConfig, rt: Runtime, has_eval: bool):
     from transformers import TrainingArguments
 
     t = cfg.train
-    out = Path(cfg.output_dir)
     return TrainingArguments(
-        output_dir=str(out / "checkpoints"),
+        # The Trainer writes checkpoints into a staging folder; CheckpointCommitCallback seals them.
+        output_dir=str(checkpoints.staging_root(cfg.output_dir)),
+        save_total_limit=None,  # rotation happens on committed checkpoints (train.keep_checkpoints)
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         per_device_train_batch_size=t.micro_batch_size,
@@ -103,6 +158,7 @@ def training_arguments(cfg: RunConfig, rt: Runtime, has_eval: bool):
         data_seed=t.seed,
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN must show (and stop the run), not be averaged away
         eval_strategy="steps" if has_eval else "no",
         eval_steps=t.eval_steps,
         eval_on_start=has_eval,
@@ -119,11 +175,32 @@ def training_arguments(cfg: RunConfig, rt: Runtime, has_eval: bool):
     )
 
 
-def run_training(cfg: RunConfig, overwrite: bool = False) -> dict:
+def oom_message(cfg: RunConfig, stage: str) -> str:
+    used = ""
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        used = f" (peak {torch.cuda.max_memory_allocated() / 2**30:.1f} of {total:.1f} GiB)"
+    hints = [f"data.tokens_per_row (now {cfg.data.tokens_per_row})" if cfg.data.packing
+             else f"train.micro_batch_size (now {cfg.train.micro_batch_size})"]
+    if not cfg.train.gradient_checkpointing:
+        hints.append("set train.gradient_checkpointing=true")
+    hints.append("or shard the model with train.strategy=zero3 over more GPUs")
+    return f"CUDA out of memory while {stage}{used}: lower " + ", ".join(hints) + "; checkpoints are intact"
+
+
+def run_training(cfg: RunConfig, overwrite: bool = False, force: bool = False) -> dict:
+    try:
+        return _run_training(cfg, overwrite, force)
+    except torch.OutOfMemoryError:
+        raise UserError(oom_message(cfg, "training")) from None
+
+
+def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
     from transformers import Trainer
     from transformers.integrations import TensorBoardCallback
 
-    from mistral_qlora.callbacks import ThroughputCallback
+    from mistral_qlora.callbacks import (CheckpointCommitCallback, DivergenceCallback, PreemptionCallback,
+                                         ThroughputCallback, barrier)
     from mistral_qlora.data import prepare_data
     from mistral_qlora.generate import generate_answers
     from mistral_qlora.modeling.attention import TAKES_CU_SEQLENS, select_attention
@@ -135,28 +212,40 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict:
     check_output_dir(out, overwrite)
     rt = Runtime.detect(cfg.model.dtype)
 
-    # 1. Data: everything validated and tokenized before anything is written.
+    # 1. Data, and the checkpoint to resume: validated before anything is written.
     model_path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(model_path, cfg.model.revision)
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed, cfg.eval.samples)
     attention = select_attention(cfg.model.attention)
+    fingerprint = run_fingerprint(cfg, data.train, rt.world_size)
+    resume_from = find_resume_checkpoint(cfg, fingerprint, overwrite, force)
 
-    # 2. Model: 4-bit base + LoRA.
+    # 2. Model: 4-bit base + LoRA (the LoRA init draws from the seeded RNG, so runs repeat exactly).
+    from transformers import set_seed
+
+    set_seed(cfg.train.seed)
     device_map = {"": rt.local_rank} if rt.device == "cuda" else None
     model = load_base_model(model_path, cfg.model, cfg.quantization, attention, rt.dtype, device_map=device_map)
     model = add_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
 
     # 3. Output folder: only now is anything written.
-    if overwrite:
-        clear_previous_run(out)
-    out.mkdir(parents=True, exist_ok=True)
     if rt.is_main:
+        if overwrite:
+            clear_previous_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoints.discard_staging(checkpoints.checkpoints_root(out))
         atomic_write_text(out / "config.yaml", cfg.to_yaml())
+    barrier()
+    if resume_from is not None:
+        log(f"resuming from {resume_from}")
     samples_before = generate_answers(model, tokenizer, data.sample_prompts, cfg.eval.max_new_tokens)
 
     # 4. Train.
     cu = attention in TAKES_CU_SEQLENS
     throughput = ThroughputCallback()
+    preemption = PreemptionCallback(log=log)
+    divergence = DivergenceCallback()
+    commit = CheckpointCommitCallback(fingerprint, cfg.train.keep_checkpoints)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
     trainer = Trainer(
         model=model,
@@ -165,11 +254,23 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict:
         eval_dataset=data.eval or None,
         data_collator=data.collator(tokenizer.pad_token_id, with_cu_seqlens=cu),
         processing_class=tokenizer,
-        callbacks=[throughput, TensorBoardCallback()],
+        # Order matters: divergence runs after preemption so a NaN can veto the save it asks for.
+        callbacks=[throughput, TensorBoardCallback(), preemption, divergence, commit],
     )
     if rt.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+    if divergence.diverged_at is not None:
+        last = checkpoints.complete_checkpoints(checkpoints.checkpoints_root(out))
+        keep = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was saved before it"
+        raise UserError(
+            f"training diverged: loss is {divergence.value} at step {divergence.diverged_at}; {keep}; "
+            f"lower train.learning_rate (now {cfg.train.learning_rate}) or check the data"
+        )
+    if preemption.preempted_at is not None:
+        raise Preempted(f"stopped at step {preemption.preempted_at} after saving {commit.last_committed}; "
+                        "run the same command again to resume")
 
     # 5. Final evaluation, adapter, artifacts.
     history = trainer.state.log_history
@@ -183,9 +284,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict:
     initial_eval_loss = evals[0]["eval_loss"] if evals else None
 
     samples_after = generate_answers(model, tokenizer, data.sample_prompts, cfg.eval.max_new_tokens)
-    trainer.save_model(str(out / "adapter"))
-    if rt.is_main:
-        record_base_model(out / "adapter", cfg.model.name_or_path)
+    save_adapter(trainer, out / "adapter", cfg.model.name_or_path, rt.is_main)
     summary = {
         "initial_eval_loss": initial_eval_loss,
         "final_eval_loss": final_eval_loss,
@@ -199,6 +298,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict:
         "world_size": rt.world_size,
         "attention_backend": attention,
         "runtime_seconds": round(time.time() - started, 2),
+        "resumed_from": str(resume_from) if resume_from else None,
         "model": cfg.model.name_or_path,
         "sliding_window": model.config.sliding_window,
         "dtype": str(rt.dtype).removeprefix("torch."),
@@ -215,7 +315,36 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict:
         },
     }
     if rt.is_main:
+        write_json(out / "history.json", history)
         plot_loss(out / "loss.png", history, f"{cfg.model.name_or_path}: QLoRA r={cfg.lora.r}")
         atomic_write_text(out / "samples.md", samples_markdown(data.sample_prompts, samples_before, samples_after))
         write_json(out / SUMMARY, summary)  # written last: its presence marks a finished run
+    barrier()
     return summary
+
+
+def save_adapter(trainer, final: Path, base_name: str, is_main: bool) -> None:
+    """Save the adapter into a staging folder (every rank joins: ZeRO-3 gathers), then rename it in."""
+    from mistral_qlora.callbacks import barrier
+
+    staging = final.parent / ".adapter-staging"
+    if is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+    barrier()
+    trainer.save_model(str(staging))
+    barrier()
+    if is_main:
+        record_base_model(staging, base_name)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(staging, final)
+    barrier()
+
+
+def record_base_model(adapter_dir: Path, name: str) -> None:
+    """Name the base as the user did (tiny-random-mistral, a hub id), not by a cache path, so the
+    adapter loads anywhere. Done after saving: PEFT looks the base up while it saves."""
+    path = adapter_dir / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = name
+    write_json(path, config)
