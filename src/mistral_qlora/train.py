@@ -129,7 +129,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict:
     model_path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(model_path, cfg.model.revision)
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed, cfg.eval.samples)
-    attention = select_attention(cfg.model.attention)
+    attention = select_attention(cfg.model.attention, rt.dtype)
 
     # 2. Model: 4-bit base + LoRA.
     device_map = {"": rt.local_rank} if rt.device == "cuda" else None
