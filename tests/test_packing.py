@@ -193,6 +193,7 @@ def _tiny_lora_model():
     path = resolve_model_path("tiny-random-mistral")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     model.config.use_cache = False
+    torch.manual_seed(0)  # LoRA's A matrices come from the global generator
     model = add_lora(model, LoraSection(r=4, alpha=8, dropout=0.0), gradient_checkpointing=False)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -232,15 +233,25 @@ def test_packed_loss_equals_unpacked_loss(lora_model):
     assert abs(padded.item() - total.item() / n_items) < 1e-5
 
 
-def _one_step(model, dataset, collator, micro_batch, grad_accum, out_dir, per_batch_means=False):
-    from transformers import Trainer, TrainingArguments
+def _one_step(model, dataset, collator, micro_batch, grad_accum, out_dir, per_batch_means=False, **overrides):
+    """One optimizer step with the TrainingArguments train.py builds, made SGD (lr 1, no clipping)
+    so that the update is the gradient itself."""
+    import dataclasses
+    import os
 
-    args = TrainingArguments(
-        output_dir=str(out_dir), max_steps=1, per_device_train_batch_size=micro_batch,
-        gradient_accumulation_steps=grad_accum, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant",
-        max_grad_norm=0.0, weight_decay=0.0, use_cpu=True, report_to="none", logging_steps=1,
-        save_strategy="no", remove_unused_columns=False, seed=0, data_seed=0, disable_tqdm=True,
-    )
+    from transformers import Trainer
+
+    from mistral_qlora.config import load_config
+    from mistral_qlora.train import Runtime, training_arguments
+
+    cfg = load_config(None, [f"output_dir={out_dir}", "train.max_steps=1", f"train.micro_batch_size={micro_batch}",
+                             f"train.grad_accum={grad_accum}", "train.seed=0"])
+    rt = Runtime("cpu", torch.float32, int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")),
+                 int(os.environ.get("LOCAL_RANK", "0")))
+    args = dataclasses.replace(
+        training_arguments(cfg, rt, has_eval=False), optim="sgd", learning_rate=1.0, lr_scheduler_type="constant",
+        warmup_steps=0, max_grad_norm=0.0, weight_decay=0.0, logging_steps=1, save_strategy="no",
+        disable_tqdm=True, **overrides)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
     if per_batch_means:  # the control: each micro-batch's own mean, averaged over the accumulation
         trainer.model_accepts_loss_kwargs = False
@@ -287,3 +298,33 @@ def test_one_optimizer_step_same_packed_and_unpacked_with_grad_accum(lora_model,
     assert _max_diff(w_packed, w_padded) < 1e-3 * moved  # same update
     # The control: a mean of per-row means weighs tokens of short rows more; the test sees it.
     assert _max_diff(w_row_means, w_padded) > 1e-2 * moved
+
+
+def test_two_ranks_with_grad_accum_take_the_mean_over_the_global_batch(tmp_path):
+    """2 ranks x 2 accumulated rows == 1 rank x 4 rows: the Trainer's num_items_in_batch, gathered
+    across ranks (average_tokens_across_devices, as train.py sets it), makes the loss the mean over
+    every answer token of the global batch, however unevenly the tokens fall between rows and
+    ranks. The control, each rank normalising by its own tokens, gives another update."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("dist_loss_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    single, multi = tmp_path / "single.pt", tmp_path / "multi.pt"
+    run = subprocess.run([sys.executable, str(worker), str(single), "4"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29631", str(worker), str(multi), "2"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = torch.load(single), torch.load(multi)
+    assert a["world_size"] == 1 and b["world_size"] == 2
+    assert len(set(b["tokens_per_rank"])) == 2  # the ranks saw different numbers of answer tokens
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    moved = _max_diff(a["weights"], a["start"])
+    assert moved > 1e-3
+    assert _max_diff(a["weights"], b["weights"]) < 1e-3 * moved
+    assert _max_diff(a["weights"], b["per_rank_weights"]) > 1e-2 * moved

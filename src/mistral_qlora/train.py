@@ -105,6 +105,9 @@ def training_arguments(cfg: RunConfig, rt: Runtime, has_eval: bool):
         disable_tqdm=not rt.is_main,
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
+        # The loss of a step is the mean over every answer token of the global batch (all
+        # accumulated micro-batches, all ranks), not a mean of per-row or per-rank means.
+        average_tokens_across_devices=True,
         dataloader_pin_memory=rt.device == "cuda",
     )
 
