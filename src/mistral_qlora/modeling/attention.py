@@ -14,6 +14,8 @@ flash-style kernels count the window without the query itself, so W becomes `(W 
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 import inspect
 
@@ -49,6 +51,18 @@ def _flex_available() -> bool:
     return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
+@functools.lru_cache(maxsize=1)
+def _flash_attn_problem() -> str | None:
+    """None when the flash-attn package imports, else why not (a build for another torch, say)."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return "needs the flash-attn package (pip install mistral-qlora[flash])"
+    try:
+        importlib.import_module("flash_attn")
+    except Exception as exc:  # an ABI mismatch raises ImportError or OSError, sometimes RuntimeError
+        return f"flash-attn is installed but does not import ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+    return None
+
+
 def usable_backends(dtype: torch.dtype | None = None) -> dict[str, str | None]:
     """Each backend -> None when usable here (for `dtype`, when given), else why not."""
     cuda = _cuda()
@@ -58,8 +72,8 @@ def usable_backends(dtype: torch.dtype | None = None) -> dict[str, str | None]:
 
     if not cuda:
         fa2 = "needs a CUDA GPU"
-    elif not importlib.util.find_spec("flash_attn"):
-        fa2 = "needs the flash-attn package (pip install mistral-qlora[flash])"
+    elif _flash_attn_problem():
+        fa2 = _flash_attn_problem()
     elif not half:
         fa2 = why_not_half
     else:
