@@ -47,17 +47,18 @@ _MODELS = {}
 
 
 def _model(path, impl, window=WINDOW):
-    key = (impl, window)
-    if key not in _MODELS:
+    """The tiny model in float32 with this attention; one instance per backend, its window set
+    on the shared config (every layer reads it at forward time)."""
+    if impl not in _MODELS:
         from transformers import AutoModelForCausalLM
 
         if impl == "torch_varlen":
             A.register_varlen()
         m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=impl)
-        m.config.sliding_window = window
         m.config.use_cache = False
-        _MODELS[key] = m.eval()
-    return _MODELS[key]
+        _MODELS[impl] = m.eval()
+    _MODELS[impl].config.sliding_window = window
+    return _MODELS[impl]
 
 
 def _examples(lengths=LENGTHS, seed=0):
@@ -109,6 +110,16 @@ def _packed(model, examples, **overrides):
     return logits, losses
 
 
+_REFERENCE = {}
+
+
+def _reference(path):
+    """Per-sequence eager logits and losses of the default examples (computed once)."""
+    if "ref" not in _REFERENCE:
+        _REFERENCE["ref"] = _per_sequence(_model(path, "eager"), _examples())
+    return _REFERENCE["ref"]
+
+
 def _max_diff(a, b):
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
@@ -120,7 +131,7 @@ def _max_diff(a, b):
 @pytest.mark.parametrize("impl", ["eager", "sdpa", "torch_varlen"])
 def test_packed_logits_and_losses_equal_per_sequence(tiny_path, impl, reference_kernel):
     examples = _examples()
-    ref_logits, ref_losses = _per_sequence(_model(tiny_path, "eager"), examples)
+    ref_logits, ref_losses = _reference(tiny_path)
     logits, losses = _packed(_model(tiny_path, impl), examples)
     assert _max_diff(logits, ref_logits) < TOL
     assert _max_diff(losses, ref_losses) < TOL
@@ -135,7 +146,7 @@ def test_control_broken_isolation_is_detected(tiny_path, impl, reference_kernel)
     """Position ids continuous across the row (and, for varlen, one sequence in cu_seq_lens):
     sequences see each other and the comparison fails."""
     examples = _examples()
-    ref_logits, _ = _per_sequence(_model(tiny_path, "eager"), examples)
+    ref_logits, _ = _reference(tiny_path)
     total = sum(LENGTHS)
     overrides = {"position_ids": torch.arange(total)[None]}
     if impl == "torch_varlen":
@@ -151,7 +162,7 @@ def test_control_broken_isolation_is_detected(tiny_path, impl, reference_kernel)
 def test_control_wrong_window_is_detected(tiny_path, impl, window, reference_kernel):
     """Packed with no window, or one token off either way: no longer equal to the windowed reference."""
     examples = _examples()
-    ref_logits, _ = _per_sequence(_model(tiny_path, "eager"), examples)
+    ref_logits, _ = _reference(tiny_path)
     logits, _ = _packed(_model(tiny_path, impl, window=window), examples)
     assert _max_diff(logits, ref_logits) > 1e-3
     short = LENGTHS.index(33)  # shorter than every window here: unaffected
@@ -190,7 +201,7 @@ def test_window_semantics_match_transformers_mask():
 def test_varlen_repeats_kv_heads_where_the_kernel_has_no_gqa(tiny_path, reference_kernel, monkeypatch):
     monkeypatch.setattr(A, "_NATIVE_GQA", False)  # torch 2.11's varlen_attn
     examples = _examples()
-    ref_logits, _ = _per_sequence(_model(tiny_path, "eager"), examples)
+    ref_logits, _ = _reference(tiny_path)
     logits, _ = _packed(_model(tiny_path, "torch_varlen"), examples)
     assert _max_diff(logits, ref_logits) < TOL
     assert reference_kernel[-1]["heads"] == (8, 8) and "enable_gqa" not in reference_kernel[-1]
@@ -198,7 +209,7 @@ def test_varlen_repeats_kv_heads_where_the_kernel_has_no_gqa(tiny_path, referenc
 
 def test_varlen_without_cu_seq_lens_reads_boundaries_from_position_ids(tiny_path, reference_kernel):
     examples = _examples()
-    ref_logits, _ = _per_sequence(_model(tiny_path, "eager"), examples)
+    ref_logits, _ = _reference(tiny_path)
     batch = PackedCollator(with_cu_seqlens=False)([examples])
     with torch.no_grad():
         out = _model(tiny_path, "torch_varlen")(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
