@@ -89,8 +89,13 @@ def cmd_bench(args) -> int:
     if not args.debug:
         hf_logging.disable_progress_bar()
 
-    window = args.sliding_window
-    window = None if window.lower() in ("none", "null") else window if window == "auto" else int(window)
+    window = args.sliding_window.lower()
+    if window in ("none", "null"):
+        window = None
+    elif window != "auto":
+        if not window.isdigit() or int(window) < 1:
+            raise UserError(f"--sliding-window {args.sliding_window!r}: use auto, none, or a number of tokens >= 1")
+        window = int(window)
     recipes = None
     if args.recipes:
         recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
