@@ -1,4 +1,4 @@
-"""Command line: `mistral-qlora {train,prepare,generate,env}` (also `python -m mistral_qlora`).
+"""Command line: `mistral-qlora {train,prepare,generate,bench,env}` (also `python -m mistral_qlora`).
 
 A `UserError` ends the program with one line on stderr and exit code 2; `--debug` shows the
 traceback instead. Heavy imports (torch, transformers) happen inside the subcommands so
@@ -53,9 +53,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
     p.set_defaults(func=cmd_merge)
 
+    _add_bench_parser(sub)
+
     p = sub.add_parser("env", help="versions, GPUs, usable attention backends and kernels")
     p.set_defaults(func=cmd_env)
     return parser
+
+
+def _add_bench_parser(sub) -> None:
+    from mistral_qlora.data.packing import DEFAULT_MAX_LEN, DEFAULT_MEDIAN, DEFAULT_MIN_LEN, DEFAULT_SIGMA
+
+    p = sub.add_parser("bench", help="tokens/s: the seed's padded recipe against packed rows with each backend")
+    p.add_argument("--model", default="tiny-random-mistral",
+                   help="tiny-random-mistral (default), a local checkpoint folder, a hub id, or random:mistral-7b "
+                        "(Mistral-7B-Instruct-v0.2's architecture with random weights, built once on local disk)")
+    p.add_argument("--model-dir", help="where random:mistral-7b is written (default: the cache folder)")
+    p.add_argument("--data", help="a dataset file (e.g. dataset/story.json) instead of synthetic lengths")
+    p.add_argument("--sequences", type=int, default=4000, help="synthetic sequences to draw (default 4000)")
+    p.add_argument("--median", type=int, default=DEFAULT_MEDIAN, help=f"synthetic median length ({DEFAULT_MEDIAN})")
+    p.add_argument("--sigma", type=float, default=DEFAULT_SIGMA, help=f"lognormal sigma ({DEFAULT_SIGMA})")
+    p.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN, help=f"longest sequence ({DEFAULT_MAX_LEN})")
+    p.add_argument("--min-len", type=int, default=DEFAULT_MIN_LEN, help=f"shortest sequence ({DEFAULT_MIN_LEN})")
+    p.add_argument("--tokens-per-row", type=int, default=8192, help="packed row budget (default 8192)")
+    p.add_argument("--padded-batch-size", type=int, default=8, help="the seed recipe's batch size (default 8)")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up rows, untimed (default 3)")
+    p.add_argument("--timed-rows", type=int, default=8,
+                   help="timed rows; the padded recipe is timed on the same sequences (default 8)")
+    p.add_argument("--recipes", help="comma-separated subset of: padded+sdpa (seed), packed+sdpa, packed+flex, "
+                                     "packed+varlen, packed+flash_attention_2, packed+eager (default: all usable)")
+    p.add_argument("--sliding-window", default="auto", help="auto (the checkpoint's), none, or a number of tokens")
+    p.add_argument("--no-gradient-checkpointing", action="store_true", help="keep every activation")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench.json", help="where the JSON report goes (default bench.json)")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from mistral_qlora.bench import BenchOptions, format_report, run_bench
+
+    if not args.debug:
+        hf_logging.disable_progress_bar()
+
+    window = args.sliding_window.lower()
+    if window in ("none", "null"):
+        window = None
+    elif window != "auto":
+        if not window.isdigit() or int(window) < 1:
+            raise UserError(f"--sliding-window {args.sliding_window!r}: use auto, none, or a number of tokens >= 1")
+        window = int(window)
+    recipes = None
+    if args.recipes:
+        recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+        recipes = ["padded+sdpa (seed)" if r in ("seed", "padded", "padded+sdpa") else r for r in recipes]
+    opts = BenchOptions(
+        model=args.model, model_dir=args.model_dir, data=args.data, sequences=args.sequences, median=args.median,
+        sigma=args.sigma, max_len=args.max_len, min_len=args.min_len, tokens_per_row=args.tokens_per_row,
+        padded_batch_size=args.padded_batch_size, warmup=args.warmup, timed_rows=args.timed_rows, recipes=recipes,
+        sliding_window=window, gradient_checkpointing=not args.no_gradient_checkpointing, lora_r=args.lora_r,
+        dtype=args.dtype, seed=args.seed, out=args.out,
+    )
+    report = run_bench(opts)
+    print(format_report(report))
+    if args.out:
+        print(f"report: {args.out}")
+    return 0
 
 
 def cmd_train(args) -> int:

@@ -22,6 +22,7 @@ def environment_report() -> str:
 
     from mistral_qlora import __version__
     from mistral_qlora.modeling.attention import select_attention, usable_backends
+    from mistral_qlora.modeling.model import resolve_dtype
 
     lines = [f"mistral-qlora {__version__}", f"python {platform.python_version()} ({platform.machine()})"]
     lines += [f"{name:<15} {_version(name)}" for name in PACKAGES]
@@ -32,7 +33,9 @@ def environment_report() -> str:
             lines.append(f"  {i}: {p.name}, {p.total_memory / 2**30:.1f} GiB, sm_{p.major}{p.minor}")
     else:
         lines.append("GPUs: none (training runs on the CPU in float32)")
-    lines.append(f"attention backends (model.attention=auto -> {select_attention('auto')}):")
-    for name, why_not in usable_backends().items():
+    dtype = resolve_dtype("auto")
+    lines.append(f"attention backends (model.attention=auto -> {select_attention('auto', dtype)}, "
+                 f"dtype {str(dtype).removeprefix('torch.')}):")
+    for name, why_not in usable_backends(dtype).items():
         lines.append(f"  {name:<18} {'usable' if why_not is None else 'unavailable: ' + why_not}")
     return "\n".join(lines)

@@ -171,6 +171,9 @@ def training_arguments(cfg: RunConfig, rt: Runtime, has_eval: bool):
         disable_tqdm=not rt.is_main,
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
+        # The loss of a step is the mean over every answer token of the global batch (all
+        # accumulated micro-batches, all ranks), not a mean of per-row or per-rank means.
+        average_tokens_across_devices=True,
         dataloader_pin_memory=rt.device == "cuda",
     )
 
@@ -216,7 +219,7 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
     model_path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(model_path, cfg.model.revision)
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed, cfg.eval.samples)
-    attention = select_attention(cfg.model.attention)
+    attention = select_attention(cfg.model.attention, rt.dtype)
     fingerprint = run_fingerprint(cfg, data.train, rt.world_size)
     resume_from = find_resume_checkpoint(cfg, fingerprint, overwrite, force)
 

@@ -8,7 +8,7 @@ import torch
 
 from mistral_qlora.config import TINY_MODEL, LoraSection, ModelSection, QuantizationSection
 from mistral_qlora.errors import UserError
-from mistral_qlora.modeling.attention import IMPLEMENTATION
+from mistral_qlora.modeling.attention import implementation
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -77,7 +77,7 @@ def load_base_model(
         config=load_model_config(path, model_cfg),
         revision=model_cfg.revision,
         dtype=dtype,
-        attn_implementation=IMPLEMENTATION[attention],
+        attn_implementation=implementation(attention),
         device_map=device_map,
         **kwargs,
     )

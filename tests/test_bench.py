@@ -1,0 +1,97 @@
+"""`mistral-qlora bench` on the CPU with the tiny model (a few steps), and the random 7B builder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mistral_qlora import bench as B
+
+
+def _small_opts(tmp_path, **kw):
+    opts = dict(median=48, max_len=160, min_len=16, sequences=200, tokens_per_row=320, padded_batch_size=4,
+                warmup=1, timed_rows=2, lora_r=4, out=str(tmp_path / "bench.json"))
+    opts.update(kw)
+    return B.BenchOptions(**opts)
+
+
+def test_bench_on_cpu_times_the_seed_recipe_and_packed_rows_on_the_same_sequences(tmp_path):
+    report = B.run_bench(_small_opts(tmp_path, recipes=[B.SEED_RECIPE, "packed+sdpa"]))
+    results = {r["recipe"]: r for r in report["results"]}
+    assert list(results) == [B.SEED_RECIPE, "packed+sdpa"]
+    seed, packed = results[B.SEED_RECIPE], results["packed+sdpa"]
+    assert seed["error"] is None and packed["error"] is None
+    # Same useful work: the padded recipe trains on exactly the timed rows' sequences.
+    assert seed["real_tokens"] == packed["real_tokens"] > 0
+    assert packed["steps"] == 2 and seed["steps"] == -(-report["timed_sequences"] // 4)
+    assert packed["padding_fraction"] == 0 and seed["padding_fraction"] > 0
+    assert seed["vs_seed"] == 1.0 and packed["vs_seed"] == pytest.approx(
+        packed["tokens_per_second"] / seed["tokens_per_second"])
+    assert all(r["tokens_per_second"] > 0 and r["mean_loss"] > 0 for r in results.values())
+    assert seed["preparation"] == "prepare_model_for_kbit_training" and packed["preparation"] == "ours"
+    assert report["packing_efficiency"] > 0.9
+    assert json.loads((tmp_path / "bench.json").read_text())["results"] == report["results"]
+    table = B.format_report(report)
+    assert "| padded+sdpa (seed)" in table and "| packed+sdpa" in table and "1.00x" in table
+
+
+def test_bench_default_recipes_on_cpu_and_refusals(tmp_path):
+    from mistral_qlora.errors import UserError
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU expectations")
+    assert B.default_recipes(torch.float32) == [B.SEED_RECIPE, "packed+sdpa"]
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
+        B.run_bench(_small_opts(tmp_path, recipes=["packed+varlen"]))
+    with pytest.raises(UserError, match="unknown"):
+        B.run_bench(_small_opts(tmp_path, recipes=["packed+magic"]))
+    with pytest.raises(UserError, match="random:mistral-7b"):
+        B.run_bench(_small_opts(tmp_path, model="random:llama"))
+
+
+def test_random_mistral_builder(tmp_path):
+    """The random:mistral-7b path, on a shrunken copy of the architecture: built once, then reused."""
+    from transformers import AutoConfig
+
+    assert B.MISTRAL_7B_V02["hidden_size"] == 4096 and B.MISTRAL_7B_V02["num_key_value_heads"] == 8
+    assert B.MISTRAL_7B_V02["sliding_window"] is None and B.MISTRAL_7B_V02["rope_theta"] == 1e6
+    small = dict(B.MISTRAL_7B_V02, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512)
+    path = B.ensure_random_7b(str(tmp_path / "r7b"), arch=small)
+    cfg = AutoConfig.from_pretrained(path)
+    assert cfg.num_key_value_heads == 2 and cfg.sliding_window is None and (path / "tokenizer.model").is_file()
+    assert cfg.dtype == torch.bfloat16
+    stamp = (path / "config.json").stat().st_mtime_ns
+    assert B.ensure_random_7b(str(tmp_path / "r7b")) == path  # already there: not rebuilt
+    assert (path / "config.json").stat().st_mtime_ns == stamp
+
+
+def test_bench_cli(tmp_path, capsys):
+    from mistral_qlora.cli import main
+
+    out = tmp_path / "b.json"
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--median", "48", "--max-len", "160", "--sequences", "120", "--tokens-per-row", "320",
+              "--warmup", "1", "--timed-rows", "1", "--lora-r", "4", "--recipes", "seed,packed+sdpa",
+              "--out", str(out)])
+    assert exc.value.code == 0
+    printed = capsys.readouterr().out
+    assert "real tok/s" in printed and "packed+sdpa" in printed
+    assert [r["recipe"] for r in json.loads(out.read_text())["results"]] == [B.SEED_RECIPE, "packed+sdpa"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_every_usable_backend_on_the_gpu(tmp_path):
+    """Smoke run on the GPU with the tiny model: every usable backend trains without error."""
+    report = B.run_bench(_small_opts(tmp_path, median=256, max_len=1024, sequences=600, tokens_per_row=2048,
+                                     warmup=2, timed_rows=2))
+    recipes = [r["recipe"] for r in report["results"]]
+    assert recipes == B.default_recipes(torch.bfloat16)
+    assert "packed+varlen" in recipes
+    for r in report["results"]:
+        assert r["error"] is None, r
+        assert r["peak_memory_gib"] > 0
+    print(B.format_report(report))
