@@ -1,4 +1,5 @@
-"""Trainer callbacks: throughput (real tokens/s) in the logs, so users see what the benchmark sees."""
+"""Trainer callbacks: throughput (real tokens/s) in the logs, so users see what the benchmark sees;
+samples before training, adapter checks on every checkpoint, per-rank facts for the tests."""
 
 from __future__ import annotations
 
@@ -55,3 +56,85 @@ class ThroughputCallback(TrainerCallback):
     @property
     def tokens_per_second(self) -> float | None:
         return self.train_tokens / self.train_seconds if self.train_seconds > 0 else None
+
+
+class SamplesCallback(TrainerCallback):
+    """Answers to the held-out prompts before the first step, generated once the Trainer has built
+    its engine: under ZeRO-3 the layers are gathered collectively, so every rank generates (in
+    lockstep) and rank 0 writes them. Put it before ThroughputCallback so its time is not counted."""
+
+    def __init__(self, model, tokenizer, prompts: list[str], max_new_tokens: int):
+        self.model, self.tokenizer, self.prompts, self.max_new_tokens = model, tokenizer, prompts, max_new_tokens
+        self.before: list[str] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from mistral_qlora.generate import generate_answers
+
+        self.before = generate_answers(self.model, self.tokenizer, self.prompts, self.max_new_tokens)
+
+
+class AdapterCheckCallback(TrainerCallback):
+    """Every checkpoint's adapter is read back on rank 0: an empty LoRA tensor stops the run."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from pathlib import Path
+
+            from mistral_qlora.modeling.adapter import check_adapter
+
+            check_adapter(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+# Set MISTRAL_QLORA_DIST_STATS=DIR and every rank writes DIR/rank<R>.json at the end of training:
+# what the engine is, what this rank holds of the partitioned parameters, which packed rows it
+# read. The multi-process tests read these files.
+STATS_ENV = "MISTRAL_QLORA_DIST_STATS"
+
+
+class RecordingDataset:
+    """A dataset that remembers which items this rank's data loader asked for."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.seen: list[int] = []
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        self.seen.append(int(i))
+        return self.dataset[i]
+
+
+class DistStatsCallback(TrainerCallback):
+    def __init__(self, folder: str, strategy: str, load_stats=None, dataset: RecordingDataset | None = None):
+        self.folder, self.strategy, self.load_stats, self.dataset = folder, strategy, load_stats, dataset
+        self.trainer = None  # set once the Trainer exists
+        self.engine: dict = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        wrapped = self.trainer.model_wrapped
+        module = getattr(wrapped, "module", wrapped)
+        self.engine = {"type": type(wrapped).__name__, "world_size": args.world_size}
+        if hasattr(wrapped, "zero_optimization_stage"):
+            self.engine["zero_stage"] = wrapped.zero_optimization_stage()
+            self.engine["dp_world_size"] = wrapped.dp_world_size
+        if any(hasattr(p, "ds_numel") for p in module.parameters()):
+            from mistral_qlora.modeling.zero3 import partition_stats
+
+            self.engine["partition"] = partition_stats(module)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        import json
+        import os
+        from pathlib import Path
+
+        rank = args.process_index
+        record = {
+            "rank": rank, "world_size": args.world_size, "strategy": self.strategy, "engine": self.engine,
+            "load": self.load_stats.as_dict() if self.load_stats is not None else None,
+            "steps": state.global_step, "rows_read": self.dataset.seen if self.dataset is not None else None,
+            "pid": os.getpid(),
+        }
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        (Path(self.folder) / f"rank{rank}.json").write_text(json.dumps(record, indent=1))

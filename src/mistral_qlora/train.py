@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +72,9 @@ def clear_previous_run(out: Path) -> None:
             path.unlink()
 
 
-def training_arguments(cfg: RunConfig, rt: Runtime, has_eval: bool):
+def training_arguments(cfg: RunConfig, rt: Runtime, has_eval: bool, deepspeed: str | None = None):
+    """Created before the model is loaded: with a DeepSpeed config this is what tells transformers
+    (is_deepspeed_zero3_enabled) and starts the process group the ZeRO-3 loader partitions over."""
     from transformers import TrainingArguments
 
     t = cfg.train
@@ -106,18 +109,25 @@ def training_arguments(cfg: RunConfig, rt: Runtime, has_eval: bool):
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         dataloader_pin_memory=rt.device == "cuda",
+        deepspeed=deepspeed,
+        ddp_find_unused_parameters=False,  # every LoRA parameter takes part in every step
+        log_on_each_node=False,  # one log, from global rank 0
     )
 
 
 def run_training(cfg: RunConfig, overwrite: bool = False) -> dict:
-    from transformers import Trainer
+    from transformers import Trainer, set_seed
     from transformers.integrations import TensorBoardCallback
 
-    from mistral_qlora.callbacks import ThroughputCallback
+    from mistral_qlora.callbacks import (STATS_ENV, AdapterCheckCallback, DistStatsCallback, RecordingDataset,
+                                         SamplesCallback, ThroughputCallback)
     from mistral_qlora.data import prepare_data
+    from mistral_qlora.distributed import barrier, is_zero3, launched_processes, plan_strategy, single_process_env
     from mistral_qlora.generate import generate_answers
+    from mistral_qlora.modeling.adapter import save_adapter
     from mistral_qlora.modeling.attention import TAKES_CU_SEQLENS, select_attention
-    from mistral_qlora.modeling.model import add_lora, load_base_model, resolve_model_path
+    from mistral_qlora.modeling.model import (add_lora, keep_4bit_layout, load_base_model, load_model_config,
+                                              resolve_model_path)
     from mistral_qlora.modeling.tokenizer import load_tokenizer
 
     started = time.time()
@@ -131,39 +141,81 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict:
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed, cfg.eval.samples)
     attention = select_attention(cfg.model.attention)
 
-    # 2. Model: 4-bit base + LoRA.
-    device_map = {"": rt.local_rank} if rt.device == "cuda" else None
-    model = load_base_model(model_path, cfg.model, cfg.quantization, attention, rt.dtype, device_map=device_map)
-    model = add_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
+    # 2. Strategy, then the Trainer's arguments: both before the model, which ZeRO-3 loads
+    #    straight into partitions over the process group the arguments start.
+    strategy, why, ds_config = plan_strategy(cfg, rt.world_size)
+    if rt.is_main:
+        print(f"mistral-qlora: train.strategy={strategy} ({why})", file=sys.stderr, flush=True)
+    if ds_config is not None and launched_processes() is None:
+        single_process_env()
+    args = training_arguments(cfg, rt, has_eval=bool(data.eval),
+                              deepspeed=str(ds_config) if ds_config is not None else None)
+    rt.world_size = args.world_size
+    zero3 = is_zero3(strategy)
+
+    # 3. Model: 4-bit base + LoRA.
+    load_stats = None
+    if zero3:
+        from mistral_qlora.modeling.zero3 import load_base_model_zero3
+
+        hf_ds = args.hf_deepspeed_config
+        hidden = load_model_config(model_path, cfg.model).hidden_size
+        # the hidden-size "auto" values the Trainer would fill later, needed now by zero.Init
+        hf_ds.fill_only("zero_optimization.reduce_bucket_size", hidden * hidden)
+        hf_ds.fill_only("zero_optimization.stage3_prefetch_bucket_size", int(0.9 * hidden * hidden))
+        hf_ds.fill_only("zero_optimization.stage3_param_persistence_threshold", 10 * hidden)
+        device = torch.device("cuda", rt.local_rank) if rt.device == "cuda" else torch.device("cpu")
+        model, load_stats = load_base_model_zero3(model_path, cfg.model, cfg.quantization, attention, rt.dtype,
+                                                  device, hf_ds.config)
+    else:
+        device_map = {"": rt.local_rank} if rt.device == "cuda" else None
+        model = load_base_model(model_path, cfg.model, cfg.quantization, attention, rt.dtype, device_map=device_map)
+    if rt.device == "cpu" and cfg.quantization.bits == 4:
+        keep_4bit_layout(model)
+    # Under ZeRO-3 + PEFT only reentrant checkpointing works (non-reentrant raises CheckpointError).
+    # Seeded here: every rank, strategy and rerun starts from the same adapter.
+    set_seed(cfg.train.seed)
+    model = add_lora(model, cfg.lora, cfg.train.gradient_checkpointing, reentrant=zero3)
     # Record the name the user gave (tiny-random-mistral, a hub id), not a cache path.
     model.peft_config["default"].base_model_name_or_path = cfg.model.name_or_path
 
-    # 3. Output folder: only now is anything written.
-    if overwrite:
-        clear_previous_run(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # 4. Output folder: only now is anything written, by rank 0 while the others wait.
     if rt.is_main:
+        if overwrite:
+            clear_previous_run(out)
+        out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", cfg.to_yaml())
-    samples_before = generate_answers(model, tokenizer, data.sample_prompts, cfg.eval.max_new_tokens)
+    barrier()
 
-    # 4. Train.
+    # 5. Train. Samples are generated by every rank in lockstep (ZeRO-3 gathers each layer
+    #    collectively) once the engine is up, and written by rank 0 alone.
     cu = attention in TAKES_CU_SEQLENS
     throughput = ThroughputCallback()
+    samples = SamplesCallback(model, tokenizer, data.sample_prompts, cfg.eval.max_new_tokens)
+    callbacks = [samples, throughput, AdapterCheckCallback()]
+    train_dataset = data.train_dataset()
+    stats = None
+    if os.environ.get(STATS_ENV):  # per-rank facts for the multi-process tests
+        train_dataset = RecordingDataset(train_dataset)
+        stats = DistStatsCallback(os.environ[STATS_ENV], strategy, load_stats, train_dataset)
+        callbacks.append(stats)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
     trainer = Trainer(
         model=model,
-        args=training_arguments(cfg, rt, has_eval=bool(data.eval)),
-        train_dataset=data.train_dataset(),
+        args=args,
+        train_dataset=train_dataset,
         eval_dataset=data.eval or None,
         data_collator=data.collator(tokenizer.pad_token_id, with_cu_seqlens=cu),
         processing_class=tokenizer,
-        callbacks=[throughput, TensorBoardCallback()],
+        callbacks=[*callbacks, TensorBoardCallback()],
     )
+    if stats is not None:
+        stats.trainer = trainer
     if rt.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
 
-    # 5. Final evaluation, adapter, artifacts.
+    # 6. Final evaluation, adapter, artifacts.
     history = trainer.state.log_history
     evals = [e for e in history if "eval_loss" in e]
     final_eval_loss = None
@@ -174,8 +226,9 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict:
         final_eval_loss = evals[-1]["eval_loss"]
     initial_eval_loss = evals[0]["eval_loss"] if evals else None
 
+    samples_before = samples.before
     samples_after = generate_answers(model, tokenizer, data.sample_prompts, cfg.eval.max_new_tokens)
-    trainer.save_model(str(out / "adapter"))
+    save_adapter(model, tokenizer, out / "adapter", zero3=zero3, is_main=rt.is_main)
     summary = {
         "initial_eval_loss": initial_eval_loss,
         "final_eval_loss": final_eval_loss,
@@ -187,6 +240,7 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict:
         "tokens_per_second": throughput.tokens_per_second,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if rt.device == "cuda" else None,
         "world_size": rt.world_size,
+        "strategy": strategy,
         "attention_backend": attention,
         "runtime_seconds": round(time.time() - started, 2),
         "model": cfg.model.name_or_path,
@@ -208,4 +262,5 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict:
         plot_loss(out / "loss.png", history, f"{cfg.model.name_or_path}: QLoRA r={cfg.lora.r}")
         atomic_write_text(out / "samples.md", samples_markdown(data.sample_prompts, samples_before, samples_after))
         write_json(out / SUMMARY, summary)  # written last: its presence marks a finished run
+    barrier()  # the others wait for rank 0's files, so the run ends when they exist
     return summary

@@ -102,3 +102,19 @@ def add_lora(model, lora_cfg: LoraSection, gradient_checkpointing: bool, reentra
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, peft_config)
+
+
+def keep_4bit_layout(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout.
+
+    On CPUs with AVX512-BF16, Linear4bit's first forward in eval mode without grad replaces
+    `weight.data` by a differently shaped uint8 tensor and flags the quant state. Under ZeRO-3 that
+    tensor is a gathered buffer DeepSpeed owns, so the swap corrupts the partition (and the save
+    asserts); elsewhere it makes training numerics depend on whether an evaluation ran first.
+    No effect on GPUs.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
