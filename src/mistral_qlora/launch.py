@@ -135,8 +135,20 @@ def check_not_relaunched(spec_world: int | None) -> int | None:
 
 
 def run(cmd: list[str], env: dict[str, str]) -> int:
+    """Run the launcher and return its exit code. SIGTERM and SIGUSR1 sent to this process (a
+    scheduler's notice) are passed on to it; ^C reaches it through the terminal's process group,
+    so here it is only waited out while the training processes stop."""
+    import signal
+
     print("mistral-qlora: " + " ".join(cmd), file=sys.stderr, flush=True)
+    proc = subprocess.Popen(cmd, env=env)
+    handlers = {signal.SIGINT: signal.SIG_IGN}
+    for name in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            handlers[getattr(signal, name)] = lambda signum, _frame: proc.send_signal(signum)
+    previous = {s: signal.signal(s, h) for s, h in handlers.items()}
     try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
-        return 130
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -116,7 +116,7 @@ def training_arguments(cfg: RunConfig, rt: Runtime, has_eval: bool, deepspeed: s
 
 
 def run_training(cfg: RunConfig, overwrite: bool = False) -> dict:
-    from transformers import Trainer, set_seed
+    from transformers import PrinterCallback, Trainer, set_seed
     from transformers.integrations import TensorBoardCallback
 
     from mistral_qlora.callbacks import (STATS_ENV, AdapterCheckCallback, DistStatsCallback, RecordingDataset,
@@ -176,6 +176,12 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict:
     # Seeded here: every rank, strategy and rerun starts from the same adapter.
     set_seed(cfg.train.seed)
     model = add_lora(model, cfg.lora, cfg.train.gradient_checkpointing, reentrant=zero3)
+    if zero3 and rt.dtype != torch.float32:
+        # DeepSpeed keeps fp32 master weights and casts the module to bf16 itself, except for a model
+        # ZeRO-3 built (ours): do it for the adapter, which PEFT created in fp32.
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(rt.dtype)
     # Record the name the user gave (tiny-random-mistral, a hub id), not a cache path.
     model.peft_config["default"].base_model_name_or_path = cfg.model.name_or_path
 
@@ -211,6 +217,8 @@ def run_training(cfg: RunConfig, overwrite: bool = False) -> dict:
     )
     if stats is not None:
         stats.trainer = trainer
+    if not rt.is_main:  # the local rank 0 of every other node would print the logs again
+        trainer.remove_callback(PrinterCallback)
     if rt.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
