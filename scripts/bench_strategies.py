@@ -97,6 +97,19 @@ def run(strategy: str, model_dir: Path, data: Path, out: Path, steps: int, token
     }
 
 
+def _estimate(model_dir: Path, tokens_per_row: int):
+    import torch
+
+    from mistral_qlora.config import load_config
+    from mistral_qlora.distributed import estimate_memory
+    from mistral_qlora.modeling.model import load_model_config
+
+    cfg = load_config(None, [f"model.name_or_path={model_dir}", f"data.tokens_per_row={tokens_per_row}",
+                             f"data.max_seq_len={min(4096, tokens_per_row)}", "train.micro_batch_size=1"])
+    dtype_bytes = 2 if torch.cuda.is_available() else 4
+    return estimate_memory(load_model_config(str(model_dir), cfg.model), cfg, dtype_bytes)
+
+
 def _fmt(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -116,20 +129,23 @@ def main() -> None:
     data = args.out / "data.json"
     if not data.is_file():
         write_data(data)
+    estimate = _estimate(args.model_dir, args.tokens_per_row)
     results = []
     for strategy in args.strategies.split(","):
         r = run(strategy, args.model_dir, data, args.out / strategy, args.steps, args.tokens_per_row)
+        r["estimated_gib"] = round(estimate.per_gpu(strategy, 1) / 2**30, 1)  # what train.strategy=auto assumes
         print(json.dumps(r), flush=True)
         results.append(r)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    print("\n| strategy (1 process) | tokens/s (steps 4+) | tokens/s (whole run) | peak GiB |")
-    print("|---|---|---|---|")
+    print("\n| strategy (1 process) | tokens/s (steps 4+) | tokens/s (whole run) | peak GiB | auto's estimate GiB |")
+    print("|---|---|---|---|---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['strategy']} | failed | | |")
+            print(f"| {r['strategy']} | failed | | | |")
         else:
             print(f"| {r['strategy']} | {_fmt(r['tokens_per_second_steady'], ',.0f')} "
-                  f"| {_fmt(r['tokens_per_second_run'], ',.0f')} | {_fmt(r['peak_memory_gib'], '.1f')} |")
+                  f"| {_fmt(r['tokens_per_second_run'], ',.0f')} | {_fmt(r['peak_memory_gib'], '.1f')} "
+                  f"| {r['estimated_gib']} |")
 
 
 if __name__ == "__main__":

@@ -281,31 +281,8 @@ def _estimate(cfg) -> tuple[MemoryEstimate, int | None]:
 # Ranks
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size) of the initialised process group, else from the launcher's environment."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def barrier() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-def all_agree(flag: bool) -> bool:
-    """True on every rank when `flag` is true on every rank (a failure on one stops all)."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    t = torch.tensor([0 if flag else 1], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return int(t.item()) == 0
