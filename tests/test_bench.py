@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mistral_qlora import bench as B
+from mistral_qlora.modeling import random7b as R
 
 
 def _small_opts(tmp_path, **kw):
@@ -55,16 +56,16 @@ def test_random_mistral_builder(tmp_path):
     """The random:mistral-7b path, on a shrunken copy of the architecture: built once, then reused."""
     from transformers import AutoConfig
 
-    assert B.MISTRAL_7B_V02["hidden_size"] == 4096 and B.MISTRAL_7B_V02["num_key_value_heads"] == 8
-    assert B.MISTRAL_7B_V02["sliding_window"] is None and B.MISTRAL_7B_V02["rope_theta"] == 1e6
-    small = dict(B.MISTRAL_7B_V02, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+    assert R.MISTRAL_7B_V02["hidden_size"] == 4096 and R.MISTRAL_7B_V02["num_key_value_heads"] == 8
+    assert R.MISTRAL_7B_V02["sliding_window"] is None and R.MISTRAL_7B_V02["rope_theta"] == 1e6
+    small = dict(R.MISTRAL_7B_V02, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512)
-    path = B.ensure_random_7b(str(tmp_path / "r7b"), arch=small)
+    path = R.ensure_random_7b(str(tmp_path / "r7b"), arch=small)
     cfg = AutoConfig.from_pretrained(path)
     assert cfg.num_key_value_heads == 2 and cfg.sliding_window is None and (path / "tokenizer.model").is_file()
     assert cfg.dtype == torch.bfloat16
     stamp = (path / "config.json").stat().st_mtime_ns
-    assert B.ensure_random_7b(str(tmp_path / "r7b")) == path  # already there: not rebuilt
+    assert R.ensure_random_7b(str(tmp_path / "r7b")) == path  # already there: not rebuilt
     assert (path / "config.json").stat().st_mtime_ns == stamp
 
 

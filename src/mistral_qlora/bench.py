@@ -42,25 +42,8 @@ from mistral_qlora.data.packing import (
 from mistral_qlora.data.tokenize import IGNORE_INDEX
 from mistral_qlora.errors import UserError
 
-RANDOM_7B = "random:mistral-7b"
-# Mistral-7B-Instruct-v0.2's architecture (its config.json), for random weights.
-MISTRAL_7B_V02 = dict(
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=32768,
-    rope_theta=1_000_000.0,
-    sliding_window=None,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-    hidden_act="silu",
-    bos_token_id=1,
-    eos_token_id=2,
-)
+from mistral_qlora.modeling.random7b import RANDOM_7B, ensure_random_7b
+
 SEED_RECIPE = "padded+sdpa (seed)"
 PACKED_BACKENDS = ("sdpa", "flex", "varlen", "flash_attention_2")
 ALL_RECIPES = (SEED_RECIPE,) + tuple(f"packed+{b}" for b in PACKED_BACKENDS) + ("packed+eager",)
@@ -123,54 +106,11 @@ class Sample:
 # Model
 
 
-def random_7b_dir(model_dir: str | None) -> Path:
-    from mistral_qlora.modeling.tiny import cache_root
-
-    return Path(model_dir) if model_dir else cache_root() / "random-mistral-7b-instruct-v0.2-arch"
-
-
-def ensure_random_7b(model_dir: str | None, seed: int = 0, arch: dict = MISTRAL_7B_V02) -> Path:
-    """Mistral-7B-Instruct-v0.2's architecture with random weights, saved once (bf16, ~14.5 GB).
-
-    Built in bfloat16 directly on the GPU where there is one (about half a minute on an H100,
-    most of it writing the safetensors files); loaded from there in 4-bit like any checkpoint.
-    """
-    from transformers import MistralConfig, MistralForCausalLM
-
-    from mistral_qlora.modeling.tokenizer import write_mistral_v1_tokenizer
-
-    path = random_7b_dir(model_dir)
-    if (path / "config.json").is_file():
-        return path
-    path.mkdir(parents=True, exist_ok=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    started = time.time()
-    print(f"bench: building {RANDOM_7B} (random weights) on {device} into {path} ...", flush=True)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.random.fork_rng(devices=[]), torch.device(device):
-            torch.manual_seed(seed)
-            if device == "cuda":
-                torch.cuda.manual_seed(seed)
-            model = MistralForCausalLM(MistralConfig(**arch))
-    finally:
-        torch.set_default_dtype(previous)
-    model.save_pretrained(path, max_shard_size="5GB")
-    write_mistral_v1_tokenizer(path)
-    del model
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    print(f"bench: built in {time.time() - started:.0f} s", flush=True)
-    return path
-
-
 def resolve_bench_model(opts: BenchOptions) -> str:
     from mistral_qlora.modeling.model import resolve_model_path
 
     if opts.model == RANDOM_7B:
-        return str(ensure_random_7b(opts.model_dir, opts.seed))
+        return str(ensure_random_7b(opts.model_dir))
     if opts.model.startswith("random:"):
         raise UserError(f"--model {opts.model}: the random architecture known here is {RANDOM_7B}")
     return resolve_model_path(opts.model)

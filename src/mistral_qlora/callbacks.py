@@ -1,4 +1,5 @@
-"""Trainer callbacks: throughput (real tokens/s) in the logs, so users see what the benchmark sees."""
+"""Trainer callbacks: throughput (real tokens/s) in the logs, so users see what the benchmark sees;
+samples before training, adapter checks on every checkpoint, per-rank facts for the tests."""
 
 from __future__ import annotations
 
@@ -57,32 +58,6 @@ class ThroughputCallback(TrainerCallback):
         return self.train_tokens / self.train_seconds if self.train_seconds > 0 else None
 
 
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def barrier() -> None:
-    if _distributed():
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank when it is true on one (a collective: call it on all ranks)."""
-    if not _distributed():
-        return flag
-    import torch
-    import torch.distributed as dist
-
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 class CheckpointCommitCallback(TrainerCallback):
     """Seals each checkpoint the Trainer staged (manifest, fsync, rename) and keeps the newest N."""
 
@@ -95,6 +70,7 @@ class CheckpointCommitCallback(TrainerCallback):
         from pathlib import Path
 
         from mistral_qlora.checkpoints import commit, rotate
+        from mistral_qlora.distributed import barrier
 
         barrier()  # every rank has written its part of the checkpoint
         staged = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -138,6 +114,8 @@ class PreemptionCallback(TrainerCallback):
                 self._previous[sig] = signal.signal(sig, self._handler)
 
     def on_step_end(self, args, state, control, **kwargs):
+        from mistral_qlora.distributed import any_rank
+
         if any_rank(self.received is not None):
             if state.is_world_process_zero:
                 self._log(f"{self.received or 'signal'} received: saving a checkpoint at step {state.global_step} and stopping")
@@ -171,6 +149,8 @@ class DivergenceCallback(TrainerCallback):
         if control.should_save and model is not None:
             import torch
 
+            from mistral_qlora.distributed import any_rank
+
             # One reduction, one sync (only on save steps); under ZeRO-3 check the local partition.
             checks = [torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in model.parameters() if p.requires_grad]
             finite = bool(torch.stack(checks).all()) if checks else True
@@ -183,3 +163,85 @@ class DivergenceCallback(TrainerCallback):
             self.diverged_at, self.value = step, value
         control.should_save = False
         control.should_training_stop = True
+
+
+class SamplesCallback(TrainerCallback):
+    """Answers to the held-out prompts before the first step, generated once the Trainer has built
+    its engine: under ZeRO-3 the layers are gathered collectively, so every rank generates (in
+    lockstep) and rank 0 writes them. Put it before ThroughputCallback so its time is not counted."""
+
+    def __init__(self, model, tokenizer, prompts: list[str], max_new_tokens: int):
+        self.model, self.tokenizer, self.prompts, self.max_new_tokens = model, tokenizer, prompts, max_new_tokens
+        self.before: list[str] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from mistral_qlora.generate import generate_answers
+
+        self.before = generate_answers(self.model, self.tokenizer, self.prompts, self.max_new_tokens)
+
+
+class AdapterCheckCallback(TrainerCallback):
+    """Every checkpoint's adapter is read back on rank 0: an empty LoRA tensor stops the run."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from pathlib import Path
+
+            from mistral_qlora.modeling.adapter import check_adapter
+
+            check_adapter(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+# Set MISTRAL_QLORA_DIST_STATS=DIR and every rank writes DIR/rank<R>.json at the end of training:
+# what the engine is, what this rank holds of the partitioned parameters, which packed rows it
+# read. The multi-process tests read these files.
+STATS_ENV = "MISTRAL_QLORA_DIST_STATS"
+
+
+class RecordingDataset:
+    """A dataset that remembers which items this rank's data loader asked for."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.seen: list[int] = []
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        self.seen.append(int(i))
+        return self.dataset[i]
+
+
+class DistStatsCallback(TrainerCallback):
+    def __init__(self, folder: str, strategy: str, load_stats=None, dataset: RecordingDataset | None = None):
+        self.folder, self.strategy, self.load_stats, self.dataset = folder, strategy, load_stats, dataset
+        self.trainer = None  # set once the Trainer exists
+        self.engine: dict = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        wrapped = self.trainer.model_wrapped
+        module = getattr(wrapped, "module", wrapped)
+        self.engine = {"type": type(wrapped).__name__, "world_size": args.world_size}
+        if hasattr(wrapped, "zero_optimization_stage"):
+            self.engine["zero_stage"] = wrapped.zero_optimization_stage()
+            self.engine["dp_world_size"] = wrapped.dp_world_size
+        if any(hasattr(p, "ds_numel") for p in module.parameters()):
+            from mistral_qlora.modeling.zero3 import partition_stats
+
+            self.engine["partition"] = partition_stats(module)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        import json
+        import os
+        from pathlib import Path
+
+        rank = args.process_index
+        record = {
+            "rank": rank, "world_size": args.world_size, "strategy": self.strategy, "engine": self.engine,
+            "load": self.load_stats.as_dict() if self.load_stats is not None else None,
+            "steps": state.global_step, "rows_read": self.dataset.seen if self.dataset is not None else None,
+            "pid": os.getpid(),
+        }
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        (Path(self.folder) / f"rank{rank}.json").write_text(json.dumps(record, indent=1))

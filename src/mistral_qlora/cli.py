@@ -32,6 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in output_dir")
     p.add_argument("--force", action="store_true",
                    help="resume a checkpoint even though the data or batch settings changed")
+    g = p.add_argument_group("processes (more than one: re-launched through `accelerate launch`)")
+    g.add_argument("--nproc", type=int, metavar="N",
+                   help="processes on this node (default: $NPROC_PER_NODE, else one per visible GPU, else 1)")
+    g.add_argument("--nnodes", type=int, metavar="M", help="nodes in the run (default: $NNODES, else 1)")
+    g.add_argument("--node-rank", type=int, metavar="R", help="this node's rank (default: $NODE_RANK, else 0)")
+    g.add_argument("--main-addr", metavar="HOST", help="the rank-0 node's address (default: $MASTER_ADDR)")
+    g.add_argument("--main-port", type=int, metavar="PORT",
+                   help="its rendezvous port (default: $MASTER_PORT, else 29500 on several nodes, a free one on one)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("prepare", help="validate the data and print its statistics (writes nothing)")
@@ -128,10 +136,46 @@ def cmd_train(args) -> int:
     from mistral_qlora.train import run_training
 
     cfg = load_config(args.config, args.overrides)
+    code = _relaunch(args, cfg)
+    if code is not None:
+        return code
     summary = run_training(cfg, overwrite=args.overwrite, force=args.force)
     if int(os.environ.get("RANK", "0")) == 0:
         _print_summary(cfg.output_dir, summary)
     return 0
+
+
+def _relaunch(args, cfg) -> int | None:
+    """With more than one process to start (and no launcher above us): build the `accelerate
+    launch` command for this node, run it, and return its exit code. None: train in-process."""
+    from mistral_qlora import launch
+
+    given = [args.nproc, args.nnodes, args.node_rank, args.main_addr, args.main_port]
+    explicit = args.nproc is not None or args.nnodes is not None
+    if launch.launched_processes() is not None:  # torchrun / accelerate launch already started us
+        launch.check_not_relaunched(
+            (args.nproc or 1) * (args.nnodes or 1) if explicit else None)
+        return None
+    spec = launch.launch_spec(*given)
+    if spec.world_size == 1:
+        return None
+    from pathlib import Path
+
+    from mistral_qlora.distributed import plan_strategy
+    from mistral_qlora.train import check_output_dir
+
+    check_output_dir(Path(cfg.output_dir), args.overwrite)  # fail here, not in every process
+    strategy, why, _ = plan_strategy(cfg, spec.world_size)
+    argv = (["--debug"] if args.debug else []) + ["train", args.config]
+    for item in args.overrides:
+        argv += ["--set", item]
+    if strategy != cfg.train.strategy:
+        argv += ["--set", f"train.strategy={strategy}"]
+    if args.overwrite:
+        argv.append("--overwrite")
+    env = launch.child_env()
+    env["MISTRAL_QLORA_STRATEGY_WHY"] = why  # logged once, by rank 0
+    return launch.run(launch.accelerate_command(spec, strategy, argv), env)
 
 
 def _print_summary(output_dir: str, s: dict) -> None:
@@ -139,7 +183,7 @@ def _print_summary(output_dir: str, s: dict) -> None:
         return "n/a" if v is None else format(v, spec)
 
     print(f"\ndone: {s['steps']} steps in {s['runtime_seconds']:.0f} s, attention={s['attention_backend']}, "
-          f"world_size={s['world_size']}")
+          f"strategy={s['strategy']}, world_size={s['world_size']}")
     print(f"eval loss {fmt(s['initial_eval_loss'])} -> {fmt(s['final_eval_loss'])}; "
           f"{fmt(s['tokens_per_second'], ',.0f')} tokens/s; peak memory {fmt(s['peak_memory_gib'], '.2f')} GiB")
     print(f"adapter: {output_dir}/adapter   summary: {output_dir}/summary.json   plot: {output_dir}/loss.png")

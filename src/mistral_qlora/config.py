@@ -77,6 +77,9 @@ class TrainSection(_Section):
     micro_batch_size: int = Field(4, ge=1, le=4096)
     grad_accum: int = Field(1, ge=1, le=65536)
     gradient_checkpointing: bool = True
+    # How the run is spread over processes (see mistral_qlora.distributed): auto picks single for one
+    # process, ddp when the 4-bit model and activations fit one GPU, zero3 when they do not.
+    strategy: Literal["auto", "single", "ddp", "zero2", "zero3", "zero3_offload"] = "auto"
     seed: int = Field(42, ge=0)
     eval_steps: int = Field(20, ge=1)
     save_steps: int = Field(50, ge=1)

@@ -135,7 +135,9 @@ def find_resume_checkpoint(cfg: RunConfig, fingerprint: dict, overwrite: bool, f
     return ckpt
 
 
-def training_arguments(cfg: RunConfig, rt: Runtime, has_eval: bool):
+def training_arguments(cfg: RunConfig, rt: Runtime, has_eval: bool, deepspeed: str | None = None):
+    """Created before the model is loaded: with a DeepSpeed config this is what tells transformers
+    (is_deepspeed_zero3_enabled) and starts the process group the ZeRO-3 loader partitions over."""
     from transformers import TrainingArguments
 
     t = cfg.train
@@ -175,6 +177,9 @@ def training_arguments(cfg: RunConfig, rt: Runtime, has_eval: bool):
         # accumulated micro-batches, all ranks), not a mean of per-row or per-rank means.
         average_tokens_across_devices=True,
         dataloader_pin_memory=rt.device == "cuda",
+        deepspeed=deepspeed,
+        ddp_find_unused_parameters=False,  # every LoRA parameter takes part in every step
+        log_on_each_node=False,  # one log, from global rank 0
     )
 
 
@@ -199,15 +204,19 @@ def run_training(cfg: RunConfig, overwrite: bool = False, force: bool = False) -
 
 
 def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
-    from transformers import Trainer
+    from transformers import PrinterCallback, Trainer, set_seed
     from transformers.integrations import TensorBoardCallback
 
-    from mistral_qlora.callbacks import (CheckpointCommitCallback, DivergenceCallback, PreemptionCallback,
-                                         ThroughputCallback, barrier)
+    from mistral_qlora.callbacks import (STATS_ENV, AdapterCheckCallback, CheckpointCommitCallback,
+                                         DistStatsCallback, DivergenceCallback, PreemptionCallback,
+                                         RecordingDataset, SamplesCallback, ThroughputCallback)
     from mistral_qlora.data import prepare_data
+    from mistral_qlora.distributed import barrier, is_zero3, launched_processes, plan_strategy, single_process_env
     from mistral_qlora.generate import generate_answers
+    from mistral_qlora.modeling.adapter import save_adapter
     from mistral_qlora.modeling.attention import TAKES_CU_SEQLENS, select_attention
-    from mistral_qlora.modeling.model import add_lora, load_base_model, resolve_model_path
+    from mistral_qlora.modeling.model import (add_lora, keep_4bit_layout, load_base_model, load_model_config,
+                                              resolve_model_path)
     from mistral_qlora.modeling.tokenizer import load_tokenizer
 
     started = time.time()
@@ -220,18 +229,52 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
     tokenizer = load_tokenizer(model_path, cfg.model.revision)
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed, cfg.eval.samples)
     attention = select_attention(cfg.model.attention, rt.dtype)
+
+    # 2. Strategy, then the Trainer's arguments: both before the model, which ZeRO-3 loads
+    #    straight into partitions over the process group the arguments start.
+    strategy, why, ds_config = plan_strategy(cfg, rt.world_size)
+    if rt.is_main:
+        print(f"mistral-qlora: train.strategy={strategy} ({why})", file=sys.stderr, flush=True)
+    if ds_config is not None and launched_processes() is None:
+        single_process_env()
+    args = training_arguments(cfg, rt, has_eval=bool(data.eval),
+                              deepspeed=str(ds_config) if ds_config is not None else None)
+    rt.world_size = args.world_size
+    zero3 = is_zero3(strategy)
     fingerprint = run_fingerprint(cfg, data.train, rt.world_size)
     resume_from = find_resume_checkpoint(cfg, fingerprint, overwrite, force)
 
-    # 2. Model: 4-bit base + LoRA (the LoRA init draws from the seeded RNG, so runs repeat exactly).
-    from transformers import set_seed
+    # 3. Model: 4-bit base + LoRA.
+    load_stats = None
+    if zero3:
+        from mistral_qlora.modeling.zero3 import load_base_model_zero3
 
+        hf_ds = args.hf_deepspeed_config
+        hidden = load_model_config(model_path, cfg.model).hidden_size
+        # the hidden-size "auto" values the Trainer would fill later, needed now by zero.Init
+        hf_ds.fill_only("zero_optimization.reduce_bucket_size", hidden * hidden)
+        hf_ds.fill_only("zero_optimization.stage3_prefetch_bucket_size", int(0.9 * hidden * hidden))
+        hf_ds.fill_only("zero_optimization.stage3_param_persistence_threshold", 10 * hidden)
+        device = torch.device("cuda", rt.local_rank) if rt.device == "cuda" else torch.device("cpu")
+        model, load_stats = load_base_model_zero3(model_path, cfg.model, cfg.quantization, attention, rt.dtype,
+                                                  device, hf_ds.config)
+    else:
+        device_map = {"": rt.local_rank} if rt.device == "cuda" else None
+        model = load_base_model(model_path, cfg.model, cfg.quantization, attention, rt.dtype, device_map=device_map)
+    if rt.device == "cpu" and cfg.quantization.bits == 4:
+        keep_4bit_layout(model)
+    # Under ZeRO-3 + PEFT only reentrant checkpointing works (non-reentrant raises CheckpointError).
+    # Seeded here: every rank, strategy and rerun starts from the same adapter.
     set_seed(cfg.train.seed)
-    device_map = {"": rt.local_rank} if rt.device == "cuda" else None
-    model = load_base_model(model_path, cfg.model, cfg.quantization, attention, rt.dtype, device_map=device_map)
-    model = add_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
+    model = add_lora(model, cfg.lora, cfg.train.gradient_checkpointing, reentrant=zero3)
+    if zero3 and rt.dtype != torch.float32:
+        # DeepSpeed keeps fp32 master weights and casts the module to bf16 itself, except for a model
+        # ZeRO-3 built (ours): do it for the adapter, which PEFT created in fp32.
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(rt.dtype)
 
-    # 3. Output folder: only now is anything written.
+    # 4. Output folder: only now is anything written, by rank 0 while the others wait.
     if rt.is_main:
         if overwrite:
             clear_previous_run(out)
@@ -241,25 +284,38 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
     barrier()
     if resume_from is not None:
         log(f"resuming from {resume_from}")
-    samples_before = generate_answers(model, tokenizer, data.sample_prompts, cfg.eval.max_new_tokens)
 
-    # 4. Train.
+    # 5. Train. Samples are generated by every rank in lockstep (ZeRO-3 gathers each layer
+    #    collectively) once the engine is up, and written by rank 0 alone.
     cu = attention in TAKES_CU_SEQLENS
     throughput = ThroughputCallback()
     preemption = PreemptionCallback(log=log)
     divergence = DivergenceCallback()
     commit = CheckpointCommitCallback(fingerprint, cfg.train.keep_checkpoints)
+    samples = SamplesCallback(model, tokenizer, data.sample_prompts, cfg.eval.max_new_tokens)
+    # Order matters: divergence runs after preemption so a NaN can veto the save it asks for, and
+    # the adapter check runs before the commit seals the checkpoint.
+    callbacks = [samples, throughput, preemption, divergence, AdapterCheckCallback(), commit]
+    train_dataset = data.train_dataset()
+    stats = None
+    if os.environ.get(STATS_ENV):  # per-rank facts for the multi-process tests
+        train_dataset = RecordingDataset(train_dataset)
+        stats = DistStatsCallback(os.environ[STATS_ENV], strategy, load_stats, train_dataset)
+        callbacks.append(stats)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
     trainer = Trainer(
         model=model,
-        args=training_arguments(cfg, rt, has_eval=bool(data.eval)),
-        train_dataset=data.train_dataset(),
+        args=args,
+        train_dataset=train_dataset,
         eval_dataset=data.eval or None,
         data_collator=data.collator(tokenizer.pad_token_id, with_cu_seqlens=cu),
         processing_class=tokenizer,
-        # Order matters: divergence runs after preemption so a NaN can veto the save it asks for.
-        callbacks=[throughput, TensorBoardCallback(), preemption, divergence, commit],
+        callbacks=[*callbacks, TensorBoardCallback()],
     )
+    if stats is not None:
+        stats.trainer = trainer
+    if not rt.is_main:  # the local rank 0 of every other node would print the logs again
+        trainer.remove_callback(PrinterCallback)
     if rt.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -275,7 +331,7 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
         raise Preempted(f"stopped at step {preemption.preempted_at} after saving {commit.last_committed}; "
                         "run the same command again to resume")
 
-    # 5. Final evaluation, adapter, artifacts.
+    # 6. Final evaluation, adapter, artifacts.
     history = trainer.state.log_history
     evals = [e for e in history if "eval_loss" in e]
     final_eval_loss = None
@@ -286,8 +342,9 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
         final_eval_loss = evals[-1]["eval_loss"]
     initial_eval_loss = evals[0]["eval_loss"] if evals else None
 
+    samples_before = samples.before
     samples_after = generate_answers(model, tokenizer, data.sample_prompts, cfg.eval.max_new_tokens)
-    save_adapter(trainer, out / "adapter", cfg.model.name_or_path, rt.is_main)
+    publish_adapter(model, tokenizer, out, cfg.model.name_or_path, zero3=zero3, is_main=rt.is_main)
     summary = {
         "initial_eval_loss": initial_eval_loss,
         "final_eval_loss": final_eval_loss,
@@ -299,6 +356,7 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
         "tokens_per_second": throughput.tokens_per_second,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if rt.device == "cuda" else None,
         "world_size": rt.world_size,
+        "strategy": strategy,
         "attention_backend": attention,
         "runtime_seconds": round(time.time() - started, 2),
         "resumed_from": str(resume_from) if resume_from else None,
@@ -322,20 +380,21 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
         plot_loss(out / "loss.png", history, f"{cfg.model.name_or_path}: QLoRA r={cfg.lora.r}")
         atomic_write_text(out / "samples.md", samples_markdown(data.sample_prompts, samples_before, samples_after))
         write_json(out / SUMMARY, summary)  # written last: its presence marks a finished run
-    barrier()
+    barrier()  # the others wait for rank 0's files, so the run ends when they exist
     return summary
 
 
-def save_adapter(trainer, final: Path, base_name: str, is_main: bool) -> None:
-    """Save the adapter into a staging folder (every rank joins: ZeRO-3 gathers), then rename it in."""
-    from mistral_qlora.callbacks import barrier
+def publish_adapter(model, tokenizer, out: Path, base_name: str, zero3: bool, is_main: bool) -> None:
+    """Save (every rank joins: ZeRO-3 gathers) and check the adapter in a staging folder, then
+    rename it into place, so `adapter/` is always whole."""
+    from mistral_qlora.distributed import barrier
+    from mistral_qlora.modeling.adapter import save_adapter
 
-    staging = final.parent / ".adapter-staging"
+    staging, final = out / ".adapter-staging", out / "adapter"
     if is_main:
         shutil.rmtree(staging, ignore_errors=True)
     barrier()
-    trainer.save_model(str(staging))
-    barrier()
+    save_adapter(model, tokenizer, staging, zero3=zero3, is_main=is_main)
     if is_main:
         record_base_model(staging, base_name)
         if final.exists():

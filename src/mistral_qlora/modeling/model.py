@@ -17,6 +17,12 @@ def resolve_model_path(name_or_path: str) -> str:
         from mistral_qlora.modeling.tiny import ensure_tiny_model
 
         return str(ensure_tiny_model())
+    if name_or_path.startswith("random:"):
+        from mistral_qlora.modeling.random7b import RANDOM_7B, ensure_random_7b
+
+        if name_or_path != RANDOM_7B:
+            raise UserError(f"model.name_or_path={name_or_path!r}: the random architecture known here is {RANDOM_7B!r}")
+        return str(ensure_random_7b())
     p = Path(name_or_path).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
@@ -102,3 +108,19 @@ def add_lora(model, lora_cfg: LoraSection, gradient_checkpointing: bool, reentra
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, peft_config)
+
+
+def keep_4bit_layout(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout.
+
+    On CPUs with AVX512-BF16, Linear4bit's first forward in eval mode without grad replaces
+    `weight.data` by a differently shaped uint8 tensor and flags the quant state. Under ZeRO-3 that
+    tensor is a gathered buffer DeepSpeed owns, so the swap corrupts the partition (and the save
+    asserts); elsewhere it makes training numerics depend on whether an evaluation ran first.
+    No effect on GPUs.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False

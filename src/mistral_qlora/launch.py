@@ -1,0 +1,154 @@
+"""`mistral-qlora train --nproc N [--nnodes M --node-rank R --main-addr A --main-port P]`: the
+`accelerate launch` command line that starts the run's processes on this node.
+
+One process (the default on a machine with at most one GPU) trains in this process. More than
+one re-launches `python -m mistral_qlora train ...` through `accelerate launch` with the config
+in `launch/` for the strategy: ddp.yaml, zero2.yaml, zero3.yaml, zero3_offload.yaml on one node,
+multi_node.yaml (strategy-neutral; the DeepSpeed config then comes from `train.strategy`) on
+several. A process that a launcher already started (torchrun, accelerate launch, deepspeed: they
+all set LOCAL_RANK) is never re-launched.
+
+Every value has an environment fallback so that schedulers can drive it: NPROC_PER_NODE, NNODES,
+NODE_RANK, MASTER_ADDR, MASTER_PORT (launch/train.sh, the per-node entry, passes them on).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from mistral_qlora.distributed import free_port, is_deepspeed, launched_processes, project_dir, ds_config_path
+from mistral_qlora.errors import UserError
+
+# strategy -> accelerate config for one node
+NODE_CONFIGS = {
+    "single": "single_gpu.yaml",
+    "ddp": "ddp.yaml",
+    "zero2": "zero2.yaml",
+    "zero3": "zero3.yaml",
+    "zero3_offload": "zero3_offload.yaml",
+}
+MULTI_NODE_CONFIG = "multi_node.yaml"
+DEFAULT_PORT = 29500
+
+
+@dataclass
+class LaunchSpec:
+    nproc: int  # processes on this node
+    nnodes: int = 1
+    node_rank: int = 0
+    main_addr: str = "127.0.0.1"
+    main_port: int | None = None  # None: a free port (one node only)
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nnodes
+
+
+def _int(value, name: str, minimum: int) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name}: expected an integer, got {value!r}") from None
+    if n < minimum:
+        raise UserError(f"{name}: must be >= {minimum} (got {n})")
+    return n
+
+
+def default_nproc() -> int:
+    """One process per visible GPU; one on a machine without GPUs."""
+    try:
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    except Exception:  # noqa: BLE001 - no torch/CUDA: one process
+        return 1
+
+
+def launch_spec(nproc=None, nnodes=None, node_rank=None, main_addr=None, main_port=None, env=None) -> LaunchSpec:
+    """Arguments first, then the environment, then defaults; validated."""
+    env = os.environ if env is None else env
+    nnodes = _int(nnodes if nnodes is not None else env.get("NNODES", 1), "--nnodes", 1)
+    nproc = nproc if nproc is not None else env.get("NPROC_PER_NODE")
+    nproc = _int(nproc, "--nproc", 1) if nproc is not None else default_nproc()
+    node_rank = _int(node_rank if node_rank is not None else env.get("NODE_RANK", 0), "--node-rank", 0)
+    if node_rank >= nnodes:
+        raise UserError(f"--node-rank {node_rank} must be less than --nnodes {nnodes}")
+    main_addr = main_addr or env.get("MASTER_ADDR")
+    port = main_port if main_port is not None else env.get("MASTER_PORT")
+    port = _int(port, "--main-port", 1) if port is not None else None
+    if nnodes > 1:
+        if not main_addr:
+            raise UserError(f"--nnodes {nnodes}: give every node the main node's address "
+                            "(--main-addr HOST or MASTER_ADDR)")
+        port = port or DEFAULT_PORT
+    return LaunchSpec(nproc, nnodes, node_rank, main_addr or "127.0.0.1", port)
+
+
+def accelerate_command(spec: LaunchSpec, strategy: str, train_argv: list[str], python: str | None = None) -> list[str]:
+    """The `accelerate launch` command for this node; `train_argv` follows `python -m mistral_qlora`."""
+    launch_dir = project_dir("launch")
+    if spec.nnodes > 1:
+        config = launch_dir / MULTI_NODE_CONFIG
+    else:
+        config = launch_dir / NODE_CONFIGS["ddp" if strategy == "single" else strategy]
+    cmd = [python or sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+           "--num_processes", str(spec.world_size), "--num_machines", str(spec.nnodes),
+           "--machine_rank", str(spec.node_rank), "--main_process_ip", spec.main_addr,
+           "--main_process_port", str(spec.main_port if spec.main_port is not None else free_port())]
+    if spec.nnodes == 1 and is_deepspeed(strategy):
+        # absolute, so the run may start from any folder (the YAML names it relative to the repository)
+        cmd += ["--deepspeed_config_file", str(ds_config_path(strategy))]
+    return cmd + ["-m", "mistral_qlora", *train_argv]
+
+
+def child_env(env=None) -> dict[str, str]:
+    """The environment the launched processes get: ours, plus what a CPU-only machine needs."""
+    env = dict(os.environ if env is None else env)
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        cuda = False
+    if not cuda:
+        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, gloo underneath
+    # the children import this package from where this process did (a source checkout's src/)
+    import mistral_qlora
+
+    src = os.path.dirname(os.path.dirname(os.path.abspath(mistral_qlora.__file__)))
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if os.path.basename(src) == "src" and src not in paths:
+        env["PYTHONPATH"] = os.pathsep.join([src, *paths])
+    return env
+
+
+def check_not_relaunched(spec_world: int | None) -> int | None:
+    """Under a launcher, the launcher's world size (and --nproc/--nnodes must agree with it)."""
+    world = launched_processes()
+    if world is not None and spec_world is not None and spec_world != world:
+        raise UserError(f"this process was started by a launcher with {world} processes; "
+                        f"--nproc x --nnodes asks for {spec_world}: drop them or make them agree")
+    return world
+
+
+def run(cmd: list[str], env: dict[str, str]) -> int:
+    """Run the launcher and return its exit code. SIGTERM and SIGUSR1 sent to this process (a
+    scheduler's notice) are passed on to it; ^C reaches it through the terminal's process group,
+    so here it is only waited out while the training processes stop."""
+    import signal
+
+    print("mistral-qlora: " + " ".join(cmd), file=sys.stderr, flush=True)
+    proc = subprocess.Popen(cmd, env=env)
+    handlers = {signal.SIGINT: signal.SIG_IGN}
+    for name in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            handlers[getattr(signal, name)] = lambda signum, _frame: proc.send_signal(signum)
+    previous = {s: signal.signal(s, h) for s, h in handlers.items()}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
