@@ -71,8 +71,8 @@ class Run:
         return [json.loads(f.read_text()) for f in files]
 
     def train_losses(self) -> list[float]:
-        state = next((self.out / "checkpoints").glob("checkpoint-*/trainer_state.json"))
-        return [e["loss"] for e in json.loads(state.read_text())["log_history"] if "loss" in e]
+        history = json.loads((self.out / "history.json").read_text())
+        return [e["loss"] for e in history if "loss" in e]
 
 
 def _env(out: Path) -> dict[str, str]:

@@ -126,3 +126,45 @@ def test_kill_9_at_random_moments_loses_nothing(data, reference, tmp_path):
     assert json.loads((out / "summary.json").read_text())["steps"] == STEPS
     _assert_same_adapter(_adapter(out), _adapter(reference))
     assert _train_losses(out) == _train_losses(reference)
+
+
+@pytest.mark.slow
+def test_zero3_two_processes_sigterm_and_resume_is_exact(data, tmp_path):
+    """The same under 2-process ZeRO-3 (accelerate launch, gloo): the signal reaches the launcher,
+    which passes it to the training processes; they save their partitions and exit 75."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    for k in ("LOCAL_RANK", "WORLD_SIZE", "RANK"):
+        env.pop(k, None)
+    extra = ("--nproc", "2", "--set", "train.strategy=zero3", "--set", "train.max_steps=12",
+             "--set", "lora.dropout=0")
+
+    def run(out):
+        return subprocess.run(_args(data, out, *extra), cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=900)
+
+    ref = tmp_path / "ref"
+    proc = run(ref)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_args(data, out, *extra), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    assert _wait_for(lambda: (out / "checkpoints/checkpoint-3").is_dir(), proc), "finished before the signal"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 75, err[-4000:]
+    assert not (out / "summary.json").exists()
+    saved = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    stopped_at = int(saved[-1].name.split("-")[1])
+    assert 3 <= stopped_at < 12
+    assert list(saved[-1].glob("global_step*/*zero_pp_rank_1*"))  # rank 1's partition is in the checkpoint
+
+    proc = run(out)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["strategy"] == "zero3" and summary["steps"] == 12
+    assert summary["resumed_from"].endswith(f"checkpoint-{stopped_at}")
+    ref_losses, losses = _train_losses(ref), _train_losses(out)
+    assert ref_losses.keys() == losses.keys()
+    assert all(abs(ref_losses[k] - losses[k]) < 1e-6 for k in ref_losses), (ref_losses, losses)
+    _assert_same_adapter(_adapter(out), _adapter(ref))

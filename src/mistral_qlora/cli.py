@@ -157,6 +157,7 @@ def _relaunch(args, cfg) -> int | None:
             (args.nproc or 1) * (args.nnodes or 1) if explicit else None)
         return None
     spec = launch.launch_spec(*given)
+    launch.check_gpus(spec)
     if spec.world_size == 1:
         return None
     from pathlib import Path
@@ -173,6 +174,8 @@ def _relaunch(args, cfg) -> int | None:
         argv += ["--set", f"train.strategy={strategy}"]
     if args.overwrite:
         argv.append("--overwrite")
+    if args.force:
+        argv.append("--force")
     env = launch.child_env()
     env["MISTRAL_QLORA_STRATEGY_WHY"] = why  # logged once, by rank 0
     return launch.run(launch.accelerate_command(spec, strategy, argv), env)
@@ -236,6 +239,13 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def _close_progress_bars() -> None:
+    """So the error line starts on a line of its own, not after a half-drawn progress bar."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", [])):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -246,9 +256,11 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         if args.debug:
             raise
+        _close_progress_bars()
         print(f"mistral-qlora: error: {exc}", file=sys.stderr)
         code = exc.exit_code
     except Preempted as exc:
+        _close_progress_bars()
         print(f"mistral-qlora: preempted: {exc}", file=sys.stderr)
         code = exc.exit_code
     except KeyboardInterrupt:

@@ -67,6 +67,23 @@ def default_nproc() -> int:
         return 1
 
 
+def check_gpus(spec: LaunchSpec, visible: int | None = None) -> None:
+    """On a GPU machine each process takes one GPU: refuse to start more processes than GPUs.
+    (Without GPUs, processes run on the CPU, as the tests do, and any number is allowed.)"""
+    if visible is None:
+        try:
+            import torch
+
+            visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        except Exception:  # noqa: BLE001
+            visible = 0
+    if visible and spec.nproc > visible:
+        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+        where = f" (CUDA_VISIBLE_DEVICES={shown})" if shown is not None else ""
+        raise UserError(f"--nproc {spec.nproc} asks for {spec.nproc} GPUs on this node but {visible} "
+                        f"{'is' if visible == 1 else 'are'} visible{where}; use --nproc {visible} or fewer")
+
+
 def launch_spec(nproc=None, nnodes=None, node_rank=None, main_addr=None, main_port=None, env=None) -> LaunchSpec:
     """Arguments first, then the environment, then defaults; validated."""
     env = os.environ if env is None else env
@@ -135,20 +152,45 @@ def check_not_relaunched(spec_world: int | None) -> int | None:
 
 
 def run(cmd: list[str], env: dict[str, str]) -> int:
-    """Run the launcher and return its exit code. SIGTERM and SIGUSR1 sent to this process (a
-    scheduler's notice) are passed on to it; ^C reaches it through the terminal's process group,
-    so here it is only waited out while the training processes stop."""
+    """Run the launcher and return its exit code.
+
+    SIGTERM and SIGUSR1 sent to this process (a scheduler's notice, `docker stop`) are passed on
+    to the training processes themselves, not to the launcher, whose own handler would kill them
+    before they save: each saves a checkpoint at the next step boundary and exits with
+    EXIT_PREEMPTED, and so does this process then. ^C reaches them through the terminal's
+    process group, so here it is only waited out while the training processes stop."""
     import signal
+
+    import psutil
+
+    from mistral_qlora.errors import EXIT_PREEMPTED
 
     print("mistral-qlora: " + " ".join(cmd), file=sys.stderr, flush=True)
     proc = subprocess.Popen(cmd, env=env)
+    forwarded = []
+
+    def forward(signum, _frame):
+        forwarded.append(signum)
+        try:
+            workers = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        for worker in workers:
+            try:
+                worker.send_signal(signum)
+            except psutil.NoSuchProcess:
+                pass
+
     handlers = {signal.SIGINT: signal.SIG_IGN}
     for name in ("SIGTERM", "SIGUSR1"):
         if hasattr(signal, name):
-            handlers[getattr(signal, name)] = lambda signum, _frame: proc.send_signal(signum)
+            handlers[getattr(signal, name)] = forward
     previous = {s: signal.signal(s, h) for s, h in handlers.items()}
     try:
-        return proc.wait()
+        code = proc.wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    # The launcher reports its workers' exit 75 as a plain failure: after a forwarded notice,
+    # a failed launch is the preemption the workers answered.
+    return EXIT_PREEMPTED if forwarded and code != 0 else code

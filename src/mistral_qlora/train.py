@@ -229,6 +229,8 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
     tokenizer = load_tokenizer(model_path, cfg.model.revision)
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed, cfg.eval.samples)
     attention = select_attention(cfg.model.attention, rt.dtype)
+    fingerprint = run_fingerprint(cfg, data.train, rt.world_size)
+    resume_from = find_resume_checkpoint(cfg, fingerprint, overwrite, force)
 
     # 2. Strategy, then the Trainer's arguments: both before the model, which ZeRO-3 loads
     #    straight into partitions over the process group the arguments start.
@@ -241,8 +243,6 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
                               deepspeed=str(ds_config) if ds_config is not None else None)
     rt.world_size = args.world_size
     zero3 = is_zero3(strategy)
-    fingerprint = run_fingerprint(cfg, data.train, rt.world_size)
-    resume_from = find_resume_checkpoint(cfg, fingerprint, overwrite, force)
 
     # 3. Model: 4-bit base + LoRA.
     load_stats = None
@@ -267,6 +267,8 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
     # Seeded here: every rank, strategy and rerun starts from the same adapter.
     set_seed(cfg.train.seed)
     model = add_lora(model, cfg.lora, cfg.train.gradient_checkpointing, reentrant=zero3)
+    # Mistral ships no pad token; the tokenizer's stand-in (<unk>) is told to the model up front.
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
     if zero3 and rt.dtype != torch.float32:
         # DeepSpeed keeps fp32 master weights and casts the module to bf16 itself, except for a model
         # ZeRO-3 built (ours): do it for the adapter, which PEFT created in fp32.
