@@ -45,8 +45,49 @@ from mistral_qlora.errors import UserError
 from mistral_qlora.modeling.random7b import RANDOM_7B, ensure_random_7b
 
 SEED_RECIPE = "padded+sdpa (seed)"
+PLAIN_RECIPE = "packed+flex (plain)"  # plain transformers: packing + FlexAttention, tutorial preparation
 PACKED_BACKENDS = ("sdpa", "flex", "varlen", "flash_attention_2")
-ALL_RECIPES = (SEED_RECIPE,) + tuple(f"packed+{b}" for b in PACKED_BACKENDS) + ("packed+eager",)
+BACKENDS = PACKED_BACKENDS + ("eager",)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What one recipe name means. Names: `padded+sdpa (seed)`, `packed+flex (plain)`, and
+    `packed+BACKEND[+liger][+ckpt=all|none|auto|FRACTION]` (ours; ckpt defaults to all layers)."""
+
+    name: str
+    batching: str  # padded | packed
+    attention: str
+    preparation: str  # seed (peft's prepare_model_for_kbit_training) | ours
+    kernels: str = "none"
+    ckpt: str = "all"
+
+    @classmethod
+    def parse(cls, name: str) -> "Recipe":
+        if name == SEED_RECIPE:
+            return cls(name, "padded", "sdpa", "seed")
+        if name == PLAIN_RECIPE:
+            return cls(name, "packed", "flex", "seed")
+        parts = name.split("+")
+        if parts[0] != "packed" or len(parts) < 2 or parts[1] not in BACKENDS:
+            raise UserError(f"--recipes: unknown recipe {name!r} (seed, plain, or packed+BACKEND[+liger][+ckpt=X] "
+                            f"with BACKEND one of {', '.join(BACKENDS)})")
+        kernels, ckpt = "none", "all"
+        for extra in parts[2:]:
+            if extra == "liger":
+                kernels = "liger"
+            elif extra.startswith("ckpt=") and (extra[5:] in ("all", "none", "auto") or _fraction(extra[5:])):
+                ckpt = extra[5:]
+            else:
+                raise UserError(f"--recipes {name}: unknown part {extra!r} (liger, ckpt=all|none|auto|FRACTION)")
+        return cls(name, "packed", parts[1], "ours", kernels, ckpt)
+
+
+def _fraction(text: str) -> bool:
+    try:
+        return 0 < float(text) < 1
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -63,7 +104,7 @@ class BenchOptions:
     padded_batch_size: int = 8
     warmup: int = 3  # warm-up rows (the padded recipe warms up on their sequences)
     timed_rows: int = 8  # timed rows (the padded recipe is timed on their sequences)
-    recipes: list[str] | None = None  # default: the seed's and packed+ every usable backend
+    recipes: list[str] | None = None  # default: seed, plain, packed+ every usable backend, then the fast ones
     sliding_window: str | int | None = "auto"
     gradient_checkpointing: bool = True
     lora_r: int = 16
@@ -71,6 +112,7 @@ class BenchOptions:
     dtype: str = "auto"
     seed: int = 0
     out: str | None = None
+    profile: bool = False  # profile one timed step of the last recipe: where the time goes
 
 
 @dataclass
@@ -88,6 +130,10 @@ class RecipeResult:
     peak_memory_gib: float | None = None
     mean_loss: float | None = None
     vs_seed: float | None = None
+    vs_plain: float | None = None
+    kernels: str = "none"
+    ckpt: str = "all"
+    profile: dict | None = None
     error: str | None = None
 
 
@@ -116,21 +162,51 @@ def resolve_bench_model(opts: BenchOptions) -> str:
     return resolve_model_path(opts.model)
 
 
-def load_recipe_model(path: str, opts: BenchOptions, preparation: str, attention: str, dtype):
-    """The 4-bit base with LoRA, prepared as the seed's tutorial does ('seed') or as train does ('ours')."""
+def load_recipe_model(path: str, opts: BenchOptions, recipe: Recipe, dtype):
+    """The 4-bit base with LoRA, prepared as the seed's tutorial does ('seed') or as train does ('ours'),
+    with the recipe's kernels and activation checkpointing."""
+    from transformers import AutoConfig
+
     from mistral_qlora.config import LoraSection, ModelSection, QuantizationSection
     from mistral_qlora.modeling.model import add_lora, load_base_model
+    from mistral_qlora.modeling.speed import apply_kernels
 
     device_map = {"": 0} if torch.cuda.is_available() else None
     model_cfg = ModelSection(name_or_path=path, sliding_window=opts.sliding_window)
     lora = LoraSection(r=opts.lora_r, alpha=2 * opts.lora_r)
-    base = load_base_model(path, model_cfg, QuantizationSection(), attention, dtype, device_map=device_map)
-    if preparation == "seed":
+    base = load_base_model(path, model_cfg, QuantizationSection(), recipe.attention, dtype, device_map=device_map)
+    if recipe.preparation == "seed":
         from peft import prepare_model_for_kbit_training
 
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=opts.gradient_checkpointing)
         return add_lora(base, lora, gradient_checkpointing=False)
-    return add_lora(base, lora, gradient_checkpointing=opts.gradient_checkpointing)
+    apply_kernels(base, recipe.kernels)
+    layers = AutoConfig.from_pretrained(path).num_hidden_layers
+    return add_lora(base, lora, checkpoint_layers=checkpoint_layers(recipe, opts, path, layers, dtype))
+
+
+def checkpoint_layers(recipe: Recipe, opts: BenchOptions, path: str, layers: int, dtype) -> int:
+    from mistral_qlora.modeling.speed import checkpointed_layers_for
+
+    if not opts.gradient_checkpointing or recipe.ckpt == "none":
+        return 0
+    if recipe.ckpt == "all":
+        return layers
+    if recipe.ckpt != "auto":
+        return checkpointed_layers_for(float(recipe.ckpt), layers)
+    from mistral_qlora.config import RunConfig
+    from mistral_qlora.distributed import gpu_budget
+    from mistral_qlora.modeling.model import load_model_config
+    from mistral_qlora.modeling.speed import plan_checkpointing
+
+    cfg = RunConfig.model_validate({
+        "model": {"name_or_path": path, "sliding_window": opts.sliding_window},
+        "lora": {"r": opts.lora_r}, "data": {"tokens_per_row": opts.tokens_per_row, "max_seq_len": opts.max_len},
+        "train": {"micro_batch_size": 1, "gradient_checkpointing": "auto"}})
+    budget = gpu_budget(0) if torch.cuda.is_available() else None
+    k, why = plan_checkpointing(cfg, load_model_config(path, cfg.model), dtype.itemsize, recipe.kernels, budget)
+    print(f"bench: {recipe.name}: {why}", flush=True)
+    return k
 
 
 def set_attention(model, attention: str) -> None:
@@ -185,10 +261,10 @@ def build_sample(opts: BenchOptions, path: str, vocab_size: int) -> Sample:
     return Sample(examples, rows[:opts.warmup], timed, note, efficiency)
 
 
-def recipe_batches(sample: Sample, recipe: str, opts: BenchOptions, pad_token_id: int, cu: bool):
+def recipe_batches(sample: Sample, recipe: Recipe, opts: BenchOptions, pad_token_id: int, cu: bool):
     """(warm-up batches, timed batches) of collated tensors for one recipe, over the same sequences."""
     ex = sample.examples
-    if recipe == SEED_RECIPE:
+    if recipe.batching == "padded":
         collate = PaddedCollator(pad_token_id)
         rng = random.Random(opts.seed)
 
@@ -242,7 +318,7 @@ def _real_and_slots(batch: dict) -> tuple[int, int]:
 def time_recipe(model, warmup: list[dict], timed: list[dict], opts: BenchOptions, dtype) -> dict:
     device = next(p.device for p in model.parameters())
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=opts.learning_rate)
+    optimizer = torch.optim.AdamW(params, lr=opts.learning_rate, fused=device.type == "cuda")
     autocast_dtype = dtype if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else None
     model.train()
     if device.type == "cuda":
@@ -271,15 +347,60 @@ def time_recipe(model, warmup: list[dict], timed: list[dict], opts: BenchOptions
     }
 
 
+# Kernel names -> what the time is spent on (first match wins).
+PROFILE_CATEGORIES = (
+    ("4-bit dequantize", ("dequant", "kdequantize")),
+    ("attention", ("flash", "fmha", "attention", "flex", "varlen")),
+    ("matmul (bf16 GEMM)", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "sm90", "cublas")),
+    ("fused Liger kernels", ("liger", "_rms_norm", "swiglu", "rope", "cross_entropy")),
+    ("optimizer", ("adam",)),
+)
+
+
+def profile_step(model, batch: dict, dtype) -> dict:
+    """One training step under torch.profiler: GPU time by kind of kernel, in ms and share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = next(p.device for p in model.parameters())
+    if device.type != "cuda":
+        return {}
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
+    train_step(model, batch, optimizer, params, device, dtype)  # warm the optimizer state
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        train_step(model, batch, optimizer, params, device, dtype)
+        _sync(device)
+    totals: dict[str, float] = {}
+    for evt in prof.key_averages():
+        us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if not us or evt.key.startswith(("ProfilerStep", "aten::", "autograd::")):
+            continue
+        name = evt.key.lower()
+        kind = next((k for k, keys in PROFILE_CATEGORIES if any(w in name for w in keys)), "other (elementwise, copies)")
+        totals[kind] = totals.get(kind, 0.0) + us / 1000
+    all_ms = sum(totals.values()) or 1.0
+    return {k: {"ms": round(v, 1), "share": round(v / all_ms, 3)} for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
 # ---------------------------------------------------------------------------------------------
 # The run
 
 
 def default_recipes(dtype) -> list[str]:
+    """The seed's recipe, plain transformers with packing + flex, packed with every usable backend,
+    then the fastest backend with Liger's kernels: every layer checkpointed (the low-memory
+    setting) and as few as memory allows (ckpt=auto)."""
     from mistral_qlora.modeling.attention import usable_backends
+    from mistral_qlora.modeling.speed import kernels_usable
 
     usable = usable_backends(dtype)
-    return [SEED_RECIPE] + [f"packed+{b}" for b in PACKED_BACKENDS if usable[b] is None]
+    backends = [b for b in PACKED_BACKENDS if usable[b] is None]
+    recipes = [SEED_RECIPE] + ([PLAIN_RECIPE] if usable["flex"] is None else []) + [f"packed+{b}" for b in backends]
+    if kernels_usable() is None:
+        best = backends[-1]  # PACKED_BACKENDS is ordered slowest to fastest
+        recipes += [f"packed+{best}+liger", f"packed+{best}+liger+ckpt=auto"]
+    return recipes
 
 
 def _free_memory() -> None:
@@ -309,17 +430,19 @@ def run_bench(opts: BenchOptions) -> dict:
 
     from mistral_qlora.modeling.attention import TAKES_CU_SEQLENS, usable_backends
     from mistral_qlora.modeling.model import resolve_dtype
+    from mistral_qlora.modeling.speed import select_kernels
 
     dtype = resolve_dtype(opts.dtype)
-    recipes = opts.recipes or default_recipes(dtype)
-    unknown = [r for r in recipes if r not in ALL_RECIPES]
-    if unknown:
-        raise UserError(f"--recipes: unknown {', '.join(unknown)} (choose from {', '.join(ALL_RECIPES)})")
+    recipes = [Recipe.parse(r) for r in (opts.recipes or default_recipes(dtype))]
     usable = usable_backends(dtype)
     for r in recipes:
-        backend = r.removeprefix("packed+")
-        if r != SEED_RECIPE and usable[backend] is not None:
-            raise UserError(f"--recipes {r}: {usable[backend]}")
+        if usable[r.attention] is not None:
+            raise UserError(f"--recipes {r.name}: {usable[r.attention]}")
+        if r.kernels == "liger":
+            select_kernels("liger")  # says why not, where Liger cannot run
+    # Liger patches some of transformers' Mistral classes for the whole process: recipes without
+    # it run first.
+    recipes.sort(key=lambda r: r.kernels == "liger")
 
     path = resolve_bench_model(opts)
     vocab_size = AutoConfig.from_pretrained(path).vocab_size
@@ -327,36 +450,41 @@ def run_bench(opts: BenchOptions) -> dict:
     pad_token_id = 0  # <unk>: masked out anyway
 
     results: list[RecipeResult] = []
-    model, prepared = None, None
+    model, loaded = None, None
     for recipe in recipes:
-        seed = recipe == SEED_RECIPE
-        attention = "sdpa" if seed else recipe.removeprefix("packed+")
-        preparation = "seed" if seed else "ours"
-        res = RecipeResult(recipe, "padded" if seed else "packed", attention,
-                           "prepare_model_for_kbit_training" if seed else "ours")
-        print(f"bench: {recipe} ...", flush=True)
+        res = RecipeResult(recipe.name, recipe.batching, recipe.attention,
+                           "prepare_model_for_kbit_training" if recipe.preparation == "seed" else "ours")
+        res.kernels, res.ckpt = recipe.kernels, recipe.ckpt
+        print(f"bench: {recipe.name} ...", flush=True)
         try:
-            if prepared != preparation:
-                model, prepared = None, None
+            key = (recipe.preparation, recipe.kernels, recipe.ckpt)
+            if loaded != key:
+                model, loaded = None, None
                 _free_memory()
-                model = load_recipe_model(path, opts, preparation, attention, dtype)
-                prepared = preparation
-            set_attention(model, attention)
-            warm, timed = recipe_batches(sample, recipe, opts, pad_token_id, cu=attention in TAKES_CU_SEQLENS)
+                model = load_recipe_model(path, opts, recipe, dtype)
+                loaded = key
+            set_attention(model, recipe.attention)
+            warm, timed = recipe_batches(sample, recipe, opts, pad_token_id, cu=recipe.attention in TAKES_CU_SEQLENS)
             for k, v in time_recipe(model, warm, timed, opts, dtype).items():
                 setattr(res, k, v)
+            if opts.profile and recipe is recipes[-1]:
+                res.profile = profile_step(model, timed[0], dtype)
         except Exception as exc:  # one backend failing must not lose the others' numbers
             res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-            print(f"bench: {recipe} failed: {res.error}", flush=True)
+            print(f"bench: {recipe.name} failed: {res.error}", flush=True)
+            model, loaded = None, None
             _free_memory()
         results.append(res)
     model = None
     _free_memory()
 
     base = next((r.tokens_per_second for r in results if r.recipe == SEED_RECIPE and r.tokens_per_second), None)
+    plain = next((r.tokens_per_second for r in results if r.recipe == PLAIN_RECIPE and r.tokens_per_second), None)
     for r in results:
         if base and r.tokens_per_second:
             r.vs_seed = r.tokens_per_second / base
+        if plain and r.tokens_per_second:
+            r.vs_plain = r.tokens_per_second / plain
     timed_seqs = sum(len(row) for row in sample.timed_rows)
     report = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -394,8 +522,9 @@ def format_report(report: dict) -> str:
         f"{report['padded_batch_size']} on the same sequences; LoRA r={report['lora_r']}, "
         f"activation checkpointing {'on' if report['gradient_checkpointing'] else 'off'}",
         "",
-        f"| {'recipe':<22} | {'real tok/s':>10} | {'padding':>7} | {'peak GiB':>8} | {'vs seed':>7} | {'steps':>5} |",
-        f"|{'-' * 24}|{'-' * 11}:|{'-' * 8}:|{'-' * 9}:|{'-' * 8}:|{'-' * 6}:|",
+        f"| {'recipe':<32} | {'real tok/s':>10} | {'padding':>7} | {'peak GiB':>8} | {'vs seed':>7} | "
+        f"{'vs plain':>8} | {'steps':>5} |",
+        f"|{'-' * 34}|{'-' * 11}:|{'-' * 8}:|{'-' * 9}:|{'-' * 8}:|{'-' * 9}:|{'-' * 6}:|",
     ]
 
     def fmt(v, spec):
@@ -403,12 +532,17 @@ def format_report(report: dict) -> str:
 
     for r in report["results"]:
         if r["error"]:
-            lines.append(f"| {r['recipe']:<22} | failed: {r['error']}")
+            lines.append(f"| {r['recipe']:<32} | failed: {r['error']}")
             continue
+        ratio = {k: fmt(r.get(k), '.2f') + 'x' if r.get(k) else 'n/a' for k in ("vs_seed", "vs_plain")}
         lines.append(
-            f"| {r['recipe']:<22} | {fmt(r['tokens_per_second'], ',.0f'):>10} | "
+            f"| {r['recipe']:<32} | {fmt(r['tokens_per_second'], ',.0f'):>10} | "
             f"{fmt(r['padding_fraction'], '.1%'):>7} | {fmt(r['peak_memory_gib'], '.1f'):>8} | "
-            f"{fmt(r['vs_seed'], '.2f') + 'x' if r['vs_seed'] else 'n/a':>7} | {r['steps']:>5} |"
+            f"{ratio['vs_seed']:>7} | {ratio['vs_plain']:>8} | {r['steps']:>5} |"
         )
+    for r in report["results"]:
+        if r.get("profile"):
+            lines += ["", f"where one step of {r['recipe']} spends its GPU time:"]
+            lines += [f"  {kind:<30} {v['ms']:>9.1f} ms  {v['share']:>6.1%}" for kind, v in r["profile"].items()]
     return "\n".join(lines)
 

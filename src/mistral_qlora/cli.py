@@ -87,8 +87,10 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--warmup", type=int, default=3, help="warm-up rows, untimed (default 3)")
     p.add_argument("--timed-rows", type=int, default=8,
                    help="timed rows; the padded recipe is timed on the same sequences (default 8)")
-    p.add_argument("--recipes", help="comma-separated subset of: padded+sdpa (seed), packed+sdpa, packed+flex, "
-                                     "packed+varlen, packed+flash_attention_2, packed+eager (default: all usable)")
+    p.add_argument("--recipes", help="comma-separated: seed (padded+sdpa), plain (packed+flex with the tutorial's "
+                                     "preparation), packed+BACKEND[+liger][+ckpt=all|none|auto|FRACTION] "
+                                     "(default: seed, plain, every usable backend, then the fastest with Liger)")
+    p.add_argument("--profile", action="store_true", help="profile one step of the last recipe: GPU time by kernel kind")
     p.add_argument("--sliding-window", default="auto", help="auto (the checkpoint's), none, or a number of tokens")
     p.add_argument("--no-gradient-checkpointing", action="store_true", help="keep every activation")
     p.add_argument("--lora-r", type=int, default=16)
@@ -116,13 +118,15 @@ def cmd_bench(args) -> int:
     recipes = None
     if args.recipes:
         recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-        recipes = ["padded+sdpa (seed)" if r in ("seed", "padded", "padded+sdpa") else r for r in recipes]
+        aliases = {"seed": "padded+sdpa (seed)", "padded": "padded+sdpa (seed)", "padded+sdpa": "padded+sdpa (seed)",
+                   "plain": "packed+flex (plain)"}
+        recipes = [aliases.get(r, r) for r in recipes]
     opts = BenchOptions(
         model=args.model, model_dir=args.model_dir, data=args.data, sequences=args.sequences, median=args.median,
         sigma=args.sigma, max_len=args.max_len, min_len=args.min_len, tokens_per_row=args.tokens_per_row,
         padded_batch_size=args.padded_batch_size, warmup=args.warmup, timed_rows=args.timed_rows, recipes=recipes,
         sliding_window=window, gradient_checkpointing=not args.no_gradient_checkpointing, lora_r=args.lora_r,
-        dtype=args.dtype, seed=args.seed, out=args.out,
+        dtype=args.dtype, seed=args.seed, out=args.out, profile=args.profile,
     )
     report = run_bench(opts)
     print(format_report(report))

@@ -31,6 +31,9 @@ class ModelSection(_Section):
     attention: Literal["auto", "flash_attention_2", "varlen", "flex", "sdpa", "eager"] = "auto"
     # "auto": bfloat16 on a GPU that supports it, float32 elsewhere.
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    # Fused Triton kernels (Liger: RoPE, RMSNorm, SwiGLU, linear+cross-entropy without logits).
+    # "auto": liger on a CUDA GPU where liger-kernel is installed, none elsewhere.
+    kernels: Literal["auto", "liger", "none"] = "auto"
 
     @field_validator("sliding_window")
     @classmethod
@@ -76,7 +79,12 @@ class TrainSection(_Section):
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit"] = "adamw_torch"
     micro_batch_size: int = Field(4, ge=1, le=4096)
     grad_accum: int = Field(1, ge=1, le=65536)
-    gradient_checkpointing: bool = True
+    # true: every decoder layer recomputes its activations in backward; false: none does; a fraction
+    # in (0, 1): that share of the layers; auto: as few as the GPU's memory allows (train.memory).
+    gradient_checkpointing: Union[bool, Literal["auto"], float] = True
+    # auto: spend free GPU memory on skipping recompute; low: checkpoint every layer (about 10 GiB
+    # for Mistral-7B at 8192-token rows).
+    memory: Literal["auto", "low"] = "auto"
     # How the run is spread over processes (see mistral_qlora.distributed): auto picks single for one
     # process, ddp when the 4-bit model and activations fit one GPU, zero3 when they do not.
     strategy: Literal["auto", "single", "ddp", "zero2", "zero3", "zero3_offload"] = "auto"
@@ -87,6 +95,14 @@ class TrainSection(_Section):
     keep_checkpoints: int = Field(2, ge=1)
     # auto: continue from the newest complete checkpoint in output_dir; never; or a checkpoint folder.
     resume: str = "auto"
+
+
+    @field_validator("gradient_checkpointing")
+    @classmethod
+    def _fraction(cls, v):
+        if isinstance(v, float) and not 0 < v < 1:
+            raise ValueError("must be true, false, auto, or a fraction of the layers between 0 and 1")
+        return v
 
 
 class EvalSection(_Section):

@@ -162,13 +162,18 @@ def _lora_targets(target_modules) -> set[str]:
     return {name for name in _LINEARS if any(t == name or t.endswith("." + name) for t in target_modules)}
 
 
-def estimate_memory(model_config, cfg, dtype_bytes: int) -> MemoryEstimate:
+def estimate_memory(model_config, cfg, dtype_bytes: int, checkpointed_layers: int | None = None,
+                    fused_loss: bool = False) -> MemoryEstimate:
     """A deliberately simple estimate (within ~10% of the H100 measurements in DESIGN.md).
 
     Per token and layer, a checkpointed layer keeps its input (H values) and recomputes one layer
     at a time (~16H + 4I values); without checkpointing every layer keeps the latter. Logits cost
-    V values in the model dtype plus an fp32 copy and its gradient.
+    V values in the model dtype plus an fp32 copy and its gradient, unless the loss is fused with
+    the lm_head (Liger), which never materialises them. `checkpointed_layers` defaults to what
+    train.gradient_checkpointing says (auto: every layer).
     """
+    from mistral_qlora.modeling.speed import checkpointed_layers_for
+
     c = model_config
     H, I, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
     nh = c.num_attention_heads
@@ -194,11 +199,13 @@ def estimate_memory(model_config, cfg, dtype_bytes: int) -> MemoryEstimate:
     row = cfg.data.tokens_per_row if cfg.data.packing else cfg.data.max_seq_len
     T = cfg.train.micro_batch_size * row
     one_layer = T * (16 * H + 4 * I) * dtype_bytes
-    if cfg.train.gradient_checkpointing:
-        activations = L * T * H * dtype_bytes + one_layer
-    else:
-        activations = L * one_layer
-    activations += T * V * (dtype_bytes + 8)
+    if checkpointed_layers is None:
+        checkpointed_layers = checkpointed_layers_for(cfg.train.gradient_checkpointing, L)
+        checkpointed_layers = L if checkpointed_layers is None else checkpointed_layers
+    k = checkpointed_layers
+    activations = k * T * H * dtype_bytes + (L - k) * one_layer + (one_layer if k else 0)
+    if not fused_loss:
+        activations += T * V * (dtype_bytes + 8)
     return MemoryEstimate(base, layer_bytes, 4 * lora_params, 12 * lora_params, activations, T)
 
 

@@ -190,8 +190,8 @@ def oom_message(cfg: RunConfig, stage: str) -> str:
         used = f" (peak {torch.cuda.max_memory_allocated() / 2**30:.1f} of {total:.1f} GiB)"
     hints = [f"data.tokens_per_row (now {cfg.data.tokens_per_row})" if cfg.data.packing
              else f"train.micro_batch_size (now {cfg.train.micro_batch_size})"]
-    if not cfg.train.gradient_checkpointing:
-        hints.append("set train.gradient_checkpointing=true")
+    if cfg.train.gradient_checkpointing is not True:
+        hints.append("set train.gradient_checkpointing=true (or train.memory=low)")
     hints.append("or shard the model with train.strategy=zero3 over more GPUs")
     return f"CUDA out of memory while {stage}{used}: lower " + ", ".join(hints) + "; checkpoints are intact"
 
@@ -211,12 +211,14 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
                                          DistStatsCallback, DivergenceCallback, PreemptionCallback,
                                          RecordingDataset, SamplesCallback, ThroughputCallback)
     from mistral_qlora.data import prepare_data
-    from mistral_qlora.distributed import barrier, is_zero3, launched_processes, plan_strategy, single_process_env
+    from mistral_qlora.distributed import (barrier, gpu_budget, is_zero3, launched_processes, plan_strategy,
+                                           single_process_env)
     from mistral_qlora.generate import generate_answers
     from mistral_qlora.modeling.adapter import save_adapter
     from mistral_qlora.modeling.attention import TAKES_CU_SEQLENS, select_attention
     from mistral_qlora.modeling.model import (add_lora, keep_4bit_layout, load_base_model, load_model_config,
                                               resolve_model_path)
+    from mistral_qlora.modeling.speed import apply_kernels, plan_checkpointing, select_kernels
     from mistral_qlora.modeling.tokenizer import load_tokenizer
 
     started = time.time()
@@ -229,6 +231,7 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
     tokenizer = load_tokenizer(model_path, cfg.model.revision)
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed, cfg.eval.samples)
     attention = select_attention(cfg.model.attention, rt.dtype)
+    kernels = select_kernels(cfg.model.kernels)
     fingerprint = run_fingerprint(cfg, data.train, rt.world_size)
     resume_from = find_resume_checkpoint(cfg, fingerprint, overwrite, force)
 
@@ -243,6 +246,10 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
                               deepspeed=str(ds_config) if ds_config is not None else None)
     rt.world_size = args.world_size
     zero3 = is_zero3(strategy)
+    budget = gpu_budget(rt.local_rank) if rt.device == "cuda" else None
+    checkpoint_layers, why = plan_checkpointing(cfg, load_model_config(model_path, cfg.model), rt.dtype.itemsize,
+                                                kernels, budget, strategy, rt.world_size)
+    log(f"train.gradient_checkpointing={cfg.train.gradient_checkpointing} ({why}); model.kernels={kernels}")
 
     # 3. Model: 4-bit base + LoRA.
     load_stats = None
@@ -263,10 +270,11 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
         model = load_base_model(model_path, cfg.model, cfg.quantization, attention, rt.dtype, device_map=device_map)
     if rt.device == "cpu" and cfg.quantization.bits == 4:
         keep_4bit_layout(model)
+    apply_kernels(model, kernels)  # before LoRA wraps the linears
     # Under ZeRO-3 + PEFT only reentrant checkpointing works (non-reentrant raises CheckpointError).
     # Seeded here: every rank, strategy and rerun starts from the same adapter.
     set_seed(cfg.train.seed)
-    model = add_lora(model, cfg.lora, cfg.train.gradient_checkpointing, reentrant=zero3)
+    model = add_lora(model, cfg.lora, reentrant=zero3, checkpoint_layers=checkpoint_layers)
     # Mistral ships no pad token; the tokenizer's stand-in (<unk>) is told to the model up front.
     model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
     if zero3 and rt.dtype != torch.float32:
@@ -360,6 +368,8 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
         "world_size": rt.world_size,
         "strategy": strategy,
         "attention_backend": attention,
+        "kernels": kernels,
+        "checkpointed_layers": checkpoint_layers,
         "runtime_seconds": round(time.time() - started, 2),
         "resumed_from": str(resume_from) if resume_from else None,
         "model": cfg.model.name_or_path,

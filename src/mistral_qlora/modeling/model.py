@@ -89,14 +89,20 @@ def load_base_model(
     )
 
 
-def add_lora(model, lora_cfg: LoraSection, gradient_checkpointing: bool, reentrant: bool = False):
-    """Freeze the base, enable activation checkpointing, wrap with LoRA adapters."""
+def add_lora(model, lora_cfg: LoraSection, gradient_checkpointing: bool = True, reentrant: bool = False,
+             checkpoint_layers: int | None = None):
+    """Freeze the base, enable activation checkpointing (every layer, or the first
+    `checkpoint_layers`), wrap with LoRA adapters."""
     from peft import LoraConfig, get_peft_model
+
+    from mistral_qlora.modeling.speed import set_checkpointed_layers
 
     for p in model.parameters():
         p.requires_grad_(False)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if checkpoint_layers is None:
+        checkpoint_layers = model.config.num_hidden_layers if gradient_checkpointing else 0
+    if checkpoint_layers > 0:
+        set_checkpointed_layers(model, checkpoint_layers, reentrant)
         # Reentrant checkpointing only back-propagates into a block whose input requires grad.
         model.enable_input_require_grads()
     peft_config = LoraConfig(

@@ -24,7 +24,7 @@ import torch
 
 from mistral_qlora.config import ModelSection, QuantizationSection
 from mistral_qlora.errors import UserError
-from mistral_qlora.modeling.attention import IMPLEMENTATION
+from mistral_qlora.modeling.attention import implementation
 
 
 @dataclass
@@ -162,7 +162,7 @@ def load_base_model_zero3(
     if getattr(config, "tie_word_embeddings", False):
         raise UserError("ZeRO-3 loading supports untied embeddings (as in every Mistral checkpoint); this one ties them")
     # The class itself, not from_config: that would wrap construction in its own zero.Init.
-    config._attn_implementation = IMPLEMENTATION[attention]
+    config._attn_implementation = implementation(attention)
     config.dtype = dtype
     with torch.device("meta"):
         model = AutoModelForCausalLM._model_mapping[type(config)](config)

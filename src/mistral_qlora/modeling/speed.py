@@ -1,0 +1,98 @@
+"""The levers that make a step fast: fused kernels and how many layers recompute their activations.
+
+- `apply_kernels`: Liger's Triton kernels (RoPE, RMSNorm, SwiGLU, and linear + cross-entropy fused
+  so the [tokens x 32000] logits are never materialised), applied to the model instance through
+  Liger's own API, before LoRA wraps the linears.
+- `plan_checkpointing`: how many decoder layers recompute in backward. Recompute costs a third of
+  the step's FLOPs (6N instead of 4N per token); memory decides how many layers must pay it. `auto`
+  checkpoints as few as fit the GPU, `train.memory: low` all of them.
+- `set_checkpointed_layers`: turns recompute on for the first k layers only, through each decoder
+  layer's own `gradient_checkpointing` switch (transformers' GradientCheckpointingLayer).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+from mistral_qlora.errors import UserError
+
+GIB = 2**30
+# Head-room kept free when `auto` spends memory on skipping recompute (allocator fragmentation,
+# the optimizer's first step, evaluation batches).
+AUTO_HEADROOM = 0.15
+
+
+def kernels_usable() -> str | None:
+    """None when Liger can run here, else why not."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU (Liger's kernels are Triton)"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "needs the liger-kernel package (pip install mistral-qlora[kernels])"
+    return None
+
+
+def select_kernels(requested: str) -> str:
+    why_not = kernels_usable()
+    if requested == "auto":
+        return "liger" if why_not is None else "none"
+    if requested == "liger" and why_not is not None:
+        raise UserError(f"model.kernels=liger: {why_not}; use model.kernels=auto")
+    return requested
+
+
+def apply_kernels(model, kernels: str) -> None:
+    """Patch the (not yet LoRA-wrapped) model instance with the chosen kernels."""
+    if kernels != "liger":
+        return
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
+
+
+def checkpointed_layers_for(setting, num_layers: int) -> int | None:
+    """Layers to checkpoint for an explicit setting; None for `auto`."""
+    if setting == "auto":
+        return None
+    if setting is True:
+        return num_layers
+    if setting is False:
+        return 0
+    return max(1, min(num_layers, math.ceil(setting * num_layers)))
+
+
+def plan_checkpointing(cfg, model_config, dtype_bytes: int, kernels: str, budget: int | None,
+                       strategy: str = "single", world_size: int = 1) -> tuple[int, str]:
+    """(layers to checkpoint, why) for this run."""
+    from mistral_qlora.distributed import estimate_memory
+
+    L = model_config.num_hidden_layers
+    explicit = checkpointed_layers_for(cfg.train.gradient_checkpointing, L)
+    if explicit is not None:
+        return explicit, "set in the run config"
+    if cfg.train.memory == "low":
+        return L, "auto with train.memory=low: every layer"
+    if budget is None:
+        return L, "auto without a GPU: every layer"
+    full = estimate_memory(model_config, cfg, dtype_bytes, checkpointed_layers=L, fused_loss=kernels == "liger")
+    none = estimate_memory(model_config, cfg, dtype_bytes, checkpointed_layers=0, fused_loss=kernels == "liger")
+    need_full = full.per_gpu(strategy, world_size)
+    per_layer = (none.per_gpu(strategy, world_size) - need_full) / L
+    spare = budget * (1 - AUTO_HEADROOM) - need_full
+    plain = L if per_layer <= 0 else max(0, min(L, int(spare // per_layer)))
+    k = L - plain
+    return k, (f"auto: {k} of {L} layers recompute; ~{(need_full + plain * per_layer) / GIB:.1f} GiB estimated "
+               f"of {budget / GIB:.1f} GiB usable ({AUTO_HEADROOM:.0%} kept free)")
+
+
+def set_checkpointed_layers(model, k: int, reentrant: bool = False) -> None:
+    """Recompute the first k decoder layers in backward, keep the others' activations."""
+    if k <= 0:
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    layers = model.get_decoder().layers if hasattr(model, "get_decoder") else model.model.layers
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < k

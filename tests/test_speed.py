@@ -1,0 +1,70 @@
+"""The speed levers on the CPU: partial activation checkpointing is exact, and the auto plan
+spends memory the way the estimate says."""
+
+import pytest
+import torch
+
+from mistral_qlora.config import LoraSection, RunConfig
+from mistral_qlora.modeling.speed import checkpointed_layers_for, plan_checkpointing, select_kernels
+
+GIB = 2**30
+
+
+class Mistral7B:  # the config fields the estimate reads
+    hidden_size, intermediate_size, num_hidden_layers, vocab_size = 4096, 14336, 32, 32000
+    num_attention_heads, num_key_value_heads, head_dim, tie_word_embeddings = 32, 8, 128, False
+
+
+def _cfg(**train):
+    return RunConfig.model_validate({"data": {"tokens_per_row": 8192, "max_seq_len": 4096},
+                                     "train": {"micro_batch_size": 1, **train}})
+
+
+def test_explicit_settings():
+    assert checkpointed_layers_for(True, 32) == 32 and checkpointed_layers_for(False, 32) == 0
+    assert checkpointed_layers_for(0.25, 32) == 8 and checkpointed_layers_for("auto", 32) is None
+    assert plan_checkpointing(_cfg(gradient_checkpointing=0.5), Mistral7B, 2, "none", 80 * GIB)[0] == 16
+
+
+def test_auto_spends_free_memory_and_low_memory_checkpoints_everything():
+    big, why = plan_checkpointing(_cfg(gradient_checkpointing="auto"), Mistral7B, 2, "liger", 73 * GIB)
+    assert 0 <= big < 8, why  # an 80 GB card keeps (almost) every layer's activations
+    small, _ = plan_checkpointing(_cfg(gradient_checkpointing="auto"), Mistral7B, 2, "liger", 22 * GIB)
+    assert big < small < 32  # a 24 GB card recomputes most layers
+    assert plan_checkpointing(_cfg(gradient_checkpointing="auto"), Mistral7B, 2, "liger", 8 * GIB)[0] == 32
+    low, why = plan_checkpointing(_cfg(gradient_checkpointing="auto", memory="low"), Mistral7B, 2, "liger", 73 * GIB)
+    assert low == 32 and "memory=low" in why
+    assert plan_checkpointing(_cfg(gradient_checkpointing="auto"), Mistral7B, 2, "none", None)[0] == 32  # no GPU
+
+
+def test_bad_fraction_and_kernels_on_cpu():
+    from mistral_qlora.errors import UserError
+
+    with pytest.raises(Exception, match="fraction of the layers"):
+        _cfg(gradient_checkpointing=1.5)
+    if not torch.cuda.is_available():
+        assert select_kernels("auto") == "none"
+        with pytest.raises(UserError, match="model.kernels=liger: needs a CUDA GPU"):
+            select_kernels("liger")
+
+
+def test_partial_checkpointing_is_exact():
+    from transformers import AutoModelForCausalLM
+
+    from mistral_qlora.modeling.model import add_lora, resolve_model_path
+
+    path = resolve_model_path("tiny-random-mistral")
+    ids = torch.randint(3, 32000, (1, 96), generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for k in (0, 2, 4):
+        torch.manual_seed(0)
+        model = add_lora(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+                         LoraSection(r=4, dropout=0.0), checkpoint_layers=k)
+        layers = model.get_base_model().model.layers
+        assert [layer.gradient_checkpointing for layer in layers] == [i < k for i in range(4)]
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads[k] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    for k in (2, 4):
+        for name, g in grads[0].items():
+            assert torch.allclose(g, grads[k][name], atol=1e-6, rtol=1e-5), (k, name)
