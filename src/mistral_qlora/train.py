@@ -214,7 +214,6 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
     from mistral_qlora.distributed import (barrier, gpu_budget, is_zero3, launched_processes, plan_strategy,
                                            single_process_env)
     from mistral_qlora.generate import generate_answers
-    from mistral_qlora.modeling.adapter import save_adapter
     from mistral_qlora.modeling.attention import TAKES_CU_SEQLENS, select_attention
     from mistral_qlora.modeling.model import (add_lora, keep_4bit_layout, load_base_model, load_model_config,
                                               resolve_model_path)

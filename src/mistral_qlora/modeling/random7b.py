@@ -9,10 +9,7 @@ and then loaded like any local checkpoint, 4-bit included. Usable wherever a mod
 from __future__ import annotations
 
 import gc
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,22 +41,16 @@ def random_7b_dir(model_dir: str | Path | None = None) -> Path:
     return Path(model_dir) if model_dir else cache_root() / "random-mistral-7b-instruct-v0.2-arch"
 
 
-def ensure_random_7b(model_dir: str | Path | None = None, arch: dict = MISTRAL_7B_V02) -> Path:
-    """The checkpoint's folder, built on first use (written to a temporary folder, then renamed)."""
+def build_random_7b(directory: Path, arch: dict = MISTRAL_7B_V02) -> None:
+    """Random bf16 weights from a fixed seed, built directly on the GPU where there is one."""
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
     from mistral_qlora.modeling.tokenizer import write_mistral_v1_tokenizer
 
-    final = random_7b_dir(model_dir)
-    if (final / "config.json").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.time()
-    print(f"mistral-qlora: building {RANDOM_7B} (random weights) on {device} into {final} ...",
-          file=sys.stderr, flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".random-7b-", dir=final.parent))
+    print(f"mistral-qlora: building {RANDOM_7B} (random weights) on {device} ...", file=sys.stderr, flush=True)
     previous = torch.get_default_dtype()
     try:
         torch.set_default_dtype(torch.bfloat16)
@@ -68,20 +59,19 @@ def ensure_random_7b(model_dir: str | Path | None = None, arch: dict = MISTRAL_7
             if device == "cuda":
                 torch.cuda.manual_seed(RANDOM_7B_SEED)
             model = MistralForCausalLM(MistralConfig(**arch))
-        torch.set_default_dtype(previous)
-        model.save_pretrained(tmp, max_shard_size="5GB")
-        write_mistral_v1_tokenizer(tmp)
-        del model
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "config.json").is_file():
-                raise
     finally:
         torch.set_default_dtype(previous)
-        shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(directory, max_shard_size="5GB")
+    write_mistral_v1_tokenizer(directory)
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     print(f"mistral-qlora: built {RANDOM_7B} in {time.time() - started:.0f} s", file=sys.stderr, flush=True)
-    return final
+
+
+def ensure_random_7b(model_dir: str | Path | None = None, arch: dict = MISTRAL_7B_V02) -> Path:
+    """The checkpoint's folder, built on first use."""
+    from mistral_qlora.modeling.tiny import build_once
+
+    return build_once(random_7b_dir(model_dir), lambda folder: build_random_7b(folder, arch))

@@ -50,15 +50,15 @@ def build_tiny_model(directory: Path) -> None:
     write_mistral_v1_tokenizer(directory)
 
 
-def ensure_tiny_model() -> Path:
-    """The tiny checkpoint's folder, built on first use (atomically: several ranks may race)."""
-    final = cache_root() / f"tiny-random-mistral-{TINY_VERSION}"
+def build_once(final: Path, build) -> Path:
+    """`final`, built by `build(folder)` on first use: into a temporary folder that is then renamed,
+    so a reader never sees half a checkpoint and several ranks may race (the first rename wins)."""
     if (final / "config.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
-        build_tiny_model(tmp)
+        build(tmp)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -67,3 +67,8 @@ def ensure_tiny_model() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def ensure_tiny_model() -> Path:
+    """The tiny checkpoint's folder, built on first use."""
+    return build_once(cache_root() / f"tiny-random-mistral-{TINY_VERSION}", build_tiny_model)
