@@ -11,9 +11,13 @@
 # It writes /etc/slurm/slurm.conf and adds the node names to /etc/hosts: run it only on a
 # machine (or container) that is a throwaway test host, never on a real cluster node.
 #   LOCAL_SLURM_NODES  number of emulated nodes (default 2)
+#   LOCAL_SLURM_GPUS   GPUs per node SLURM believes in (default 2): gres "gpu" backed by empty
+#                      files, so jobs that ask for GPUs (--gpus-per-node) run and get
+#                      SLURM_GPUS_ON_NODE, but no CUDA device (CUDA_VISIBLE_DEVICES stays unset)
 set -euo pipefail
 
 NODES="${LOCAL_SLURM_NODES:-2}"
+GPUS="${LOCAL_SLURM_GPUS:-2}"
 CONF=/etc/slurm/slurm.conf
 STATE=/var/spool/slurmctld
 SPOOL=/var/spool/slurmd
@@ -83,9 +87,19 @@ KillWait=30
 MinJobAge=300
 Waittime=0
 EOF
-  local i
+  local i gres=
+  if [[ "$GPUS" -gt 0 ]]; then
+    echo "GresTypes=gpu" >> "$CONF"
+    gres=" Gres=gpu:$GPUS"
+    : > /etc/slurm/gres.conf
+  fi
   for ((i = 1; i <= NODES; i++)); do
-    echo "NodeName=node$i NodeHostname=$host NodeAddr=127.0.0.1 Port=$((17000 + i)) CPUs=$cpus RealMemory=$mem State=UNKNOWN" >> "$CONF"
+    echo "NodeName=node$i NodeHostname=$host NodeAddr=127.0.0.1 Port=$((17000 + i)) CPUs=$cpus RealMemory=$mem$gres State=UNKNOWN" >> "$CONF"
+    if [[ "$GPUS" -gt 0 ]]; then  # a gres.conf line with only Count= is dropped ("file-less GPU")
+      mkdir -p "$SPOOL-gpus/node$i"
+      touch $(seq -f "$SPOOL-gpus/node$i/gpu%g" 0 $((GPUS - 1)))
+      echo "NodeName=node$i Name=gpu File=$SPOOL-gpus/node$i/gpu[0-$((GPUS - 1))]" >> /etc/slurm/gres.conf
+    fi
   done
   echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP" >> "$CONF"
 }

@@ -108,12 +108,14 @@ class Job:
         return {e["step"]: e["loss"] for e in history if "loss" in e}
 
 
-def _submit(tmp: Path, nodes: int) -> Job:
+def _submit(tmp: Path, nodes: int, gpus: int = 0) -> Job:
     """`sbatch slurm/train.sbatch configs/tiny.yaml --set ...` from the repository, as a user would,
-    with the cluster-specific defaults (GPUs, CPUs, time) overridden before the script name."""
+    with the cluster-specific defaults (GPUs, CPUs, time) overridden before the script name. The
+    local cluster's GPUs are make-believe (SLURM allocates them; CUDA sees none): each one the
+    job asks for per node is one CPU training process there."""
     runs = tmp / "runs"
     env = {**_env(), "RUNS_DIR": str(runs)}
-    cmd = ["sbatch", "--parsable", f"--nodes={nodes}", "--gpus-per-node=0", "--cpus-per-task=1", "--time=20",
+    cmd = ["sbatch", "--parsable", f"--nodes={nodes}", f"--gpus-per-node={gpus}", "--cpus-per-task=1", "--time=20",
            f"--output={tmp}/slurm-%j.out", str(SBATCH), "configs/tiny.yaml", *_sets()]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -131,9 +133,15 @@ def _assert_finished(job: Job, info: dict, world_size: int, restarts: int = 0) -
     assert f"job {job.id}: log and output in {job.folder}" in job.batch_log.read_text()
 
 
+def _cluster_gpus() -> int:
+    gres = subprocess.run(["sinfo", "-h", "-N", "-o", "%G"], capture_output=True, text=True).stdout
+    counts = [int(m) for m in re.findall(r"gpu:(\d+)", gres)]
+    return min(counts) if counts else 0
+
+
 @pytest.fixture(scope="module")
 def two_node_job(cluster, tmp_path_factory) -> tuple[Job, dict]:
-    job = _submit(tmp_path_factory.mktemp("slurm2"), nodes=2)
+    job = _submit(tmp_path_factory.mktemp("slurm2"), nodes=2, gpus=1 if _cluster_gpus() else 0)
     return job, job.wait()
 
 
@@ -156,6 +164,17 @@ def test_one_node(cluster, tmp_path):
     assert "done: 30 steps" in job.log()
 
 
+def test_gpus_per_node_set_the_processes_per_node(cluster, tmp_path):
+    """SLURM_GPUS_ON_NODE -> NPROC_PER_NODE: 2 GPUs on 1 node, 2 training processes."""
+    if _cluster_gpus() < 2:
+        pytest.skip("the local cluster has fewer than 2 GPUs per node (LOCAL_SLURM_GPUS)")
+    job = _submit(tmp_path, nodes=1, gpus=2)
+    info = job.wait()
+    _assert_finished(job, info, world_size=2)
+    assert re.search(r"^0: mistral-qlora: .*accelerate.commands.launch .* --num_processes 2 --num_machines 1 ",
+                     job.log(), re.M), job.describe()
+
+
 def test_two_nodes_one_process_each(two_node_job):
     job, info = two_node_job
     _assert_finished(job, info, world_size=2)
@@ -173,7 +192,7 @@ def test_two_nodes_one_process_each(two_node_job):
 
 def test_preempted_job_is_requeued_and_resumes(cluster, two_node_job, tmp_path):
     reference, _ = two_node_job
-    job = _submit(tmp_path, nodes=2)
+    job = _submit(tmp_path, nodes=2, gpus=1 if _cluster_gpus() else 0)
     first_save = job.folder / "checkpoints" / f"checkpoint-{SAVE_STEPS}"
     deadline = time.time() + 300
     while not first_save.is_dir():
