@@ -155,11 +155,12 @@ def test_train_in_a_container(image, tmp_path):
     assert adapter.stat().st_uid == 1000  # written by the non-root user
 
 
-def test_stop_writes_a_checkpoint_and_the_same_command_resumes(image, tmp_path):
-    out = _output_folder(tmp_path)
+def _start_and_stop(image: Engine, out: Path, *options: str) -> tuple[list[str], int]:
+    """Start a training container, `podman stop` it after its first checkpoint: (its options, the
+    step it stopped at). It must exit with 75 having saved a checkpoint at that step."""
     name = f"mq-stop-{uuid.uuid4().hex[:8]}"
     run = out / "tiny"
-    args = ["-e", "OMP_NUM_THREADS=1", "-v", f"{out}:/workspace/runs", TAG, *_train_args(STEPS)]
+    args = ["-e", "OMP_NUM_THREADS=1", *options, "-v", f"{out}:/workspace/runs", TAG, *_train_args(STEPS)]
     image("run", "-d", "--name", name, *args, check=True)
     try:
         first_save = run / "checkpoints" / f"checkpoint-{SAVE_STEPS}"
@@ -176,14 +177,26 @@ def test_stop_writes_a_checkpoint_and_the_same_command_resumes(image, tmp_path):
     finally:
         image("rm", "-f", name)
     assert code == "75", logs[-3000:]
-    found = re.search(r"preempted: stopped at step (\d+) after saving", logs)
-    assert found, logs[-3000:]
-    stopped_at = int(found.group(1))
+    stops = {int(n) for n in re.findall(r"preempted: stopped at step (\d+) after saving", logs)}
+    assert len(stops) == 1, logs[-3000:]  # every process, the same step
+    stopped_at = stops.pop()
     assert SAVE_STEPS <= stopped_at < STEPS and not (run / "summary.json").exists()
     assert (run / "checkpoints" / f"checkpoint-{stopped_at}" / "manifest.json").is_file()
+    return args, stopped_at
 
+
+def test_stop_writes_a_checkpoint_and_the_same_command_resumes(image, tmp_path):
+    out = _output_folder(tmp_path)
+    args, stopped_at = _start_and_stop(image, out)
     proc = image("run", "--rm", *args)  # the same command again
     assert proc.returncode == 0, proc.stderr[-3000:]
+    run = out / "tiny"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["resumed_from"].endswith(f"checkpoint-{stopped_at}")
     assert sorted(_losses(run)) == list(range(1, STEPS + 1))
+
+
+def test_stop_with_two_processes_writes_a_checkpoint(image, tmp_path):
+    """As with 2 GPUs: the entrypoint starts the launcher, which passes SIGTERM to both processes."""
+    out = _output_folder(tmp_path)
+    _start_and_stop(image, out, "-e", "NPROC_PER_NODE=2")
