@@ -125,7 +125,7 @@ def test_dockerfile_defaults():
     assert re.search(r"^USER (?!root)\w+$", text, re.M)
     assert re.search(r'^VOLUME \[.*huggingface.*runs.*\]$', text, re.M)
     assert re.search(r"^ENTRYPOINT \[\"tini\", \"--\"", text, re.M)
-    if (ROOT / ".git").exists():  # no certificates committed: the folder is only kept
+    if (ROOT / ".git").exists() and shutil.which("git"):  # no certificates committed: only the folder
         tracked = subprocess.run(["git", "ls-files", "docker/certs"], cwd=ROOT, capture_output=True, text=True).stdout
         assert tracked.split() == ["docker/certs/.gitkeep"]
 
