@@ -157,6 +157,7 @@ def _relaunch(args, cfg) -> int | None:
     given = [args.nproc, args.nnodes, args.node_rank, args.main_addr, args.main_port]
     explicit = args.nproc is not None or args.nnodes is not None
     if launch.launched_processes() is not None:  # torchrun / accelerate launch already started us
+        launch.restore_notice_signals()
         launch.check_not_relaunched(
             (args.nproc or 1) * (args.nnodes or 1) if explicit else None)
         return None

@@ -151,6 +151,21 @@ def check_not_relaunched(spec_world: int | None) -> int | None:
     return world
 
 
+NOTICE_SIGNALS = ("SIGTERM", "SIGUSR1")  # a scheduler's (or `docker stop`'s) notice: save, then stop
+
+
+def restore_notice_signals() -> None:
+    """In a training process started by `run`: SIGTERM and SIGUSR1 back to their default action
+    (they were ignored, inherited from the launcher) until the trainer installs its handler, so
+    a notice before training starts stops the process instead of being lost."""
+    import signal
+
+    for name in NOTICE_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) == signal.SIG_IGN:
+            signal.signal(sig, signal.SIG_DFL)
+
+
 def run(cmd: list[str], env: dict[str, str]) -> int:
     """Run the launcher and return its exit code.
 
@@ -158,7 +173,13 @@ def run(cmd: list[str], env: dict[str, str]) -> int:
     to the training processes themselves, not to the launcher, whose own handler would kill them
     before they save: each saves a checkpoint at the next step boundary and exits with
     EXIT_PREEMPTED, and so does this process then. ^C reaches them through the terminal's
-    process group, so here it is only waited out while the training processes stop."""
+    process group, so here it is only waited out while the training processes stop.
+
+    Some senders signal every process of a task at once (srun passes a signal to all of them,
+    like `kill -- -PGID`): the launcher itself then gets it too. So it starts with SIGTERM and
+    SIGUSR1 ignored (torchelastic is told not to handle SIGTERM): it neither dies (USR1's default
+    action), leaving its workers orphaned while they save, nor kills them (its SIGTERM handler).
+    The workers inherit "ignore"; `restore_notice_signals` undoes that in them."""
     import signal
 
     import psutil
@@ -166,7 +187,17 @@ def run(cmd: list[str], env: dict[str, str]) -> int:
     from mistral_qlora.errors import EXIT_PREEMPTED
 
     print("mistral-qlora: " + " ".join(cmd), file=sys.stderr, flush=True)
-    proc = subprocess.Popen(cmd, env=env)
+    notices = [getattr(signal, n) for n in NOTICE_SIGNALS if hasattr(signal, n)]
+    env = dict(env)
+    for key in ("PET_SIGNALS_TO_HANDLE", "TORCHELASTIC_SIGNALS_TO_HANDLE"):  # torchrun's flag; older torch
+        env.setdefault(key, "SIGINT,SIGHUP,SIGQUIT")
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in notices}  # inherited by the launcher
+    try:
+        proc = subprocess.Popen(cmd, env=env)
+    except BaseException:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        raise
     forwarded = []
 
     def forward(signum, _frame):
@@ -181,11 +212,9 @@ def run(cmd: list[str], env: dict[str, str]) -> int:
             except psutil.NoSuchProcess:
                 pass
 
-    handlers = {signal.SIGINT: signal.SIG_IGN}
-    for name in ("SIGTERM", "SIGUSR1"):
-        if hasattr(signal, name):
-            handlers[getattr(signal, name)] = forward
-    previous = {s: signal.signal(s, h) for s, h in handlers.items()}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for s in notices:
+        signal.signal(s, forward)
     try:
         code = proc.wait()
     finally:
