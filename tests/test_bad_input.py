@@ -39,6 +39,14 @@ def unfinished_run(tmp_path_factory):
     return tmp, sets
 
 
+def _copy_of(unfinished_run, tmp_path) -> tuple[Path, list[str]]:
+    """A private copy of the unfinished run, and the settings that point at it."""
+    tmp, sets = unfinished_run
+    run = tmp_path / "run"
+    shutil.copytree(tmp / "run", run)
+    return run, [s if not s.startswith("output_dir=") else f"output_dir={run}" for s in sets]
+
+
 def _train(capsys, sets, *extra):
     args = ["train", str(ROOT / "configs/tiny.yaml")]
     for s in sets:
@@ -47,10 +55,7 @@ def _train(capsys, sets, *extra):
 
 
 def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(unfinished_run, capsys, tmp_path):
-    tmp, sets = unfinished_run
-    run = tmp_path / "run"
-    shutil.copytree(tmp / "run", run)
-    sets = [s if not s.startswith("output_dir=") else f"output_dir={run}" for s in sets]
+    run, sets = _copy_of(unfinished_run, tmp_path)
     newest = run / "checkpoints/checkpoint-6/adapter_model.safetensors"
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte
@@ -63,10 +68,7 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(unfinished_run, cap
 
 
 def test_explicit_corrupt_checkpoint_is_refused_and_left_alone(unfinished_run, capsys, tmp_path):
-    tmp, sets = unfinished_run
-    run = tmp_path / "run"
-    shutil.copytree(tmp / "run", run)
-    sets = [s if not s.startswith("output_dir=") else f"output_dir={run}" for s in sets]
+    run, sets = _copy_of(unfinished_run, tmp_path)
     ckpt = run / "checkpoints/checkpoint-4"
     size = (ckpt / "optimizer.pt").stat().st_size
     (ckpt / "optimizer.pt").write_bytes(b"truncated")
@@ -79,10 +81,7 @@ def test_explicit_corrupt_checkpoint_is_refused_and_left_alone(unfinished_run, c
 
 
 def test_resume_with_a_changed_run_is_refused_unless_forced(unfinished_run, capsys, tmp_path):
-    tmp, sets = unfinished_run
-    run = tmp_path / "run"
-    shutil.copytree(tmp / "run", run)
-    sets = [s if not s.startswith("output_dir=") else f"output_dir={run}" for s in sets]
+    run, sets = _copy_of(unfinished_run, tmp_path)
     before = _snapshot(run)
     code, _, err = _train(capsys, sets, "--set", "lora.r=8")
     assert code == 2 and "it was made with a different lora" in err and "'r': 16" in err
