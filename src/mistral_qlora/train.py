@@ -237,17 +237,17 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
     # 2. Strategy, then the Trainer's arguments: both before the model, which ZeRO-3 loads
     #    straight into partitions over the process group the arguments start.
     strategy, why, ds_config = plan_strategy(cfg, rt.world_size)
-    if rt.is_main:
-        print(f"mistral-qlora: train.strategy={strategy} ({why})", file=sys.stderr, flush=True)
+    log(f"train.strategy={strategy} ({why})")
     if ds_config is not None and launched_processes() is None:
         single_process_env()
     args = training_arguments(cfg, rt, has_eval=bool(data.eval),
                               deepspeed=str(ds_config) if ds_config is not None else None)
     rt.world_size = args.world_size
     zero3 = is_zero3(strategy)
+    model_config = load_model_config(model_path, cfg.model)
     budget = gpu_budget(rt.local_rank) if rt.device == "cuda" else None
-    checkpoint_layers, why = plan_checkpointing(cfg, load_model_config(model_path, cfg.model), rt.dtype.itemsize,
-                                                kernels, budget, strategy, rt.world_size)
+    checkpoint_layers, why = plan_checkpointing(cfg, model_config, rt.dtype.itemsize, kernels, budget, strategy,
+                                                rt.world_size)
     log(f"train.gradient_checkpointing={cfg.train.gradient_checkpointing} ({why}); model.kernels={kernels}")
 
     # 3. Model: 4-bit base + LoRA.
@@ -256,7 +256,7 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
         from mistral_qlora.modeling.zero3 import load_base_model_zero3
 
         hf_ds = args.hf_deepspeed_config
-        hidden = load_model_config(model_path, cfg.model).hidden_size
+        hidden = model_config.hidden_size
         # the hidden-size "auto" values the Trainer would fill later, needed now by zero.Init
         hf_ds.fill_only("zero_optimization.reduce_bucket_size", hidden * hidden)
         hf_ds.fill_only("zero_optimization.stage3_prefetch_bucket_size", int(0.9 * hidden * hidden))
