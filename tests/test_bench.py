@@ -52,6 +52,19 @@ def test_bench_default_recipes_on_cpu_and_refusals(tmp_path):
         B.run_bench(_small_opts(tmp_path, model="random:llama"))
 
 
+def test_recipe_names():
+    from mistral_qlora.errors import UserError
+
+    ours = B.Recipe.parse("packed+varlen+liger+ckpt=auto")
+    assert (ours.attention, ours.kernels, ours.ckpt, ours.lora, ours.preparation) == \
+        ("varlen", "liger", "auto", "fused", "ours")
+    assert B.Recipe.parse("packed+sdpa+lora=peft").lora == "peft"
+    assert B.Recipe.parse("packed+sdpa+ckpt=0.25").ckpt == "0.25"
+    assert B.Recipe.parse(B.PLAIN_RECIPE).lora == B.Recipe.parse(B.SEED_RECIPE).lora == "peft"
+    with pytest.raises(UserError, match="lora=fused\\|peft"):
+        B.Recipe.parse("packed+sdpa+lora=magic")
+
+
 def test_random_mistral_builder(tmp_path):
     """The random:mistral-7b path, on a shrunken copy of the architecture: built once, then reused."""
     from transformers import AutoConfig

@@ -68,3 +68,19 @@ def test_partial_checkpointing_is_exact():
     for k in (2, 4):
         for name, g in grads[0].items():
             assert torch.allclose(g, grads[k][name], atol=1e-6, rtol=1e-5), (k, name)
+
+
+def test_lora_dropout_copies_in_the_estimate():
+    from mistral_qlora.distributed import estimate_memory
+
+    cfg = _cfg(gradient_checkpointing=False)
+    with_dropout = estimate_memory(Mistral7B, cfg, 2, fused_loss=True).activations
+    no_dropout = RunConfig.model_validate({**cfg.model_dump(), "lora": {"dropout": 0.0}})
+    without = estimate_memory(Mistral7B, no_dropout, 2, fused_loss=True).activations
+    per_layer = 8192 * (6 * 4096 + 14336) * 3  # bf16 copy + mask of each linear's input
+    assert with_dropout - without == 32 * per_layer
+    # without the copies, auto keeps every layer's activations on an 80 GB card
+    assert plan_checkpointing(RunConfig.model_validate({**no_dropout.model_dump(),
+                                                        "train": {**no_dropout.train.model_dump(),
+                                                                  "gradient_checkpointing": "auto"}}),
+                              Mistral7B, 2, "liger", 73 * GIB)[0] == 0

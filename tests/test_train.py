@@ -32,6 +32,7 @@ def test_run_learns_and_writes_every_artifact(tiny_run):
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
     assert summary["steps"] == 40 and summary["world_size"] == 1
     assert summary["attention_backend"] == "sdpa"
+    assert summary["lora_layer"] == "fused"  # the default on a 4-bit base
     assert summary["peak_memory_gib"] is None  # CPU
     assert summary["sliding_window"] == 64  # the tiny model's window is in force
     assert summary["final_eval_loss"] < summary["initial_eval_loss"] - 1.0

@@ -53,7 +53,8 @@ BACKENDS = PACKED_BACKENDS + ("eager",)
 @dataclass(frozen=True)
 class Recipe:
     """What one recipe name means. Names: `padded+sdpa (seed)`, `packed+flex (plain)`, and
-    `packed+BACKEND[+liger][+ckpt=all|none|auto|FRACTION]` (ours; ckpt defaults to all layers)."""
+    `packed+BACKEND[+liger][+ckpt=all|none|auto|FRACTION][+lora=fused|peft]` (ours; ckpt defaults
+    to all layers, lora to the fused 4-bit LoRA layer)."""
 
     name: str
     batching: str  # padded | packed
@@ -61,6 +62,7 @@ class Recipe:
     preparation: str  # seed (peft's prepare_model_for_kbit_training) | ours
     kernels: str = "none"
     ckpt: str = "all"
+    lora: str = "peft"  # peft (PEFT's LoRA layers) | fused (modeling/fused_lora.py)
 
     @classmethod
     def parse(cls, name: str) -> "Recipe":
@@ -72,15 +74,18 @@ class Recipe:
         if parts[0] != "packed" or len(parts) < 2 or parts[1] not in BACKENDS:
             raise UserError(f"--recipes: unknown recipe {name!r} (seed, plain, or packed+BACKEND[+liger][+ckpt=X] "
                             f"with BACKEND one of {', '.join(BACKENDS)})")
-        kernels, ckpt = "none", "all"
+        kernels, ckpt, lora = "none", "all", "fused"
         for extra in parts[2:]:
             if extra == "liger":
                 kernels = "liger"
             elif extra.startswith("ckpt=") and (extra[5:] in ("all", "none", "auto") or _fraction(extra[5:])):
                 ckpt = extra[5:]
+            elif extra in ("lora=fused", "lora=peft"):
+                lora = extra[5:]
             else:
-                raise UserError(f"--recipes {name}: unknown part {extra!r} (liger, ckpt=all|none|auto|FRACTION)")
-        return cls(name, "packed", parts[1], "ours", kernels, ckpt)
+                raise UserError(f"--recipes {name}: unknown part {extra!r} "
+                                "(liger, ckpt=all|none|auto|FRACTION, lora=fused|peft)")
+        return cls(name, "packed", parts[1], "ours", kernels, ckpt, lora)
 
 
 def _fraction(text: str) -> bool:
@@ -133,6 +138,7 @@ class RecipeResult:
     vs_plain: float | None = None
     kernels: str = "none"
     ckpt: str = "all"
+    lora: str = "peft"
     profile: dict | None = None
     error: str | None = None
 
@@ -182,7 +188,8 @@ def load_recipe_model(path: str, opts: BenchOptions, recipe: Recipe, dtype):
         return add_lora(base, lora, gradient_checkpointing=False)
     apply_kernels(base, recipe.kernels)
     layers = AutoConfig.from_pretrained(path).num_hidden_layers
-    return add_lora(base, lora, checkpoint_layers=checkpoint_layers(recipe, opts, path, layers, dtype))
+    return add_lora(base, lora, checkpoint_layers=checkpoint_layers(recipe, opts, path, layers, dtype),
+                    fused=recipe.lora == "fused")
 
 
 def checkpoint_layers(recipe: Recipe, opts: BenchOptions, path: str, layers: int, dtype) -> int:
@@ -454,10 +461,10 @@ def run_bench(opts: BenchOptions) -> dict:
     for recipe in recipes:
         res = RecipeResult(recipe.name, recipe.batching, recipe.attention,
                            "prepare_model_for_kbit_training" if recipe.preparation == "seed" else "ours")
-        res.kernels, res.ckpt = recipe.kernels, recipe.ckpt
+        res.kernels, res.ckpt, res.lora = recipe.kernels, recipe.ckpt, recipe.lora
         print(f"bench: {recipe.name} ...", flush=True)
         try:
-            key = (recipe.preparation, recipe.kernels, recipe.ckpt)
+            key = (recipe.preparation, recipe.kernels, recipe.ckpt, recipe.lora)
             if loaded != key:
                 model, loaded = None, None
                 _free_memory()

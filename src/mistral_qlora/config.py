@@ -54,6 +54,7 @@ class LoraSection(_Section):
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    fused: bool = True  # 4-bit base: the adapter folded into the base matmuls (modeling/fused_lora.py)
 
 
 class DataSection(_Section):

@@ -169,7 +169,8 @@ def estimate_memory(model_config, cfg, dtype_bytes: int, checkpointed_layers: in
     Per token and layer, a checkpointed layer keeps its input (H values) and recomputes one layer
     at a time (~16H + 4I values); without checkpointing every layer keeps the latter. Logits cost
     V values in the model dtype plus an fp32 copy and its gradient, unless the loss is fused with
-    the lm_head (Liger), which never materialises them. `checkpointed_layers` defaults to what
+    the lm_head (Liger), which never materialises them. LoRA dropout keeps a dropped copy and a
+    mask of every adapted linear's input (dtype + 1 bytes per value). `checkpointed_layers` defaults to what
     train.gradient_checkpointing says (auto: every layer).
     """
     from mistral_qlora.modeling.speed import checkpointed_layers_for
@@ -198,7 +199,12 @@ def estimate_memory(model_config, cfg, dtype_bytes: int, checkpointed_layers: in
 
     row = cfg.data.tokens_per_row if cfg.data.packing else cfg.data.max_seq_len
     T = cfg.train.micro_batch_size * row
-    one_layer = T * (16 * H + 4 * I) * dtype_bytes
+    # (16H + 4I) values a token with LoRA dropout on every linear: the inputs of the seven
+    # linears (6H + I values) each kept once more as a dropped copy plus a one-byte mask.
+    dropout_copies = (dtype_bytes + 1) * sum(i for name, (i, o) in shapes.items() if name in targets)
+    one_layer = T * ((16 * H + 4 * I) * dtype_bytes - (6 * H + I) * (dtype_bytes + 1))
+    if cfg.lora.dropout > 0:
+        one_layer += T * dropout_copies
     if checkpointed_layers is None:
         checkpointed_layers = checkpointed_layers_for(cfg.train.gradient_checkpointing, L)
         checkpointed_layers = L if checkpointed_layers is None else checkpointed_layers

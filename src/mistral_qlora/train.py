@@ -215,8 +215,8 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
                                            single_process_env)
     from mistral_qlora.generate import generate_answers
     from mistral_qlora.modeling.attention import TAKES_CU_SEQLENS, select_attention
-    from mistral_qlora.modeling.model import (add_lora, keep_4bit_layout, load_base_model, load_model_config,
-                                              resolve_model_path)
+    from mistral_qlora.modeling.model import (add_lora, fused_lora_plan, keep_4bit_layout, load_base_model,
+                                              load_model_config, resolve_model_path)
     from mistral_qlora.modeling.speed import apply_kernels, plan_checkpointing, select_kernels
     from mistral_qlora.modeling.tokenizer import load_tokenizer
 
@@ -246,9 +246,11 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
     zero3 = is_zero3(strategy)
     model_config = load_model_config(model_path, cfg.model)
     budget = gpu_budget(rt.local_rank) if rt.device == "cuda" else None
+    fused, fused_why = fused_lora_plan(cfg.lora, cfg.quantization.bits, zero3)
     checkpoint_layers, why = plan_checkpointing(cfg, model_config, rt.dtype.itemsize, kernels, budget, strategy,
                                                 rt.world_size)
     log(f"train.gradient_checkpointing={cfg.train.gradient_checkpointing} ({why}); model.kernels={kernels}")
+    log(f"lora: {fused_why}")
 
     # 3. Model: 4-bit base + LoRA.
     load_stats = None
@@ -273,7 +275,7 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
     # Under ZeRO-3 + PEFT only reentrant checkpointing works (non-reentrant raises CheckpointError).
     # Seeded here: every rank, strategy and rerun starts from the same adapter.
     set_seed(cfg.train.seed)
-    model = add_lora(model, cfg.lora, reentrant=zero3, checkpoint_layers=checkpoint_layers)
+    model = add_lora(model, cfg.lora, reentrant=zero3, checkpoint_layers=checkpoint_layers, fused=fused)
     # Mistral ships no pad token; the tokenizer's stand-in (<unk>) is told to the model up front.
     model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
     if zero3 and rt.dtype != torch.float32:
@@ -368,6 +370,7 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
         "strategy": strategy,
         "attention_backend": attention,
         "kernels": kernels,
+        "lora_layer": "fused" if fused else "peft",
         "checkpointed_layers": checkpoint_layers,
         "runtime_seconds": round(time.time() - started, 2),
         "resumed_from": str(resume_from) if resume_from else None,

@@ -90,9 +90,10 @@ def load_base_model(
 
 
 def add_lora(model, lora_cfg: LoraSection, gradient_checkpointing: bool = True, reentrant: bool = False,
-             checkpoint_layers: int | None = None):
+             checkpoint_layers: int | None = None, fused: bool = False):
     """Freeze the base, enable activation checkpointing (every layer, or the first
-    `checkpoint_layers`), wrap with LoRA adapters."""
+    `checkpoint_layers`), wrap with LoRA adapters: PEFT's layers, or with `fused` our
+    `FusedLoraLinear4bit` on the 4-bit linears (see `fused_lora_plan`)."""
     from peft import LoraConfig, get_peft_model
 
     from mistral_qlora.modeling.speed import set_checkpointed_layers
@@ -113,7 +114,23 @@ def add_lora(model, lora_cfg: LoraSection, gradient_checkpointing: bool = True, 
         bias="none",
         task_type="CAUSAL_LM",
     )
+    if fused:
+        from mistral_qlora.modeling.fused_lora import register_fused_lora
+
+        register_fused_lora(peft_config)
     return get_peft_model(model, peft_config)
+
+
+def fused_lora_plan(lora_cfg: LoraSection, bits: int, zero3: bool) -> tuple[bool, str]:
+    """(use the fused 4-bit LoRA layer, why) for this run."""
+    if not lora_cfg.fused:
+        return False, "lora.fused=false: PEFT's LoRA layers"
+    if bits != 4:
+        return False, "a 16-bit base: PEFT's LoRA layers (the fused layer is for 4-bit linears)"
+    if zero3:
+        return False, ("ZeRO-3: PEFT's LoRA layers (DeepSpeed gathers the partitioned 4-bit weights through "
+                       "module hooks the fused layer would bypass)")
+    return True, "the fused 4-bit LoRA layer (modeling/fused_lora.py)"
 
 
 def keep_4bit_layout(model) -> None:
