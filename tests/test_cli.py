@@ -74,6 +74,27 @@ def test_prepare_reports_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_prepare_counts_steps_for_the_processes_the_run_will_use(tmp_path, capsys):
+    import re
+
+    data = _write(tmp_path, "ok.json", json.dumps(story_records(120)))
+    args = ("prepare", str(ROOT / "configs/tiny.yaml"), "--set", f"data.train={data}", "--set", "data.tokens_per_row=64",
+            "--set", "data.max_seq_len=64")
+
+    def steps(*extra):
+        code, out, _ = cli(capsys, *args, *extra)
+        assert code == 0
+        rows = int(re.search(r"packing: (\d+) rows", out).group(1))
+        m = re.search(r"steps per epoch: (\d+) \((\d+) rows per optimizer step\)", out)
+        return rows, int(m.group(1)), int(m.group(2))
+
+    rows, one, per_step = steps()
+    assert per_step == 1 and one == rows > 4
+    assert steps("--nproc", "2", "--nnodes", "2")[1:] == (-(-rows // 4), 4)
+    code, _, err = cli(capsys, *args, "--nproc", "0")
+    assert code == 2 and "--nproc and --nnodes must be at least 1" in err
+
+
 def test_finished_run_is_not_overwritten_without_flag(tmp_path, capsys):
     out_dir = tmp_path / "out"
     out_dir.mkdir()

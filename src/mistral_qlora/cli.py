@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="validate the data and print its statistics (writes nothing)")
     _add_config_args(p)
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="training processes per node the run will use: steps per epoch count them (default 1)")
+    p.add_argument("--nnodes", type=int, default=1, metavar="N", help="nodes the run will use (default 1)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("generate", help="answer a prompt with a trained adapter (or a plain model)")
@@ -201,8 +204,10 @@ def cmd_prepare(args) -> int:
     from mistral_qlora.config import load_config
     from mistral_qlora.prepare import describe_data
 
+    if args.nproc < 1 or args.nnodes < 1:
+        raise UserError("--nproc and --nnodes must be at least 1")
     cfg = load_config(args.config, args.overrides)
-    print(describe_data(cfg))
+    print(describe_data(cfg, world_size=args.nproc * args.nnodes))
     return 0
 
 
