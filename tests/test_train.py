@@ -20,6 +20,7 @@ def tiny_run(tmp_path_factory):
     cfg = load_config(ROOT / "configs/tiny.yaml", [
         f"data.train={ROOT / 'dataset/story.json'}", "train.max_steps=40", "train.eval_steps=20",
         "train.save_steps=20", "train.logging_steps=5", "eval.samples=2", "eval.max_new_tokens=8",
+        "train.peak_tflops=0.001",  # a CPU has no entry in the peak table: MFU against a given peak
         f"output_dir={out}",
     ])
     summary = run_training(cfg)
@@ -33,6 +34,11 @@ def test_run_learns_and_writes_every_artifact(tiny_run):
     assert summary["steps"] == 40 and summary["world_size"] == 1
     assert summary["attention_backend"] == "sdpa"
     assert summary["lora_layer"] == "fused"  # the default on a 4-bit base
+    assert summary["flops_per_token"] > 0
+    assert summary["mfu"] == pytest.approx(summary["tokens_per_second"] * summary["flops_per_token"] / 1e9)
+    rated = [e for e in json.loads((out / "history.json").read_text()) if "tokens_per_second" in e]
+    assert rated and all(e["mfu"] == pytest.approx(e["tokens_per_second"] * summary["flops_per_token"] / 1e9,
+                                                   rel=1e-3) for e in rated)
     assert summary["peak_memory_gib"] is None  # CPU
     assert summary["sliding_window"] == 64  # the tiny model's window is in force
     assert summary["final_eval_loss"] < summary["initial_eval_loss"] - 1.0

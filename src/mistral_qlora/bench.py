@@ -41,6 +41,7 @@ from mistral_qlora.data.packing import (
 )
 from mistral_qlora.data.tokenize import IGNORE_INDEX
 from mistral_qlora.errors import UserError
+from mistral_qlora.flops import flops_per_token, mfu, peak_flops
 
 from mistral_qlora.modeling.random7b import RANDOM_7B, ensure_random_7b
 
@@ -134,6 +135,7 @@ class RecipeResult:
     padding_fraction: float | None = None
     peak_memory_gib: float | None = None
     mean_loss: float | None = None
+    mfu: float | None = None
     vs_seed: float | None = None
     vs_plain: float | None = None
     kernels: str = "none"
@@ -287,6 +289,17 @@ def recipe_batches(sample: Sample, recipe: Recipe, opts: BenchOptions, pad_token
             return [collate([[ex[i] for i in row]]) for row in rows]
 
     return batches(sample.warmup_rows), batches(sample.timed_rows)
+
+
+def bench_flops_per_token(path: str, opts: BenchOptions, sample: Sample) -> float:
+    """Model FLOPs per token of the timed sequences (mistral_qlora.flops), for the MFU column."""
+    from mistral_qlora.config import ModelSection
+    from mistral_qlora.distributed import lora_target_names
+    from mistral_qlora.modeling.model import load_model_config
+
+    config = load_model_config(path, ModelSection(name_or_path=path, sliding_window=opts.sliding_window))
+    lengths = [len(sample.examples[i]["input_ids"]) for row in sample.timed_rows for i in row]
+    return flops_per_token(config, opts.lora_r, lora_target_names("all-linear"), lengths)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,6 +506,10 @@ def run_bench(opts: BenchOptions) -> dict:
         if plain and r.tokens_per_second:
             r.vs_plain = r.tokens_per_second / plain
     timed_seqs = sum(len(row) for row in sample.timed_rows)
+    per_token = bench_flops_per_token(path, opts, sample)
+    peak = peak_flops(torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+    for r in results:
+        r.mfu = mfu(r.tokens_per_second, per_token, peak)
     report = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "model": opts.model,
@@ -507,6 +524,8 @@ def run_bench(opts: BenchOptions) -> dict:
         "timed_sequences": timed_seqs,
         "gradient_checkpointing": opts.gradient_checkpointing,
         "lora_r": opts.lora_r,
+        "flops_per_token": per_token,
+        "peak_flops": peak,
         "options": asdict(opts),
         "results": [asdict(r) for r in results],
     }
@@ -529,9 +548,9 @@ def format_report(report: dict) -> str:
         f"{report['padded_batch_size']} on the same sequences; LoRA r={report['lora_r']}, "
         f"activation checkpointing {'on' if report['gradient_checkpointing'] else 'off'}",
         "",
-        f"| {'recipe':<32} | {'real tok/s':>10} | {'padding':>7} | {'peak GiB':>8} | {'vs seed':>7} | "
+        f"| {'recipe':<32} | {'real tok/s':>10} | {'MFU':>6} | {'padding':>7} | {'peak GiB':>8} | {'vs seed':>7} | "
         f"{'vs plain':>8} | {'steps':>5} |",
-        f"|{'-' * 34}|{'-' * 11}:|{'-' * 8}:|{'-' * 9}:|{'-' * 8}:|{'-' * 9}:|{'-' * 6}:|",
+        f"|{'-' * 34}|{'-' * 11}:|{'-' * 7}:|{'-' * 8}:|{'-' * 9}:|{'-' * 8}:|{'-' * 9}:|{'-' * 6}:|",
     ]
 
     def fmt(v, spec):
@@ -543,7 +562,7 @@ def format_report(report: dict) -> str:
             continue
         ratio = {k: fmt(r.get(k), '.2f') + 'x' if r.get(k) else 'n/a' for k in ("vs_seed", "vs_plain")}
         lines.append(
-            f"| {r['recipe']:<32} | {fmt(r['tokens_per_second'], ',.0f'):>10} | "
+            f"| {r['recipe']:<32} | {fmt(r['tokens_per_second'], ',.0f'):>10} | {fmt(r.get('mfu'), '.1%'):>6} | "
             f"{fmt(r['padding_fraction'], '.1%'):>7} | {fmt(r['peak_memory_gib'], '.1f'):>8} | "
             f"{ratio['vs_seed']:>7} | {ratio['vs_plain']:>8} | {r['steps']:>5} |"
         )

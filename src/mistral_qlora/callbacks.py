@@ -9,14 +9,17 @@ from transformers import TrainerCallback
 
 
 class ThroughputCallback(TrainerCallback):
-    """Adds `tokens_per_second` (real, non-padding tokens, all ranks) to every training log.
+    """Adds `tokens_per_second` (real, non-padding tokens, all ranks) to every training log, and
+    `mfu` (mistral_qlora.flops) where the GPUs' peak is known.
 
     Time is measured between optimizer steps; an interval in which the Trainer evaluated or
     saved is left out, so the number is the training rate alone. The run totals are kept for
     the summary.
     """
 
-    def __init__(self):
+    def __init__(self, flops_per_token: float = 0.0, peak_flops_all_gpus: float | None = None):
+        self.flops_per_token = flops_per_token
+        self.peak_flops_all_gpus = peak_flops_all_gpus
         self.train_seconds = 0.0
         self.train_tokens = 0
         self._last_time = None
@@ -50,12 +53,24 @@ class ThroughputCallback(TrainerCallback):
         if logs is None or "loss" not in logs:
             return
         if self._window_seconds > 0:
-            logs["tokens_per_second"] = round(self._window_tokens / self._window_seconds, 1)
+            rate = self._window_tokens / self._window_seconds
+            added = {"tokens_per_second": round(rate, 1)}
+            if self.peak_flops_all_gpus:
+                added["mfu"] = round(rate * self.flops_per_token / self.peak_flops_all_gpus, 4)
+            logs.update(added)  # what the console and TensorBoard callbacks after this one print
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update(added)  # the Trainer stored a copy: history.json
         self._window_seconds, self._window_tokens = 0.0, 0
 
     @property
     def tokens_per_second(self) -> float | None:
         return self.train_tokens / self.train_seconds if self.train_seconds > 0 else None
+
+    @property
+    def mfu(self) -> float | None:
+        from mistral_qlora.flops import mfu
+
+        return mfu(self.tokens_per_second, self.flops_per_token, self.peak_flops_all_gpus)
 
 
 class CheckpointCommitCallback(TrainerCallback):

@@ -196,7 +196,9 @@ def _print_summary(output_dir: str, s: dict) -> None:
     print(f"\ndone: {s['steps']} steps in {s['runtime_seconds']:.0f} s, attention={s['attention_backend']}, "
           f"strategy={s['strategy']}, world_size={s['world_size']}")
     print(f"eval loss {fmt(s['initial_eval_loss'])} -> {fmt(s['final_eval_loss'])}; "
-          f"{fmt(s['tokens_per_second'], ',.0f')} tokens/s; peak memory {fmt(s['peak_memory_gib'], '.2f')} GiB")
+          f"{fmt(s['tokens_per_second'], ',.0f')} tokens/s"
+          + (f" (MFU {s['mfu']:.1%})" if s.get("mfu") else "")
+          + f"; peak memory {fmt(s['peak_memory_gib'], '.2f')} GiB")
     print(f"adapter: {output_dir}/adapter   summary: {output_dir}/summary.json   plot: {output_dir}/loss.png")
 
 

@@ -96,6 +96,9 @@ class TrainSection(_Section):
     keep_checkpoints: int = Field(2, ge=1)
     # auto: continue from the newest complete checkpoint in output_dir; never; or a checkpoint folder.
     resume: str = "auto"
+    # The GPU's dense bf16 peak for the MFU in the logs; null: looked up from the device name
+    # (mistral_qlora.flops.PEAK_TFLOPS), no MFU where it is not known.
+    peak_tflops: Union[float, None] = Field(None, gt=0)
 
 
     @field_validator("gradient_checkpointing")

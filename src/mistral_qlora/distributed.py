@@ -156,7 +156,8 @@ class MemoryEstimate:
         raise ValueError(strategy)
 
 
-def _lora_targets(target_modules) -> set[str]:
+def lora_target_names(target_modules) -> set[str]:
+    """The decoder linears `lora.target_modules` selects."""
     if target_modules == "all-linear":
         return set(_LINEARS)
     return {name for name in _LINEARS if any(t == name or t.endswith("." + name) for t in target_modules)}
@@ -194,7 +195,7 @@ def estimate_memory(model_config, cfg, dtype_bytes: int, checkpointed_layers: in
     embeddings = V * H * (1 if getattr(c, "tie_word_embeddings", False) else 2)
     base = L * layer_bytes + (embeddings + H) * dtype_bytes
 
-    targets = _lora_targets(cfg.lora.target_modules)
+    targets = lora_target_names(cfg.lora.target_modules)
     lora_params = L * sum(cfg.lora.r * (i + o) for name, (i, o) in shapes.items() if name in targets)
 
     row = cfg.data.tokens_per_row if cfg.data.packing else cfg.data.max_seq_len
