@@ -1,4 +1,4 @@
-"""Trainer callbacks: throughput (real tokens/s) in the logs, so users see what the benchmark sees;
+"""Trainer callbacks: throughput (real tokens/s and MFU) in the logs, so users see what the benchmark sees;
 samples before training, adapter checks on every checkpoint, per-rank facts for the tests."""
 
 from __future__ import annotations
@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 
 from transformers import TrainerCallback
+
+from mistral_qlora.flops import mfu
 
 
 class ThroughputCallback(TrainerCallback):
@@ -56,7 +58,7 @@ class ThroughputCallback(TrainerCallback):
             rate = self._window_tokens / self._window_seconds
             added = {"tokens_per_second": round(rate, 1)}
             if self.peak_flops_all_gpus:
-                added["mfu"] = round(rate * self.flops_per_token / self.peak_flops_all_gpus, 4)
+                added["mfu"] = round(mfu(rate, self.flops_per_token, self.peak_flops_all_gpus), 4)
             logs.update(added)  # what the console and TensorBoard callbacks after this one print
             if state.log_history and state.log_history[-1].get("step") == state.global_step:
                 state.log_history[-1].update(added)  # the Trainer stored a copy: history.json
@@ -68,8 +70,6 @@ class ThroughputCallback(TrainerCallback):
 
     @property
     def mfu(self) -> float | None:
-        from mistral_qlora.flops import mfu
-
         return mfu(self.tokens_per_second, self.flops_per_token, self.peak_flops_all_gpus)
 
 

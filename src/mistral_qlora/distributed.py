@@ -171,8 +171,8 @@ def estimate_memory(model_config, cfg, dtype_bytes: int, checkpointed_layers: in
     at a time (~16H + 4I values); without checkpointing every layer keeps the latter. Logits cost
     V values in the model dtype plus an fp32 copy and its gradient, unless the loss is fused with
     the lm_head (Liger), which never materialises them. LoRA dropout keeps a dropped copy and a
-    mask of every adapted linear's input (dtype + 1 bytes per value). `checkpointed_layers` defaults to what
-    train.gradient_checkpointing says (auto: every layer).
+    mask of every adapted linear's input (dtype + 1 bytes per value). `checkpointed_layers`
+    defaults to what train.gradient_checkpointing says (auto: every layer).
     """
     from mistral_qlora.modeling.speed import checkpointed_layers_for
 
