@@ -33,9 +33,19 @@ def test_bench_on_cpu_times_the_seed_recipe_and_packed_rows_on_the_same_sequence
     assert all(r["tokens_per_second"] > 0 and r["mean_loss"] > 0 for r in results.values())
     assert seed["preparation"] == "prepare_model_for_kbit_training" and packed["preparation"] == "ours"
     assert report["packing_efficiency"] > 0.9
+    assert all(r["repeat_tokens_per_second"] == [pytest.approx(r["tokens_per_second"], rel=1e-3)]
+               for r in results.values())
     assert json.loads((tmp_path / "bench.json").read_text())["results"] == report["results"]
     table = B.format_report(report)
     assert "| padded+sdpa (seed)" in table and "| packed+sdpa" in table and "1.00x" in table
+
+
+def test_bench_repeats_report_the_median_pass(tmp_path):
+    report = B.run_bench(_small_opts(tmp_path, recipes=["packed+sdpa"], repeats=3))
+    (r,) = report["results"]
+    assert len(r["repeat_tokens_per_second"]) == 3
+    assert r["tokens_per_second"] == pytest.approx(sorted(r["repeat_tokens_per_second"])[1], rel=1e-3)
+    assert "timed 3 times (median)" in B.format_report(report)
 
 
 def test_bench_default_recipes_on_cpu_and_refusals(tmp_path):

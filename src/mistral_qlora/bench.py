@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import platform
 import random
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -110,6 +111,7 @@ class BenchOptions:
     padded_batch_size: int = 8
     warmup: int = 3  # warm-up rows (the padded recipe warms up on their sequences)
     timed_rows: int = 8  # timed rows (the padded recipe is timed on their sequences)
+    repeats: int = 1  # timed passes over the timed rows per recipe; tokens/s is their median
     recipes: list[str] | None = None  # default: seed, plain, packed+ every usable backend, then the fast ones
     sliding_window: str | int | None = "auto"
     gradient_checkpointing: bool = True
@@ -135,6 +137,7 @@ class RecipeResult:
     padding_fraction: float | None = None
     peak_memory_gib: float | None = None
     mean_loss: float | None = None
+    repeat_tokens_per_second: list[float] | None = None
     mfu: float | None = None
     vs_seed: float | None = None
     vs_plain: float | None = None
@@ -347,12 +350,14 @@ def time_recipe(model, warmup: list[dict], timed: list[dict], opts: BenchOptions
     for batch in warmup:
         train_step(model, batch, optimizer, params, device, autocast_dtype)
     _sync(device)
-    losses = []
-    started = time.perf_counter()
-    for batch in timed:
-        losses.append(train_step(model, batch, optimizer, params, device, autocast_dtype))
-    _sync(device)
-    seconds = time.perf_counter() - started
+    losses, passes = [], []
+    for _ in range(opts.repeats):  # later passes show whether warm-up was still inside the first
+        started = time.perf_counter()
+        for batch in timed:
+            losses.append(train_step(model, batch, optimizer, params, device, autocast_dtype))
+        _sync(device)
+        passes.append(time.perf_counter() - started)
+    seconds = statistics.median(passes)
     real, slots = map(sum, zip(*(_real_and_slots(b) for b in timed)))
     del optimizer
     return {
@@ -361,6 +366,7 @@ def time_recipe(model, warmup: list[dict], timed: list[dict], opts: BenchOptions
         "slots": slots,
         "seconds": round(seconds, 4),
         "tokens_per_second": real / seconds,
+        "repeat_tokens_per_second": [round(real / s, 1) for s in passes],
         "padding_fraction": 1 - real / slots,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "mean_loss": float(torch.stack(losses).float().mean()),
@@ -545,7 +551,9 @@ def format_report(report: dict) -> str:
         f"lengths: {report['lengths']}",
         f"timed: {report['timed_rows']} rows of {report['tokens_per_row']} tokens = {report['timed_sequences']} "
         f"sequences (packing efficiency {report['packing_efficiency']:.1%}); padded batches of "
-        f"{report['padded_batch_size']} on the same sequences; LoRA r={report['lora_r']}, "
+        f"{report['padded_batch_size']} on the same sequences"
+        f"{'' if report['options'].get('repeats', 1) == 1 else ', timed %d times (median)' % report['options']['repeats']}"
+        f"; LoRA r={report['lora_r']}, "
         f"activation checkpointing {'on' if report['gradient_checkpointing'] else 'off'}",
         "",
         f"| {'recipe':<32} | {'real tok/s':>10} | {'MFU':>6} | {'padding':>7} | {'peak GiB':>8} | {'vs seed':>7} | "

@@ -90,8 +90,11 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--warmup", type=int, default=3, help="warm-up rows, untimed (default 3)")
     p.add_argument("--timed-rows", type=int, default=8,
                    help="timed rows; the padded recipe is timed on the same sequences (default 8)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timed passes over the timed rows per recipe; tokens/s is their median (default 1)")
     p.add_argument("--recipes", help="comma-separated: seed (padded+sdpa), plain (packed+flex with the tutorial's "
-                                     "preparation), packed+BACKEND[+liger][+ckpt=all|none|auto|FRACTION] "
+                                     "preparation), packed+BACKEND[+liger][+ckpt=all|none|auto|FRACTION]"
+                                     "[+lora=fused|peft] "
                                      "(default: seed, plain, every usable backend, then the fastest with Liger)")
     p.add_argument("--profile", action="store_true", help="profile one step of the last recipe: GPU time by kernel kind")
     p.add_argument("--sliding-window", default="auto", help="auto (the checkpoint's), none, or a number of tokens")
@@ -118,6 +121,8 @@ def cmd_bench(args) -> int:
         if not window.isdigit() or int(window) < 1:
             raise UserError(f"--sliding-window {args.sliding_window!r}: use auto, none, or a number of tokens >= 1")
         window = int(window)
+    if args.repeats < 1:
+        raise UserError(f"--repeats {args.repeats}: must be at least 1")
     recipes = None
     if args.recipes:
         recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
@@ -127,7 +132,8 @@ def cmd_bench(args) -> int:
     opts = BenchOptions(
         model=args.model, model_dir=args.model_dir, data=args.data, sequences=args.sequences, median=args.median,
         sigma=args.sigma, max_len=args.max_len, min_len=args.min_len, tokens_per_row=args.tokens_per_row,
-        padded_batch_size=args.padded_batch_size, warmup=args.warmup, timed_rows=args.timed_rows, recipes=recipes,
+        padded_batch_size=args.padded_batch_size, warmup=args.warmup, timed_rows=args.timed_rows,
+        repeats=args.repeats, recipes=recipes,
         sliding_window=window, gradient_checkpointing=not args.no_gradient_checkpointing, lora_r=args.lora_r,
         dtype=args.dtype, seed=args.seed, out=args.out, profile=args.profile,
     )
