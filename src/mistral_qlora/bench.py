@@ -545,6 +545,7 @@ def run_bench(opts: BenchOptions) -> dict:
 
 def format_report(report: dict) -> str:
     env = report["environment"]
+    repeats = report["options"].get("repeats", 1)
     lines = [
         f"bench: {report['model']} on {env['device']}, {env['dtype']}, torch {env['torch']}, "
         f"transformers {env['transformers']}, {report['date']}",
@@ -552,7 +553,7 @@ def format_report(report: dict) -> str:
         f"timed: {report['timed_rows']} rows of {report['tokens_per_row']} tokens = {report['timed_sequences']} "
         f"sequences (packing efficiency {report['packing_efficiency']:.1%}); padded batches of "
         f"{report['padded_batch_size']} on the same sequences"
-        f"{'' if report['options'].get('repeats', 1) == 1 else ', timed %d times (median)' % report['options']['repeats']}"
+        f"{'' if repeats == 1 else f', timed {repeats} times (median)'}"
         f"; LoRA r={report['lora_r']}, "
         f"activation checkpointing {'on' if report['gradient_checkpointing'] else 'off'}",
         "",

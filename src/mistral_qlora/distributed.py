@@ -174,17 +174,12 @@ def estimate_memory(model_config, cfg, dtype_bytes: int, checkpointed_layers: in
     mask of every adapted linear's input (dtype + 1 bytes per value). `checkpointed_layers`
     defaults to what train.gradient_checkpointing says (auto: every layer).
     """
+    from mistral_qlora.flops import decoder_linear_shapes
     from mistral_qlora.modeling.speed import checkpointed_layers_for
 
     c = model_config
     H, I, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
-    nh = c.num_attention_heads
-    nkv = getattr(c, "num_key_value_heads", None) or nh
-    hd = getattr(c, "head_dim", None) or H // nh
-    shapes = {
-        "q_proj": (H, nh * hd), "k_proj": (H, nkv * hd), "v_proj": (H, nkv * hd), "o_proj": (nh * hd, H),
-        "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H),
-    }
+    shapes = decoder_linear_shapes(c)
     linear_per_layer = sum(i * o for i, o in shapes.values())
     if cfg.quantization.bits == 4:
         # 4 bits a weight, one absmax per 64 (uint8 with double quantization, else fp32)

@@ -46,6 +46,19 @@ def peak_flops(device_name: str | None, override_tflops: float | None = None) ->
     return None
 
 
+def decoder_linear_shapes(model_config) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear of one Mistral decoder layer."""
+    c = model_config
+    H, I = c.hidden_size, c.intermediate_size
+    nh = c.num_attention_heads
+    nkv = getattr(c, "num_key_value_heads", None) or nh
+    hd = getattr(c, "head_dim", None) or H // nh
+    return {
+        "q_proj": (H, nh * hd), "k_proj": (H, nkv * hd), "v_proj": (H, nkv * hd), "o_proj": (nh * hd, H),
+        "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H),
+    }
+
+
 def _mean_context(lengths: list[int], window: int | None) -> float:
     """Mean number of tokens a token attends to (itself included), over all tokens of the sequences."""
     total = tokens = 0
@@ -60,14 +73,10 @@ def _mean_context(lengths: list[int], window: int | None) -> float:
 def flops_per_token(model_config, lora_r: int, lora_targets: set[str], lengths: list[int]) -> float:
     """Model FLOPs for one trained token (see the module docstring)."""
     c = model_config
-    H, I, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
+    H, L, V = c.hidden_size, c.num_hidden_layers, c.vocab_size
     nh = c.num_attention_heads
-    nkv = getattr(c, "num_key_value_heads", None) or nh
     hd = getattr(c, "head_dim", None) or H // nh
-    shapes = {
-        "q_proj": (H, nh * hd), "k_proj": (H, nkv * hd), "v_proj": (H, nkv * hd), "o_proj": (nh * hd, H),
-        "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H),
-    }
+    shapes = decoder_linear_shapes(c)
     frozen = L * sum(i * o for i, o in shapes.values()) + V * H  # the lm_head too
     lora = L * sum(lora_r * (i + o) for name, (i, o) in shapes.items() if name in lora_targets)
     window = getattr(c, "sliding_window", None)
