@@ -72,13 +72,16 @@ def test_fused_layer_hands_other_cases_to_peft(batch):
     model = lora_model(True, 0.0)
     q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
     x = torch.randn(3, q_proj.in_features, device=q_proj.lora_A["default"].weight.device)
-    assert q_proj.fused_plan(x, (), {}) == ("default", 0.0)
+    assert q_proj.fused_plan((), {}) == ("default", 0.0)
     with model.disable_adapter():
-        assert q_proj.fused_plan(x, (), {}) is None
+        assert q_proj.fused_plan((), {}) is None
         torch.testing.assert_close(q_proj(x), q_proj.get_base_layer()(x))
-    model.eval()  # dropout off in eval
-    assert lora_model(True, 0.3).get_base_model().model.layers[0].self_attn.q_proj.fused_plan(x, (), {})[1] == 0.3
-    assert q_proj.fused_plan(x, (), {"adapter_names": ["default"] * 3}) is None
+    assert q_proj.fused_plan((), {"adapter_names": ["default"] * 3}) is None
+    dropped = lora_model(True, 0.3).train()
+    q_dropped = dropped.get_base_model().model.layers[0].self_attn.q_proj
+    assert q_dropped.fused_plan((), {}) == ("default", 0.3)
+    dropped.eval()  # dropout off in eval
+    assert q_dropped.fused_plan((), {}) == ("default", 0.0)
 
 
 def test_fused_adapter_loads_into_stock_peft(batch, tmp_path):

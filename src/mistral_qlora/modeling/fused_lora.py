@@ -86,7 +86,7 @@ def _dequantize(weight, dtype: torch.dtype) -> torch.Tensor:
 class FusedLoraLinear4bit(_PeftLinear4bit):
     """PEFT's LoRA layer for a bitsandbytes `Linear4bit`, with the fused forward and backward."""
 
-    def fused_plan(self, x: torch.Tensor, args, kwargs):
+    def fused_plan(self, args, kwargs):
         """(adapter, dropout p) when the fused path computes exactly what PEFT's forward would,
         else None."""
         if args or kwargs or self.disable_adapters or self.merged:
@@ -112,7 +112,7 @@ class FusedLoraLinear4bit(_PeftLinear4bit):
         return adapter, p
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        plan = self.fused_plan(x, args, kwargs)
+        plan = self.fused_plan(args, kwargs)
         if plan is None:
             return super().forward(x, *args, **kwargs)
         adapter, p = plan
