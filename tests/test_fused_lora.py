@@ -157,3 +157,18 @@ def test_fused_layer_matches_peft_on_the_gpu_in_bf16():
 
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_block_scales_are_kept_and_dequantize_as_bitsandbytes_does():
+    import bitsandbytes as bnb
+
+    from mistral_qlora.modeling.fused_lora import _dequantize
+
+    model = lora_model(True, 0.0)
+    q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
+    weight = q_proj.get_base_layer().weight
+    assert weight.quant_state.nested  # double quantization: 8-bit block scales
+    scales = q_proj.block_scales()
+    assert scales.dtype == torch.float32 and q_proj.block_scales() is scales  # computed once
+    want = bnb.functional.dequantize_4bit(weight, weight.quant_state)
+    assert torch.equal(_dequantize(weight, scales, want.dtype), want)

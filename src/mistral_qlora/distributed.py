@@ -184,6 +184,8 @@ def estimate_memory(model_config, cfg, dtype_bytes: int, checkpointed_layers: in
     if cfg.quantization.bits == 4:
         # 4 bits a weight, one absmax per 64 (uint8 with double quantization, else fp32)
         per_weight = 0.5 + (1 / 64 + 4 / (64 * 256) if cfg.quantization.double_quant else 4 / 64)
+        if cfg.quantization.double_quant and cfg.lora.fused:
+            per_weight += 4 / 64  # the fused LoRA layer keeps the block scales in float32 too
     else:
         per_weight = dtype_bytes
     layer_bytes = int(linear_per_layer * per_weight) + 2 * H * dtype_bytes

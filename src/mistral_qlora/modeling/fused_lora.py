@@ -13,7 +13,8 @@ tokens per row that elementwise traffic was a quarter of a Mistral-7B step; fold
               out += scaling * xa @ B.T            one GEMM accumulating into out (beta=1)
     backward: ga   = scaling * g @ B               [tokens x r]
               dB   = scaling * g.T @ xa,   dA = ga.T @ dropout(x)
-              dx   = g @ W,  dx += ga @ A          (times the dropout mask, in one fused pass)
+              dx   = g @ W,  dx += ga @ A          (with dropout: dx += mask * keep_scale * (ga @ A)
+                                                    in one Triton pass, modeling/lora_kernels.py)
 
 W is dequantized again in backward, as bitsandbytes does, so no 16-bit copy of the base is kept.
 Parameters, names and the saved adapter are PEFT's own: `FusedLoraLinear4bit` subclasses PEFT's
@@ -30,6 +31,8 @@ import torch
 import bitsandbytes as bnb
 from peft.tuners.lora.bnb import Linear4bit as _PeftLinear4bit
 
+from mistral_qlora.modeling.lora_kernels import add_lora_input_grad_, lora_input_grad_usable
+
 
 class LoraLinear4bitFunction(torch.autograd.Function):
     """y = x @ deq(W).T + scaling * dropout(x) @ A.T @ B.T, with hand-written backward.
@@ -38,19 +41,19 @@ class LoraLinear4bitFunction(torch.autograd.Function):
     kept for backward, as PEFT's layer keeps them."""
 
     @staticmethod
-    def forward(ctx, x, weight, lora_A, lora_B, scaling: float, dropout_p: float, dtype: torch.dtype):
+    def forward(ctx, x, weight, absmax, lora_A, lora_B, scaling: float, dropout_p: float, dtype: torch.dtype):
         shape, x_dtype = x.shape, x.dtype
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, shape[-1]).to(dtype)
             A, B = lora_A.to(dtype), lora_B.to(dtype)
-            out = x2 @ _dequantize(weight, dtype).t()
+            out = x2 @ _dequantize(weight, absmax, dtype).t()
             if dropout_p > 0:
                 dx, mask = torch.native_dropout(x2, dropout_p, True)
             else:
                 dx, mask = x2, None
             xa = dx @ A.t()
             out.addmm_(xa, B.t(), alpha=scaling)
-        ctx.weight = weight  # frozen 4-bit parameter: dequantized again in backward
+        ctx.weight, ctx.absmax = weight, absmax  # frozen 4-bit parameter: dequantized again in backward
         ctx.scaling, ctx.dropout_p, ctx.dtype = scaling, dropout_p, dtype
         ctx.x_shape, ctx.x_dtype, ctx.A_dtype, ctx.B_dtype = shape, x_dtype, lora_A.dtype, lora_B.dtype
         ctx.save_for_backward(dx, mask, xa, A, B)
@@ -59,28 +62,54 @@ class LoraLinear4bitFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         dx, mask, xa, A, B = ctx.saved_tensors
-        need_x, _, need_A, need_B = ctx.needs_input_grad[:4]
+        need_x, _, _, need_A, need_B = ctx.needs_input_grad[:5]
         grad_x = grad_A = grad_B = None
         with torch.autocast(grad_out.device.type, enabled=False):
             g = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.dtype)
             if need_B:
-                grad_B = (g.t() @ xa).mul_(ctx.scaling).to(ctx.B_dtype)
+                grad_B = _mm(g.t(), xa, ctx.scaling).to(ctx.B_dtype)
             if need_A or need_x:
-                ga = (g @ B).mul_(ctx.scaling)
+                ga = _mm(g, B, ctx.scaling)
             if need_A:
                 grad_A = (ga.t() @ dx).to(ctx.A_dtype)
             if need_x:
-                grad_x = g @ _dequantize(ctx.weight, ctx.dtype)
+                grad_x = g @ _dequantize(ctx.weight, ctx.absmax, ctx.dtype)
                 if mask is None:
                     grad_x.addmm_(ga, A)
+                elif lora_input_grad_usable(grad_x):
+                    add_lora_input_grad_(grad_x, ga, A, mask, 1.0 / (1.0 - ctx.dropout_p))
                 else:
                     grad_x.addcmul_(ga @ A, mask, value=1.0 / (1.0 - ctx.dropout_p))
                 grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
-        return grad_x, None, grad_A, grad_B, None, None, None
+        return grad_x, None, None, grad_A, grad_B, None, None, None
 
 
-def _dequantize(weight, dtype: torch.dtype) -> torch.Tensor:
-    return bnb.functional.dequantize_4bit(weight, weight.quant_state).to(dtype)
+def _mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha * a @ b as one GEMM (the scale applied in its epilogue, not by a second kernel)."""
+    if alpha == 1.0:
+        return a @ b
+    return a.new_empty(a.shape[0], b.shape[1]).addmm_(a, b, beta=0, alpha=alpha)
+
+
+def dequantized_absmax(weight) -> torch.Tensor:
+    """The float32 block scales of an NF4/FP4 weight, as bitsandbytes computes them on every
+    dequantization: with double quantization they are themselves 8-bit and dequantized first."""
+    state = weight.quant_state
+    if not state.nested:
+        return state.absmax.float()
+    absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2)
+    absmax += state.offset
+    return absmax.float()
+
+
+def _dequantize(weight, absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bitsandbytes' 4-bit dequantization (its registered op) with block scales already in float32."""
+    state = weight.quant_state
+    out = torch.ops.bitsandbytes.dequantize_4bit.default(weight, absmax, state.blocksize, state.quant_type,
+                                                         state.shape, state.dtype)
+    if weight.shape[0] == 1:  # the transposed [1, n] packing, as bnb.functional.dequantize_4bit undoes it
+        out = out.t()
+    return out.to(dtype)
 
 
 class FusedLoraLinear4bit(_PeftLinear4bit):
@@ -118,8 +147,20 @@ class FusedLoraLinear4bit(_PeftLinear4bit):
         adapter, p = plan
         base = self.get_base_layer()
         dtype = base.compute_dtype or x.dtype
-        return LoraLinear4bitFunction.apply(x, base.weight, self.lora_A[adapter].weight,
+        return LoraLinear4bitFunction.apply(x, base.weight, self.block_scales(), self.lora_A[adapter].weight,
                                             self.lora_B[adapter].weight, self.scaling[adapter], p, dtype)
+
+    def block_scales(self) -> torch.Tensor:
+        """The frozen weight's float32 block scales, dequantized once and kept (4 bytes per 64
+        weights: 0.45 GB for Mistral-7B). bitsandbytes recomputes them from their 8-bit form on
+        every dequantization: two more kernel launches and a Python call per matmul, which at 448
+        dequantizations a step left the GPU waiting on the host (docs/benchmarks.md)."""
+        absmax = self.get_base_layer().weight.quant_state.absmax
+        key = (absmax.data_ptr(), absmax.device)
+        if getattr(self, "_block_scales_key", None) != key:
+            self._block_scales = dequantized_absmax(self.get_base_layer().weight)
+            self._block_scales_key = key
+        return self._block_scales
 
     def __repr__(self) -> str:
         return "fused_" + super().__repr__()
