@@ -19,7 +19,7 @@ def _small_opts(tmp_path, **kw):
 
 
 def test_bench_on_cpu_times_the_seed_recipe_and_packed_rows_on_the_same_sequences(tmp_path):
-    report = B.run_bench(_small_opts(tmp_path, recipes=[B.SEED_RECIPE, "packed+sdpa"]))
+    report = B.run_bench(_small_opts(tmp_path, recipes=[B.SEED_RECIPE, "packed+sdpa"], repeats=1))
     results = {r["recipe"]: r for r in report["results"]}
     assert list(results) == [B.SEED_RECIPE, "packed+sdpa"]
     seed, packed = results[B.SEED_RECIPE], results["packed+sdpa"]
@@ -119,3 +119,14 @@ def test_bench_every_usable_backend_on_the_gpu(tmp_path):
         assert r["error"] is None, r
         assert r["peak_memory_gib"] > 0
     print(B.format_report(report))
+
+
+def test_report_prints_the_profile_with_idle_time_and_the_longest_kernels(tmp_path):
+    report = B.run_bench(_small_opts(tmp_path, recipes=["packed+sdpa"], repeats=1))
+    report["results"][0]["profile"] = {"matmul (bf16 GEMM)": {"ms": 300.0, "share": 0.75},
+                                       B.IDLE_KIND: {"ms": 100.0, "share": 0.25}}
+    report["results"][0]["profile_kernels"] = [{"kernel": "nvjet_sm90_gemm", "kind": "matmul (bf16 GEMM)",
+                                                "ms": 300.0, "calls": 224}]
+    table = B.format_report(report)
+    assert "GPU idle (host launch gaps, syncs)" in table and "25.0%" in table
+    assert "the kernels that took longest" in table and "224x  nvjet_sm90_gemm" in table

@@ -111,7 +111,7 @@ class BenchOptions:
     padded_batch_size: int = 8
     warmup: int = 3  # warm-up rows (the padded recipe warms up on their sequences)
     timed_rows: int = 8  # timed rows (the padded recipe is timed on their sequences)
-    repeats: int = 1  # timed passes over the timed rows per recipe; tokens/s is their median
+    repeats: int = 3  # timed passes over the timed rows per recipe; tokens/s is their median
     recipes: list[str] | None = None  # default: seed, plain, packed+ every usable backend, then the fast ones
     sliding_window: str | int | None = "auto"
     gradient_checkpointing: bool = True
@@ -145,6 +145,7 @@ class RecipeResult:
     ckpt: str = "all"
     lora: str = "peft"
     profile: dict | None = None
+    profile_kernels: list[dict] | None = None
     error: str | None = None
 
 
@@ -381,23 +382,30 @@ PROFILE_CATEGORIES = (
     ("fused Liger kernels", ("liger", "_rms_norm", "swiglu", "rope", "cross_entropy")),
     ("optimizer", ("adam",)),
 )
+IDLE_KIND = "GPU idle (host launch gaps, syncs)"
+PROFILE_TOP_KERNELS = 15
 
 
-def profile_step(model, batch: dict, dtype) -> dict:
-    """One training step under torch.profiler: GPU time by kind of kernel, in ms and share."""
+def profile_step(model, batch: dict, dtype) -> tuple[dict, list[dict]]:
+    """One training step under torch.profiler: GPU time by kind of kernel (ms and share of the
+    step's wall time, the GPU's idle time included as its own kind) and the kernels that took
+    the most time."""
     from torch.profiler import ProfilerActivity, profile
 
     device = next(p.device for p in model.parameters())
     if device.type != "cuda":
-        return {}
+        return {}, []
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
     train_step(model, batch, optimizer, params, device, dtype)  # warm the optimizer state
     _sync(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        started = time.perf_counter()
         train_step(model, batch, optimizer, params, device, dtype)
         _sync(device)
+        wall_ms = (time.perf_counter() - started) * 1000
     totals: dict[str, float] = {}
+    kernels = []
     for evt in prof.key_averages():
         us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
         if not us or evt.key.startswith(("ProfilerStep", "aten::", "autograd::")):
@@ -405,8 +413,13 @@ def profile_step(model, batch: dict, dtype) -> dict:
         name = evt.key.lower()
         kind = next((k for k, keys in PROFILE_CATEGORIES if any(w in name for w in keys)), "other (elementwise, copies)")
         totals[kind] = totals.get(kind, 0.0) + us / 1000
+        kernels.append({"kernel": evt.key[:120], "kind": kind, "ms": round(us / 1000, 2), "calls": evt.count})
+    # Time the GPU sat waiting on the host (launch gaps, syncs); the profiler's own overhead
+    # lands here too, so it is an upper bound.
+    totals[IDLE_KIND] = max(0.0, wall_ms - sum(totals.values()))
     all_ms = sum(totals.values()) or 1.0
-    return {k: {"ms": round(v, 1), "share": round(v / all_ms, 3)} for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+    by_kind = {k: {"ms": round(v, 1), "share": round(v / all_ms, 3)} for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+    return by_kind, sorted(kernels, key=lambda k: -k["ms"])[:PROFILE_TOP_KERNELS]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,8 +506,11 @@ def run_bench(opts: BenchOptions) -> dict:
             warm, timed = recipe_batches(sample, recipe, opts, pad_token_id, cu=recipe.attention in TAKES_CU_SEQLENS)
             for k, v in time_recipe(model, warm, timed, opts, dtype).items():
                 setattr(res, k, v)
+            passes = ", ".join(f"{t:,.0f}" for t in res.repeat_tokens_per_second or [])
+            print(f"bench: {recipe.name}: {res.tokens_per_second:,.0f} real tokens/s (passes: {passes}), "
+                  f"peak {res.peak_memory_gib or 0:.1f} GiB", flush=True)
             if opts.profile and recipe is recipes[-1]:
-                res.profile = profile_step(model, timed[0], dtype)
+                res.profile, res.profile_kernels = profile_step(model, timed[0], dtype)
         except Exception as exc:  # one backend failing must not lose the others' numbers
             res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
             print(f"bench: {recipe.name} failed: {res.error}", flush=True)
@@ -578,6 +594,9 @@ def format_report(report: dict) -> str:
     for r in report["results"]:
         if r.get("profile"):
             lines += ["", f"where one step of {r['recipe']} spends its GPU time:"]
-            lines += [f"  {kind:<30} {v['ms']:>9.1f} ms  {v['share']:>6.1%}" for kind, v in r["profile"].items()]
+            lines += [f"  {kind:<34} {v['ms']:>9.1f} ms  {v['share']:>6.1%}" for kind, v in r["profile"].items()]
+            if r.get("profile_kernels"):
+                lines += ["  the kernels that took longest:"]
+                lines += [f"  {k['ms']:>9.1f} ms {k['calls']:>5}x  {k['kernel'][:90]}" for k in r["profile_kernels"]]
     return "\n".join(lines)
 

@@ -90,8 +90,9 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--warmup", type=int, default=3, help="warm-up rows, untimed (default 3)")
     p.add_argument("--timed-rows", type=int, default=8,
                    help="timed rows; the padded recipe is timed on the same sequences (default 8)")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="timed passes over the timed rows per recipe; tokens/s is their median (default 1)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed passes over the timed rows per recipe; tokens/s is their median (default 3: "
+                        "the first pass of the padded recipe still warms up)")
     p.add_argument("--recipes", help="comma-separated: seed (padded+sdpa), plain (packed+flex with the tutorial's "
                                      "preparation), packed+BACKEND[+liger][+ckpt=all|none|auto|FRACTION]"
                                      "[+lora=fused|peft] "
