@@ -50,6 +50,10 @@ def test_kernel_refuses_what_it_does_not_compute(device):
         add_lora_input_grad_(gx, torch.zeros(4, 2, dtype=gx.dtype, device=device),
                              torch.zeros(3, 8, dtype=gx.dtype, device=device),
                              torch.ones(4, 8, dtype=torch.bool, device=device), 1.0)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        add_lora_input_grad_(gx.t().contiguous().t(), torch.zeros(4, 2, dtype=gx.dtype, device=device),
+                             torch.zeros(2, 8, dtype=gx.dtype, device=device),
+                             torch.ones(4, 8, dtype=torch.bool, device=device), 1.0)
     with pytest.raises(ValueError, match="dtypes"):
         add_lora_input_grad_(gx, torch.zeros(4, 2, device=device), torch.zeros(2, 8, dtype=gx.dtype, device=device),
                              torch.ones(4, 8, dtype=torch.bool, device=device), 1.0)

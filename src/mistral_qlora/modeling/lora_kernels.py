@@ -95,8 +95,8 @@ def _kernel(interpret: bool):
 
 def add_lora_input_grad_(grad_x: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, mask: torch.Tensor,
                          keep_scale: float) -> torch.Tensor:
-    """grad_x += keep_scale * mask * (ga @ A), in place; grad_x [T x N], ga [T x R], A [R x N],
-    mask [T x N] bool. Same dtype for grad_x, ga and A; rows of each contiguous in memory."""
+    """grad_x += keep_scale * mask * (ga @ A), in place; grad_x [T x N] with contiguous rows,
+    ga [T x R], A [R x N], mask [T x N] bool. Same dtype for grad_x, ga and A."""
     T, N = grad_x.shape
     R = ga.shape[1]
     if ga.shape != (T, R) or A.shape != (R, N) or mask.shape != (T, N):
@@ -104,20 +104,13 @@ def add_lora_input_grad_(grad_x: torch.Tensor, ga: torch.Tensor, A: torch.Tensor
                          f"mask {tuple(mask.shape)}")
     if not (ga.dtype == A.dtype == grad_x.dtype) or mask.dtype != torch.bool:
         raise ValueError(f"dtypes: grad_x {grad_x.dtype}, ga {ga.dtype}, A {A.dtype}, mask {mask.dtype}")
-    tensors = (grad_x, ga, A, mask)
-    if any(t.stride(1) != 1 for t in tensors):
-        grad_x_in = grad_x
-        grad_x = grad_x.contiguous()
-        ga, A, mask = ga.contiguous(), A.contiguous(), mask.contiguous()
-    else:
-        grad_x_in = None
+    if grad_x.stride(1) != 1:
+        raise ValueError(f"grad_x must have contiguous rows (strides {grad_x.stride()})")
+    ga, A, mask = ga.contiguous(), A.contiguous(), mask.contiguous()  # no copies in the fused layer
     grid = ((T + BLOCK_T - 1) // BLOCK_T, (N + BLOCK_N - 1) // BLOCK_N)
     _kernel(_interpreting())[grid](
         grad_x, ga, A, mask.view(torch.uint8), T, N, R, float(keep_scale),
         grad_x.stride(0), ga.stride(0), A.stride(0), mask.stride(0),
         BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, num_warps=NUM_WARPS,
     )
-    if grad_x_in is not None:
-        grad_x_in.copy_(grad_x)
-        return grad_x_in
     return grad_x
