@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,6 +93,23 @@ def test_sigterm_saves_and_the_resumed_run_is_exact(data, reference, tmp_path):
     assert summary["steps"] == STEPS and summary["resumed_from"].endswith(f"checkpoint-{stopped_at}")
     assert _train_losses(out) == _train_losses(reference)  # every step's loss, bit for bit
     _assert_same_adapter(_adapter(out), _adapter(reference))
+
+
+def test_a_kill_after_the_last_checkpoint_trains_no_extra_step(data, reference, tmp_path):
+    """Killed after the final checkpoint was committed, before the adapter and summary: the next
+    run finishes from that checkpoint without training (the Trainer alone would take a 25th step)."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    shutil.rmtree(out / "adapter")
+    (out / "summary.json").unlink()
+    assert (out / f"checkpoints/checkpoint-{STEPS}/manifest.json").is_file()
+    proc = subprocess.run(_args(data, out), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"checkpoint-{STEPS} was saved at the run's last step ({STEPS}): nothing left to train" in proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["resumed_from"].endswith(f"checkpoint-{STEPS}")
+    _assert_same_adapter(_adapter(out), _adapter(reference))
+    assert _train_losses(out) == _train_losses(reference)
 
 
 def test_kill_9_at_random_moments_loses_nothing(data, reference, tmp_path):

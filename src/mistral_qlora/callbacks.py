@@ -195,6 +195,28 @@ class SamplesCallback(TrainerCallback):
         self.before = generate_answers(self.model, self.tokenizer, self.prompts, self.max_new_tokens)
 
 
+class RunAlreadyComplete(Exception):
+    """The resumed checkpoint was saved at the run's last step: there is nothing left to train."""
+
+    def __init__(self, step: int):
+        super().__init__(f"the checkpoint is at step {step}, the run's last")
+        self.step = step
+
+
+class CompletedCheckpointCallback(TrainerCallback):
+    """Stops a run resumed from a checkpoint of its last step before the Trainer trains once more.
+
+    The Trainer checks `max_steps` only after a step, so resuming from its final checkpoint (a
+    kill after that checkpoint was committed, before the adapter and summary were written) would
+    train one step too many, and the adapter would differ from the uninterrupted run's. At
+    `on_train_begin` the Trainer has already loaded the checkpoint's weights and state; raising
+    here hands the run back to `train.py` for its final evaluation and artifacts."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise RunAlreadyComplete(state.global_step)
+
+
 class AdapterCheckCallback(TrainerCallback):
     """Every checkpoint's adapter is read back on rank 0: an empty LoRA tensor stops the run."""
 

@@ -208,8 +208,9 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
     from transformers.integrations import TensorBoardCallback
 
     from mistral_qlora.callbacks import (STATS_ENV, AdapterCheckCallback, CheckpointCommitCallback,
-                                         DistStatsCallback, DivergenceCallback, PreemptionCallback,
-                                         RecordingDataset, SamplesCallback, ThroughputCallback)
+                                         CompletedCheckpointCallback, DistStatsCallback, DivergenceCallback,
+                                         PreemptionCallback, RecordingDataset, RunAlreadyComplete,
+                                         SamplesCallback, ThroughputCallback)
     from mistral_qlora.data import prepare_data
     from mistral_qlora.distributed import (barrier, gpu_budget, is_zero3, launched_processes, lora_target_names,
                                            plan_strategy, single_process_env)
@@ -309,9 +310,12 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
     divergence = DivergenceCallback()
     commit = CheckpointCommitCallback(fingerprint, cfg.train.keep_checkpoints)
     samples = SamplesCallback(model, tokenizer, data.sample_prompts, cfg.eval.max_new_tokens)
-    # Order matters: divergence runs after preemption so a NaN can veto the save it asks for, and
-    # the adapter check runs before the commit seals the checkpoint.
-    callbacks = [samples, throughput, preemption, divergence, AdapterCheckCallback(), commit]
+    # Order matters: a resumed run that is already complete stops after the samples and before
+    # anything else starts (signal handlers, timers); divergence runs after preemption so a NaN
+    # can veto the save it asks for, and the adapter check runs before the commit seals the
+    # checkpoint.
+    callbacks = [samples, CompletedCheckpointCallback(), throughput, preemption, divergence, AdapterCheckCallback(),
+                 commit]
     train_dataset = data.train_dataset()
     stats = None
     if os.environ.get(STATS_ENV):  # per-rank facts for the multi-process tests
@@ -334,7 +338,13 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
         trainer.remove_callback(PrinterCallback)
     if rt.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except RunAlreadyComplete as done:
+        # The checkpoint's weights and state are loaded and no callback after it has started
+        # (no signal handler, progress bar or TensorBoard writer to close): finish from here.
+        log(f"{resume_from.name} was saved at the run's last step ({done.step}): nothing left to train; "
+            "writing the adapter and summary")
 
     if divergence.diverged_at is not None:
         last = checkpoints.complete_checkpoints(checkpoints.checkpoints_root(out))
