@@ -105,3 +105,30 @@ def test_fused_layer_with_dropout_uses_the_kernel_and_keeps_its_gradients(device
     errors = {"grad x": rel(gx, gx_ref), **{k: rel(g[k], g_ref[k]) for k in g_ref}}
     print(errors)
     assert max(errors.values()) < 1e-2, errors
+
+
+def test_a_kernel_that_fails_to_compile_hands_over_to_pytorch(device, monkeypatch):
+    """Triton compiles on first use; when its compiler fails (as Triton 3.6 does on Hopper for some
+    layouts), the gradient still comes out right, a warning says why, and later calls go straight
+    to PyTorch."""
+    class Broken:
+        calls = 0
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                Broken.calls += 1
+                raise RuntimeError("PassManager::run failed")
+            return launch
+
+    monkeypatch.setattr(lora_kernels, "_kernel", lambda interpret: Broken())
+    monkeypatch.setattr(lora_kernels, "_failed", {})
+    gen = torch.Generator().manual_seed(0)
+    gx, ga, A = (torch.randn(*s, generator=gen).to(device, torch.bfloat16) for s in ((64, 96), (64, 8), (8, 96)))
+    mask = (torch.rand(64, 96, generator=gen) > 0.1).to(device)
+    expected = gx.clone().addcmul_(ga @ A, mask, value=1 / 0.9)
+    assert lora_input_grad_usable(gx)
+    with pytest.warns(RuntimeWarning, match="PassManager::run failed.*PyTorch expression"):
+        out = add_lora_input_grad_(gx.clone(), ga, A, mask, 1 / 0.9)
+    assert torch.equal(out, expected) and Broken.calls == 1
+    assert not lora_input_grad_usable(gx)  # the fused layer now takes the PyTorch path itself
+    assert lora_input_grad_usable(gx.half())  # other dtypes still try the kernel

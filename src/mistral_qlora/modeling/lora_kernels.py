@@ -14,14 +14,16 @@ once and writes the result once (5 bytes a value in bf16), and the product is ne
 also rounds once where the PyTorch path rounds twice (the product to bf16, then the sum).
 
 The kernel runs on CUDA in bf16/fp16; `lora_input_grad_usable` says when, and the fused layer
-falls back to the PyTorch expression otherwise (CPU, float32, no Triton). Under
-`TRITON_INTERPRET=1` Triton runs it on the CPU, which is how CI tests it.
+falls back to the PyTorch expression otherwise (CPU, float32, no Triton), and also, with one
+warning, if Triton fails to compile it on the card at hand. Under `TRITON_INTERPRET=1` Triton runs
+it on the CPU, which is how CI tests it.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
@@ -46,9 +48,16 @@ def triton_problem() -> str | None:
     return None
 
 
+# (device type, dtype) -> why the kernel failed there; the PyTorch expression takes over for the
+# rest of the process.
+_failed: dict[tuple[str, torch.dtype], str] = {}
+
+
 def lora_input_grad_usable(grad_x: torch.Tensor) -> bool:
     """Whether the Triton kernel handles this gradient (else the PyTorch expression does)."""
     if grad_x.dtype not in (torch.bfloat16, torch.float16) or grad_x.dim() != 2:
+        return False
+    if (grad_x.device.type, grad_x.dtype) in _failed:
         return False
     if not (grad_x.is_cuda or _interpreting()):
         return False
@@ -108,9 +117,21 @@ def add_lora_input_grad_(grad_x: torch.Tensor, ga: torch.Tensor, A: torch.Tensor
         raise ValueError(f"grad_x must have contiguous rows (strides {grad_x.stride()})")
     ga, A, mask = ga.contiguous(), A.contiguous(), mask.contiguous()  # no copies in the fused layer
     grid = ((T + BLOCK_T - 1) // BLOCK_T, (N + BLOCK_N - 1) // BLOCK_N)
-    _kernel(_interpreting())[grid](
-        grad_x, ga, A, mask.view(torch.uint8), T, N, R, float(keep_scale),
-        grad_x.stride(0), ga.stride(0), A.stride(0), mask.stride(0),
-        BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, num_warps=NUM_WARPS,
-    )
+    try:
+        _kernel(_interpreting())[grid](
+            grad_x, ga, A, mask.view(torch.uint8), T, N, R, float(keep_scale),
+            grad_x.stride(0), ga.stride(0), A.stride(0), mask.stride(0),
+            BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, num_warps=NUM_WARPS,
+        )
+    except Exception as exc:
+        # Triton compiles on first use, and its compiler can fail on a card or version we have
+        # not run (Triton 3.6 fails an assertion on some LoRA kernel layouts on Hopper:
+        # docs/benchmarks.md). A compile error comes before the launch, so grad_x is untouched:
+        # compute the same sum in PyTorch, say so once, and keep to PyTorch from then on.
+        key = (grad_x.device.type, grad_x.dtype)
+        _failed[key] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else ''}"
+        warnings.warn(f"the Triton kernel for the LoRA input gradient failed on {key[0]} {key[1]} "
+                      f"({_failed[key]}); using the PyTorch expression instead (same result, slower)",
+                      RuntimeWarning, stacklevel=2)
+        grad_x.addcmul_(ga @ A, mask, value=float(keep_scale))
     return grad_x
