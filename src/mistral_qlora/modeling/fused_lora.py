@@ -31,7 +31,11 @@ import torch
 import bitsandbytes as bnb
 from peft.tuners.lora.bnb import Linear4bit as _PeftLinear4bit
 
-from mistral_qlora.modeling.lora_kernels import add_lora_input_grad_, lora_input_grad_usable
+from mistral_qlora.modeling.lora_kernels import (
+    add_lora_input_grad_,
+    add_lora_input_grad_torch_,
+    lora_input_grad_usable,
+)
 
 
 class LoraLinear4bitFunction(torch.autograd.Function):
@@ -79,7 +83,7 @@ class LoraLinear4bitFunction(torch.autograd.Function):
                 elif lora_input_grad_usable(grad_x):
                     add_lora_input_grad_(grad_x, ga, A, mask, 1.0 / (1.0 - ctx.dropout_p))
                 else:
-                    grad_x.addcmul_(ga @ A, mask, value=1.0 / (1.0 - ctx.dropout_p))
+                    add_lora_input_grad_torch_(grad_x, ga, A, mask, 1.0 / (1.0 - ctx.dropout_p))
                 grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
         return grad_x, None, None, grad_A, grad_B, None, None, None
 

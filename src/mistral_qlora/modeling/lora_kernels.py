@@ -44,8 +44,14 @@ def triton_problem() -> str | None:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
     except Exception as exc:  # no wheel for this platform, or a broken install
-        return f"Triton does not import ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+        return f"Triton does not import ({_describe(exc)})"
     return None
+
+
+def _describe(exc: Exception) -> str:
+    """The exception's type and the first line of its message, for a one-line warning."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:160] if lines else ''}"
 
 
 # (device type, dtype) -> why the kernel failed there; the PyTorch expression takes over for the
@@ -129,9 +135,15 @@ def add_lora_input_grad_(grad_x: torch.Tensor, ga: torch.Tensor, A: torch.Tensor
         # docs/benchmarks.md). A compile error comes before the launch, so grad_x is untouched:
         # compute the same sum in PyTorch, say so once, and keep to PyTorch from then on.
         key = (grad_x.device.type, grad_x.dtype)
-        _failed[key] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else ''}"
+        _failed[key] = _describe(exc)
         warnings.warn(f"the Triton kernel for the LoRA input gradient failed on {key[0]} {key[1]} "
                       f"({_failed[key]}); using the PyTorch expression instead (same result, slower)",
                       RuntimeWarning, stacklevel=2)
-        grad_x.addcmul_(ga @ A, mask, value=float(keep_scale))
+        add_lora_input_grad_torch_(grad_x, ga, A, mask, keep_scale)
     return grad_x
+
+
+def add_lora_input_grad_torch_(grad_x: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, mask: torch.Tensor,
+                               keep_scale: float) -> torch.Tensor:
+    """The same sum in PyTorch (any device and dtype): the kernel's reference and fallback."""
+    return grad_x.addcmul_(ga @ A, mask, value=float(keep_scale))
