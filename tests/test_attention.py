@@ -38,7 +38,7 @@ def reference_kernel(monkeypatch):
         return A.reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
 
     monkeypatch.setattr(A, "_VARLEN_KERNEL", kernel)
-    monkeypatch.setattr(A, "_NATIVE_GQA", True)
+    monkeypatch.setattr(A, "_GQA", "flag")
     A.register_varlen()
     return calls
 
@@ -198,13 +198,41 @@ def test_window_semantics_match_transformers_mask():
 # varlen: GQA both ways, and the batches that come without cu_seq_lens
 
 
-def test_varlen_repeats_kv_heads_where_the_kernel_has_no_gqa(tiny_path, reference_kernel, monkeypatch):
-    monkeypatch.setattr(A, "_NATIVE_GQA", False)  # torch 2.11's varlen_attn
+def test_varlen_repeats_kv_heads_where_the_kernel_refuses_fewer(tiny_path, reference_kernel, monkeypatch):
+    monkeypatch.setattr(A, "_GQA", "repeat")
     examples = _examples()
     ref_logits, _ = _reference(tiny_path)
     logits, _ = _packed(_model(tiny_path, "torch_varlen"), examples)
     assert _max_diff(logits, ref_logits) < TOL
     assert reference_kernel[-1]["heads"] == (8, 8) and "enable_gqa" not in reference_kernel[-1]
+
+
+@pytest.mark.parametrize("refuses", [False, True], ids=["takes-gqa-without-a-flag", "refuses-without-a-flag"])
+def test_varlen_probes_whether_a_kernel_without_the_flag_takes_fewer_kv_heads(tiny_path, monkeypatch, refuses):
+    """torch 2.11's varlen_attn has no enable_gqa and hands K/V with fewer heads straight to the
+    flash kernel; one that refused them would get them repeated, from its first refusal on."""
+    calls = []
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-1, -1)):
+        calls.append((q.shape[1], k.shape[1]))
+        if refuses and q.shape[1] != k.shape[1]:
+            raise RuntimeError("number of heads in key/value must equal the query's")
+        return A.reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size,
+                                       enable_gqa=True)
+
+    monkeypatch.setattr(A, "_VARLEN_KERNEL", kernel)
+    monkeypatch.setattr(A, "_GQA", None)
+    A._kernel()
+    assert A._GQA == "probe"
+    examples = _examples()
+    ref_logits, _ = _reference(tiny_path)
+    logits, _ = _packed(_model(tiny_path, "torch_varlen"), examples)
+    assert _max_diff(logits, ref_logits) < TOL
+    layers = _model(tiny_path, "torch_varlen").config.num_hidden_layers
+    if refuses:
+        assert A._GQA == "repeat" and calls == [(8, 2), (8, 8)] + [(8, 8)] * (layers - 1)
+    else:
+        assert A._GQA == "direct" and calls == [(8, 2)] * layers
 
 
 def test_varlen_without_cu_seq_lens_reads_boundaries_from_position_ids(tiny_path, reference_kernel):

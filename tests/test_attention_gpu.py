@@ -11,13 +11,14 @@ none, 4096 (sequences up to 5000 tokens), 256 on sequences of 1000-3000 tokens, 
 off-by-one in the window would be a large error).
 
 Kernel level: torch's varlen_attn and flash-attn's varlen function against
-`reference_varlen_attn` (the semantics the CPU tests rely on), forward and backward, both GQA
-paths, and the window conversion W -> (W-1, 0) with its off-by-one control.
+`reference_varlen_attn` (the semantics the CPU tests rely on), forward and backward, the three
+GQA paths, and the window conversion W -> (W-1, 0) with its off-by-one control.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ CASES = {  # window -> sequence lengths of the packed row
 }
 BACKENDS = [
     pytest.param("varlen", id="varlen"),
-    pytest.param("varlen-repeat-kv", id="varlen-repeat-kv"),  # torch 2.11's path: no enable_gqa
+    pytest.param("varlen-repeat-kv", id="varlen-repeat-kv"),  # a varlen_attn that refuses fewer K/V heads
     pytest.param("flex", id="flex"),
     pytest.param("flash_attention_2", id="flash_attention_2",
                  marks=pytest.mark.skipif(not HAS_FLASH_ATTN, reason="flash-attn is not installed")),
@@ -123,7 +124,7 @@ def test_backend_matches_eager_fp32(backend, window, monkeypatch):
     embeds, proj, (out32, grad32), (out16, grad16) = _references(window)
     if backend == "varlen-repeat-kv":
         A._kernel()
-        monkeypatch.setattr(A, "_NATIVE_GQA", False)
+        monkeypatch.setattr(A, "_GQA", "repeat")
     name = backend.removesuffix("-repeat-kv")
     why_not = A.usable_backends(torch.bfloat16)[name]
     if why_not:
@@ -174,14 +175,19 @@ def _with_grads(fn, q, k, v, dout):
 
 
 @pytest.mark.parametrize("window", [None, 1, 7, 64, 300])
-@pytest.mark.parametrize("gqa", ["native", "repeat"])
+@pytest.mark.parametrize("gqa", ["flag", "direct", "repeat"])
 def test_torch_varlen_kernel_semantics(window, gqa, monkeypatch):
+    """`flag`: torch 2.13's enable_gqa; `direct`: torch 2.11's varlen_attn given fewer K/V heads;
+    `repeat`: K/V heads repeated."""
     if A.usable_backends(torch.bfloat16)["varlen"]:
         pytest.skip(A.usable_backends(torch.bfloat16)["varlen"])
     A._kernel()
-    if gqa == "native" and not A._NATIVE_GQA:
+    has_flag = "enable_gqa" in inspect.signature(A._VARLEN_KERNEL).parameters
+    if gqa == "flag" and not has_flag:
         pytest.skip("this torch's varlen_attn has no enable_gqa")
-    monkeypatch.setattr(A, "_NATIVE_GQA", gqa == "native")
+    if gqa == "direct" and has_flag:
+        pytest.skip("this torch's varlen_attn takes enable_gqa")
+    monkeypatch.setattr(A, "_GQA", gqa)
     lengths = [700, 257, 3, 1024]
     q, k, v, cu, mx = _qkv(lengths)
     dout = torch.randn_like(q)

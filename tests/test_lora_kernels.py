@@ -1,12 +1,13 @@
-"""The Triton kernel for the LoRA input gradient under dropout computes what the PyTorch
-expression computes (`grad_x + keep_scale * mask * (ga @ A)`), and the fused layer gives the same
-gradients with it as without it. On the CPU the kernel runs in Triton's interpreter."""
+"""The Triton kernel for the fused LoRA layer's rank-r products computes what the PyTorch
+expressions compute (forward `out + scaling * xa @ B.T`; backward under dropout
+`grad_x + keep_scale * mask * (ga @ A)`), and the fused layer gives the same output and gradients
+with it as without it. On the CPU the kernel runs in Triton's interpreter."""
 
 import pytest
 import torch
 
 from mistral_qlora.modeling import fused_lora, lora_kernels
-from mistral_qlora.modeling.lora_kernels import add_lora_input_grad_, lora_input_grad_usable, triton_problem
+from mistral_qlora.modeling.lora_kernels import add_lora_product_, lora_product_usable, triton_problem
 
 pytestmark = pytest.mark.skipif(triton_problem() is not None, reason=str(triton_problem()))
 
@@ -23,45 +24,51 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+@pytest.mark.parametrize("masked", [True, False], ids=["backward-masked", "forward-transposed-B"])
 @pytest.mark.parametrize("T,N,R,dtype", [(100, 300, 16, torch.bfloat16), (64, 128, 8, torch.float16),
                                          (70, 129, 40, torch.bfloat16)])
-def test_kernel_matches_the_pytorch_expression(device, T, N, R, dtype):
+def test_kernel_matches_the_pytorch_expression(device, T, N, R, dtype, masked):
     gen = torch.Generator().manual_seed(T + N + R)
-    gx, ga, A = (torch.randn(*s, generator=gen).to(device, dtype) for s in ((T, N), (T, R), (R, N)))
-    mask = (torch.rand(T, N, generator=gen) > 0.1).to(device)
-    exact = gx.double() + (ga.double() @ A.double()) * mask * (1 / 0.9)
-    torch_path = gx.clone().addcmul_(ga @ A, mask, value=1 / 0.9)
+    gx, ga = (torch.randn(*s, generator=gen).to(device, dtype) for s in ((T, N), (T, R)))
+    # backward: A [R x N] with contiguous rows; forward: B.t() of a [N x R] B (strides 1, R)
+    A = torch.randn(R, N, generator=gen).to(device, dtype) if masked else torch.randn(N, R, generator=gen).to(device, dtype).t()
+    mask = (torch.rand(T, N, generator=gen) > 0.1).to(device) if masked else None
+    scale = 1 / 0.9 if masked else 2.0
+    product = (ga.double() @ A.double()) * scale
+    exact = gx.double() + (product * mask if masked else product)
+    torch_path = gx.clone().addcmul_(ga @ A, mask, value=scale) if masked else gx.clone().addmm_(ga, A, alpha=scale)
     out = gx.clone()
-    assert lora_input_grad_usable(out)
-    assert add_lora_input_grad_(out, ga, A, mask, 1 / 0.9) is out
+    assert lora_product_usable(out)
+    assert add_lora_product_(out, ga, A, scale, mask) is out
     # One rounding instead of two: on the GPU at least as close to the exact value as PyTorch's
     # path. Triton's CPU interpreter truncates when it converts to bf16 instead of rounding.
     slack = 1.05 if device == "cuda" else 2.0
     assert rel(out, exact) <= rel(torch_path, exact) * slack + 1e-6, (rel(out, exact), rel(torch_path, exact))
     assert rel(out, exact) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
-    dropped = ~mask  # where the mask drops a value the base gradient passes through untouched
-    assert torch.equal(out[dropped], gx[dropped])
+    if masked:
+        dropped = ~mask  # where the mask drops a value the base gradient passes through untouched
+        assert torch.equal(out[dropped], gx[dropped])
 
 
 def test_kernel_refuses_what_it_does_not_compute(device):
     gx = torch.zeros(4, 8, dtype=torch.bfloat16, device=device)
-    assert not lora_input_grad_usable(gx.float())
+    keep = torch.ones(4, 8, dtype=torch.bool, device=device)
+    assert not lora_product_usable(gx.float())
     with pytest.raises(ValueError, match="shapes"):
-        add_lora_input_grad_(gx, torch.zeros(4, 2, dtype=gx.dtype, device=device),
-                             torch.zeros(3, 8, dtype=gx.dtype, device=device),
-                             torch.ones(4, 8, dtype=torch.bool, device=device), 1.0)
+        add_lora_product_(gx, torch.zeros(4, 2, dtype=gx.dtype, device=device),
+                          torch.zeros(3, 8, dtype=gx.dtype, device=device), 1.0, keep)
     with pytest.raises(ValueError, match="contiguous rows"):
-        add_lora_input_grad_(gx.t().contiguous().t(), torch.zeros(4, 2, dtype=gx.dtype, device=device),
-                             torch.zeros(2, 8, dtype=gx.dtype, device=device),
-                             torch.ones(4, 8, dtype=torch.bool, device=device), 1.0)
+        add_lora_product_(gx.t().contiguous().t(), torch.zeros(4, 2, dtype=gx.dtype, device=device),
+                          torch.zeros(2, 8, dtype=gx.dtype, device=device), 1.0, keep)
     with pytest.raises(ValueError, match="dtypes"):
-        add_lora_input_grad_(gx, torch.zeros(4, 2, device=device), torch.zeros(2, 8, dtype=gx.dtype, device=device),
-                             torch.ones(4, 8, dtype=torch.bool, device=device), 1.0)
+        add_lora_product_(gx, torch.zeros(4, 2, device=device), torch.zeros(2, 8, dtype=gx.dtype, device=device),
+                          1.0, keep)
 
 
 def test_fused_layer_with_dropout_uses_the_kernel_and_keeps_its_gradients(device, monkeypatch):
-    """A bf16 4-bit LoRA layer with dropout 0.1: input and LoRA gradients with the kernel equal
-    those of the PyTorch expression (same seed, so the same dropout masks) within bf16 rounding."""
+    """A bf16 4-bit LoRA layer with dropout 0.1: output, input and LoRA gradients with the kernel
+    equal those of the PyTorch expressions (same seed, so the same dropout masks) within bf16
+    rounding."""
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
 
@@ -85,24 +92,24 @@ def test_fused_layer_with_dropout_uses_the_kernel_and_keeps_its_gradients(device
             if "lora_B" in name:
                 p.data.copy_(torch.randn(p.shape, generator=gen) * 0.02)
         calls = []
-        usable = lora_kernels.lora_input_grad_usable
+        usable = lora_kernels.lora_product_usable
 
         def decide(g):
             calls.append(use_kernel and usable(g))
             return calls[-1]
 
-        monkeypatch.setattr(fused_lora, "lora_input_grad_usable", decide)
+        monkeypatch.setattr(fused_lora, "lora_product_usable", decide)
         x = torch.randn(tokens, n_in, generator=torch.Generator().manual_seed(2)).to(device, torch.bfloat16)
         x.requires_grad_(True)
         torch.manual_seed(3)  # the same dropout masks in both runs
         y = model(x)
         y.float().pow(2).mean().backward()
-        assert calls == [use_kernel], calls  # one backward through the dropout path, kernel as asked
-        return x.grad, {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
+        assert calls == [use_kernel] * 2, calls  # forward and backward, kernel as asked
+        return y, x.grad, {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
 
-    gx_ref, g_ref = run(use_kernel=False)
-    gx, g = run(use_kernel=True)
-    errors = {"grad x": rel(gx, gx_ref), **{k: rel(g[k], g_ref[k]) for k in g_ref}}
+    y_ref, gx_ref, g_ref = run(use_kernel=False)
+    y, gx, g = run(use_kernel=True)
+    errors = {"output": rel(y, y_ref), "grad x": rel(gx, gx_ref), **{k: rel(g[k], g_ref[k]) for k in g_ref}}
     print(errors)
     assert max(errors.values()) < 1e-2, errors
 
@@ -126,9 +133,9 @@ def test_a_kernel_that_fails_to_compile_hands_over_to_pytorch(device, monkeypatc
     gx, ga, A = (torch.randn(*s, generator=gen).to(device, torch.bfloat16) for s in ((64, 96), (64, 8), (8, 96)))
     mask = (torch.rand(64, 96, generator=gen) > 0.1).to(device)
     expected = gx.clone().addcmul_(ga @ A, mask, value=1 / 0.9)
-    assert lora_input_grad_usable(gx)
+    assert lora_product_usable(gx)
     with pytest.warns(RuntimeWarning, match="PassManager::run failed.*PyTorch expression"):
-        out = add_lora_input_grad_(gx.clone(), ga, A, mask, 1 / 0.9)
+        out = add_lora_product_(gx.clone(), ga, A, 1 / 0.9, mask)
     assert torch.equal(out, expected) and Broken.calls == 1
-    assert not lora_input_grad_usable(gx)  # the fused layer now takes the PyTorch path itself
-    assert lora_input_grad_usable(gx.half())  # other dtypes still try the kernel
+    assert not lora_product_usable(gx)  # the fused layer now takes the PyTorch path itself
+    assert lora_product_usable(gx.half())  # other dtypes still try the kernel

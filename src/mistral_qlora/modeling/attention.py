@@ -169,28 +169,43 @@ def reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *
 
 
 _VARLEN_KERNEL = None  # resolved on first use; the CPU tests put reference_varlen_attn here
-_NATIVE_GQA: bool | None = None  # torch 2.13's varlen_attn has enable_gqa; 2.11's has not
+# How K/V with fewer heads than the query (GQA: Mistral has 8 K/V heads for 32 query heads) reach
+# the kernel: "flag": torch 2.13's varlen_attn takes enable_gqa=True; "direct": torch 2.11's has no
+# such flag and no check, and hands K/V to the flash kernel, which shares each K/V head among its
+# query heads itself ("probe" until the first call shows it); "repeat": the K/V heads are repeated
+# to the query's, a copy in forward and a sum in backward (8 ms of a Mistral-7B step on an H200,
+# docs/benchmarks.md), for a torch whose varlen_attn refuses fewer heads without a flag.
+_GQA: str | None = None
 
 
 def _kernel():
-    global _VARLEN_KERNEL, _NATIVE_GQA
+    global _VARLEN_KERNEL, _GQA
     if _VARLEN_KERNEL is None:
         from torch.nn.attention.varlen import varlen_attn
 
         _VARLEN_KERNEL = varlen_attn
-    if _NATIVE_GQA is None:
-        _NATIVE_GQA = "enable_gqa" in inspect.signature(_VARLEN_KERNEL).parameters
+    if _GQA is None:
+        _GQA = "flag" if "enable_gqa" in inspect.signature(_VARLEN_KERNEL).parameters else "probe"
     return _VARLEN_KERNEL
 
 
 def _call_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale, window):
-    """q (Tq, Hq, D), k/v (Tk, Hkv, D) -> (Tq, Hq, D); repeats KV heads where the kernel has no GQA."""
+    """q (Tq, Hq, D), k/v (Tk, Hkv, D) -> (Tq, Hq, D), with K/V heads shared by groups of query heads."""
+    global _GQA
     kernel = _kernel()
     kwargs = {"scale": scale, "window_size": window}
     if q.shape[1] != k.shape[1]:
-        if _NATIVE_GQA:
+        if _GQA == "flag":
             kwargs["enable_gqa"] = True
-        else:
+        elif _GQA == "probe":
+            try:
+                out = kernel(q, k, v, cu_q, cu_k, int(max_q), int(max_k), **kwargs)
+            except (RuntimeError, ValueError):  # this torch checks the heads: repeat them from now on
+                _GQA = "repeat"
+            else:
+                _GQA = "direct"
+                return out
+        if _GQA == "repeat":
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     return kernel(q, k, v, cu_q, cu_k, int(max_q), int(max_k), **kwargs)

@@ -31,11 +31,7 @@ import torch
 import bitsandbytes as bnb
 from peft.tuners.lora.bnb import Linear4bit as _PeftLinear4bit
 
-from mistral_qlora.modeling.lora_kernels import (
-    add_lora_input_grad_,
-    add_lora_input_grad_torch_,
-    lora_input_grad_usable,
-)
+from mistral_qlora.modeling.lora_kernels import add_lora_product_, add_lora_product_torch_, lora_product_usable
 
 
 class LoraLinear4bitFunction(torch.autograd.Function):
@@ -56,7 +52,7 @@ class LoraLinear4bitFunction(torch.autograd.Function):
             else:
                 dx, mask = x2, None
             xa = dx @ A.t()
-            out.addmm_(xa, B.t(), alpha=scaling)
+            _add_product(out, xa, B.t(), scaling)
         ctx.weight, ctx.absmax = weight, absmax  # frozen 4-bit parameter: dequantized again in backward
         ctx.scaling, ctx.dropout_p, ctx.dtype = scaling, dropout_p, dtype
         ctx.x_shape, ctx.x_dtype, ctx.A_dtype, ctx.B_dtype = shape, x_dtype, lora_A.dtype, lora_B.dtype
@@ -78,14 +74,19 @@ class LoraLinear4bitFunction(torch.autograd.Function):
                 grad_A = (ga.t() @ dx).to(ctx.A_dtype)
             if need_x:
                 grad_x = g @ _dequantize(ctx.weight, ctx.absmax, ctx.dtype)
-                if mask is None:
-                    grad_x.addmm_(ga, A)
-                elif lora_input_grad_usable(grad_x):
-                    add_lora_input_grad_(grad_x, ga, A, mask, 1.0 / (1.0 - ctx.dropout_p))
-                else:
-                    add_lora_input_grad_torch_(grad_x, ga, A, mask, 1.0 / (1.0 - ctx.dropout_p))
+                _add_product(grad_x, ga, A, 1.0 / (1.0 - ctx.dropout_p), mask)
                 grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
         return grad_x, None, None, grad_A, grad_B, None, None, None
+
+
+def _add_product(out: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: float, mask=None) -> None:
+    """out += scale * (u @ v), masked where a dropout mask is given: the Triton kernel where it
+    runs (one pass over out; cuBLAS runs these rank-r products at a fraction of the card's memory
+    bandwidth), else the PyTorch expression."""
+    if lora_product_usable(out):
+        add_lora_product_(out, u, v, scale, mask)
+    else:
+        add_lora_product_torch_(out, u, v, scale, mask)
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -27,8 +27,8 @@ import warnings
 
 import torch
 
-BLOCK_T = 64
-BLOCK_N = 128
+BLOCK_T = 32
+BLOCK_N = 256
 BLOCK_R = 16  # tl.dot's smallest inner dimension; the rank is walked in steps of this
 NUM_WARPS = 4
 
@@ -59,13 +59,13 @@ def _describe(exc: Exception) -> str:
 _failed: dict[tuple[str, torch.dtype], str] = {}
 
 
-def lora_input_grad_usable(grad_x: torch.Tensor) -> bool:
-    """Whether the Triton kernel handles this gradient (else the PyTorch expression does)."""
-    if grad_x.dtype not in (torch.bfloat16, torch.float16) or grad_x.dim() != 2:
+def lora_product_usable(out: torch.Tensor) -> bool:
+    """Whether the Triton kernel handles this output (else the PyTorch expression does)."""
+    if out.dtype not in (torch.bfloat16, torch.float16) or out.dim() != 2:
         return False
-    if (grad_x.device.type, grad_x.dtype) in _failed:
+    if (out.device.type, out.dtype) in _failed:
         return False
-    if not (grad_x.is_cuda or _interpreting()):
+    if not (out.is_cuda or _interpreting()):
         return False
     return triton_problem() is None
 
@@ -77,9 +77,10 @@ def _kernel(interpret: bool):
     import triton.language as tl
 
     @triton.jit
-    def lora_input_grad_kernel(gx_ptr, ga_ptr, a_ptr, mask_ptr, T, N, R, keep_scale,
-                               s_gx, s_ga, s_a, s_m,
-                               BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    def lora_product_kernel(out_ptr, u_ptr, v_ptr, mask_ptr, T, N, R, scale,
+                            s_out, s_u, s_vr, s_vn, s_m,
+                            BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                            HAS_MASK: tl.constexpr):
         pid_t = tl.program_id(0)
         pid_n = tl.program_id(1)
         rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -90,60 +91,72 @@ def _kernel(interpret: bool):
         for r0 in range(0, R, BLOCK_R):
             ranks = r0 + tl.arange(0, BLOCK_R)
             rank_ok = ranks < R
-            ga = tl.load(ga_ptr + rows[:, None].to(tl.int64) * s_ga + ranks[None, :],
-                         mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-            a = tl.load(a_ptr + ranks[:, None].to(tl.int64) * s_a + cols[None, :],
+            u = tl.load(u_ptr + rows[:, None].to(tl.int64) * s_u + ranks[None, :],
+                        mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+            v = tl.load(v_ptr + ranks[:, None] * s_vr + cols[None, :].to(tl.int64) * s_vn,
                         mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
             # In float32: every bf16/fp16 value is exact in TF32, so the tensor cores lose nothing
             # (the inner dimension is the rank: speed is not at stake), and Triton's CPU
             # interpreter, which mis-reads bf16 in tl.dot, gets it right too.
-            acc += tl.dot(ga.to(tl.float32), a.to(tl.float32))
+            acc += tl.dot(u.to(tl.float32), v.to(tl.float32))
         tile = row_ok[:, None] & col_ok[None, :]
-        keep = tl.load(mask_ptr + rows[:, None].to(tl.int64) * s_m + cols[None, :], mask=tile, other=0)
-        gx_at = gx_ptr + rows[:, None].to(tl.int64) * s_gx + cols[None, :]
-        gx = tl.load(gx_at, mask=tile, other=0.0).to(tl.float32)
-        out = gx + tl.where(keep != 0, acc * keep_scale, 0.0)
-        tl.store(gx_at, out.to(gx_ptr.dtype.element_ty), mask=tile)
+        acc = acc * scale
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + rows[:, None].to(tl.int64) * s_m + cols[None, :], mask=tile, other=0)
+            acc = tl.where(keep != 0, acc, 0.0)
+        out_at = out_ptr + rows[:, None].to(tl.int64) * s_out + cols[None, :]
+        out = tl.load(out_at, mask=tile, other=0.0).to(tl.float32) + acc
+        tl.store(out_at, out.to(out_ptr.dtype.element_ty), mask=tile)
 
-    return lora_input_grad_kernel
+    return lora_product_kernel
 
 
-def add_lora_input_grad_(grad_x: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, mask: torch.Tensor,
-                         keep_scale: float) -> torch.Tensor:
-    """grad_x += keep_scale * mask * (ga @ A), in place; grad_x [T x N] with contiguous rows,
-    ga [T x R], A [R x N], mask [T x N] bool. Same dtype for grad_x, ga and A."""
-    T, N = grad_x.shape
-    R = ga.shape[1]
-    if ga.shape != (T, R) or A.shape != (R, N) or mask.shape != (T, N):
-        raise ValueError(f"shapes: grad_x {tuple(grad_x.shape)}, ga {tuple(ga.shape)}, A {tuple(A.shape)}, "
-                         f"mask {tuple(mask.shape)}")
-    if not (ga.dtype == A.dtype == grad_x.dtype) or mask.dtype != torch.bool:
-        raise ValueError(f"dtypes: grad_x {grad_x.dtype}, ga {ga.dtype}, A {A.dtype}, mask {mask.dtype}")
-    if grad_x.stride(1) != 1:
-        raise ValueError(f"grad_x must have contiguous rows (strides {grad_x.stride()})")
-    ga, A, mask = ga.contiguous(), A.contiguous(), mask.contiguous()  # no copies in the fused layer
-    grid = ((T + BLOCK_T - 1) // BLOCK_T, (N + BLOCK_N - 1) // BLOCK_N)
+def add_lora_product_(out: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: float,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """out += scale * (u @ v), or with a mask out += scale * mask * (u @ v), in place.
+
+    out [T x N] with contiguous rows, u [T x R], v [R x N] (any strides: the forward passes
+    B.t()), mask [T x N] bool. Same dtype for out, u and v."""
+    T, N = out.shape
+    R = u.shape[1]
+    if u.shape != (T, R) or v.shape != (R, N) or (mask is not None and mask.shape != (T, N)):
+        raise ValueError(f"shapes: out {tuple(out.shape)}, u {tuple(u.shape)}, v {tuple(v.shape)}"
+                         + (f", mask {tuple(mask.shape)}" if mask is not None else ""))
+    if not (u.dtype == v.dtype == out.dtype) or (mask is not None and mask.dtype != torch.bool):
+        raise ValueError(f"dtypes: out {out.dtype}, u {u.dtype}, v {v.dtype}"
+                         + (f", mask {mask.dtype}" if mask is not None else ""))
+    if out.stride(1) != 1:
+        raise ValueError(f"out must have contiguous rows (strides {out.stride()})")
+    u = u.contiguous()  # no copies in the fused layer
+    m = mask.contiguous().view(torch.uint8) if mask is not None else out
+    grid = (triton_cdiv(T, BLOCK_T), triton_cdiv(N, BLOCK_N))
     try:
         _kernel(_interpreting())[grid](
-            grad_x, ga, A, mask.view(torch.uint8), T, N, R, float(keep_scale),
-            grad_x.stride(0), ga.stride(0), A.stride(0), mask.stride(0),
-            BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, num_warps=NUM_WARPS,
+            out, u, v, m, T, N, R, float(scale),
+            out.stride(0), u.stride(0), v.stride(0), v.stride(1), m.stride(0),
+            BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, HAS_MASK=mask is not None, num_warps=NUM_WARPS,
         )
     except Exception as exc:
         # Triton compiles on first use, and its compiler can fail on a card or version we have
         # not run (Triton 3.6 fails an assertion on some LoRA kernel layouts on Hopper:
-        # docs/benchmarks.md). A compile error comes before the launch, so grad_x is untouched:
+        # docs/benchmarks.md). A compile error comes before the launch, so out is untouched:
         # compute the same sum in PyTorch, say so once, and keep to PyTorch from then on.
-        key = (grad_x.device.type, grad_x.dtype)
+        key = (out.device.type, out.dtype)
         _failed[key] = _describe(exc)
-        warnings.warn(f"the Triton kernel for the LoRA input gradient failed on {key[0]} {key[1]} "
+        warnings.warn(f"the Triton kernel for the LoRA product failed on {key[0]} {key[1]} "
                       f"({_failed[key]}); using the PyTorch expression instead (same result, slower)",
                       RuntimeWarning, stacklevel=2)
-        add_lora_input_grad_torch_(grad_x, ga, A, mask, keep_scale)
-    return grad_x
+        add_lora_product_torch_(out, u, v, scale, mask)
+    return out
 
 
-def add_lora_input_grad_torch_(grad_x: torch.Tensor, ga: torch.Tensor, A: torch.Tensor, mask: torch.Tensor,
-                               keep_scale: float) -> torch.Tensor:
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def add_lora_product_torch_(out: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: float,
+                            mask: torch.Tensor | None = None) -> torch.Tensor:
     """The same sum in PyTorch (any device and dtype): the kernel's reference and fallback."""
-    return grad_x.addcmul_(ga @ A, mask, value=float(keep_scale))
+    if mask is None:
+        return out.addmm_(u, v, alpha=float(scale))
+    return out.addcmul_(u @ v, mask, value=float(scale))
