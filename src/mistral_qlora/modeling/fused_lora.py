@@ -10,11 +10,11 @@ tokens per row that elementwise traffic was a quarter of a Mistral-7B step; fold
 
     forward:  out  = x @ W.T                       W dequantized from NF4 (bitsandbytes)
               xa   = dropout(x) @ A.T              [tokens x r]
-              out += scaling * xa @ B.T            one GEMM accumulating into out (beta=1)
+              out += scaling * xa @ B.T            one Triton pass over out (modeling/lora_kernels.py)
     backward: ga   = scaling * g @ B               [tokens x r]
               dB   = scaling * g.T @ xa,   dA = ga.T @ dropout(x)
-              dx   = g @ W,  dx += ga @ A          (with dropout: dx += mask * keep_scale * (ga @ A)
-                                                    in one Triton pass, modeling/lora_kernels.py)
+              dx   = g @ W,  dx += ga @ A          (with dropout: dx += mask * keep_scale * (ga @ A)),
+                                                    the same Triton kernel
 
 W is dequantized again in backward, as bitsandbytes does, so no 16-bit copy of the base is kept.
 Parameters, names and the saved adapter are PEFT's own: `FusedLoraLinear4bit` subclasses PEFT's

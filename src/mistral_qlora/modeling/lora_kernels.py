@@ -1,22 +1,25 @@
-"""A Triton kernel for the fused LoRA layer's backward: the adapter's input gradient under dropout.
+"""A Triton kernel for the fused LoRA layer's two rank-r products.
 
-With LoRA dropout, the adapter's share of the input gradient is `mask * keep_scale * (ga @ A)`
-(ga = scaling * grad_out @ B, [tokens x r]; A is [r x in]; mask is the dropout's keep mask). In
-PyTorch that is a GEMM writing a [tokens x in] product, then `addcmul_` reading it back with the
-bool mask and the base gradient. The addcmul runs as PyTorch's unrolled (unvectorised) kernel
-because its operands mix bf16 and bool: on an H100 at 8192-token rows it took 49 ms of a
-Mistral-7B step, more than any kernel but the big GEMMs (docs/benchmarks.md).
+Both passes of the fused layer (modeling/fused_lora.py) add a rank-r product to a full-width
+tensor: the forward adds the adapter's output to the base's, `out += scaling * xa @ B.T`, and the
+backward, under LoRA dropout, adds the adapter's share of the input gradient,
+`grad_x += keep_scale * mask * (ga @ A)` (ga = scaling * grad_out @ B, [tokens x r]; mask is the
+dropout's keep mask). In PyTorch the first is a rank-16 `addmm_`, which cuBLAS runs at a fraction
+of the card's bandwidth (237 us on an 8192 x 14336 output on an H200, where reading and writing
+it once takes under 100 us), and the second a GEMM writing a [tokens x in] product, then
+`addcmul_` reading it back with the bool mask: PyTorch runs that one unvectorised because its
+operands mix bf16 and bool (49 ms of a Mistral-7B step on an H100; docs/benchmarks.md).
 
-`add_lora_input_grad_` does it in one pass: each program computes a [BLOCK_T x BLOCK_N] tile of
-`ga @ A` in registers (the inner dimension is the LoRA rank, 8 to 256), applies the mask and the
-scale, adds the tile to the base gradient and stores it. It reads the base gradient and the mask
-once and writes the result once (5 bytes a value in bf16), and the product is never stored. It
-also rounds once where the PyTorch path rounds twice (the product to bf16, then the sum).
+`add_lora_product_` does either in one pass: each program computes a [BLOCK_T x BLOCK_N] tile of
+`u @ v` in registers (the inner dimension is the LoRA rank, 8 to 256), scales it, applies the mask
+if there is one, adds the tile to `out` and stores it. `out` is read and written once (4 bytes a
+value in bf16, 5 with the mask), the product is never stored, and the sum is rounded once where
+the PyTorch path rounds twice (the product to bf16, then the sum).
 
-The kernel runs on CUDA in bf16/fp16; `lora_input_grad_usable` says when, and the fused layer
-falls back to the PyTorch expression otherwise (CPU, float32, no Triton), and also, with one
-warning, if Triton fails to compile it on the card at hand. Under `TRITON_INTERPRET=1` Triton runs
-it on the CPU, which is how CI tests it.
+The kernel runs on CUDA in bf16/fp16; `lora_product_usable` says when, and the fused layer falls
+back to the PyTorch expressions otherwise (CPU, float32, no Triton), and also, with one warning, if
+Triton fails to compile it on the card at hand. Under `TRITON_INTERPRET=1` Triton runs it on the
+CPU, which is how CI tests it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import warnings
 
 import torch
 
-BLOCK_T = 32
+BLOCK_T = 32  # 32x256 tiles: best or within 5% of the best of eight shapes on an H200 (docs/benchmarks.md)
 BLOCK_N = 256
 BLOCK_R = 16  # tl.dot's smallest inner dimension; the rank is walked in steps of this
 NUM_WARPS = 4
@@ -128,8 +131,8 @@ def add_lora_product_(out: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale
     if out.stride(1) != 1:
         raise ValueError(f"out must have contiguous rows (strides {out.stride()})")
     u = u.contiguous()  # no copies in the fused layer
-    m = mask.contiguous().view(torch.uint8) if mask is not None else out
-    grid = (triton_cdiv(T, BLOCK_T), triton_cdiv(N, BLOCK_N))
+    m = mask.contiguous().view(torch.uint8) if mask is not None else out  # any pointer: unread without a mask
+    grid = ((T + BLOCK_T - 1) // BLOCK_T, (N + BLOCK_N - 1) // BLOCK_N)
     try:
         _kernel(_interpreting())[grid](
             out, u, v, m, T, N, R, float(scale),
@@ -148,10 +151,6 @@ def add_lora_product_(out: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale
                       RuntimeWarning, stacklevel=2)
         add_lora_product_torch_(out, u, v, scale, mask)
     return out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 def add_lora_product_torch_(out: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: float,
