@@ -195,7 +195,7 @@ def test_window_semantics_match_transformers_mask():
 
 
 # ---------------------------------------------------------------------------------------------
-# varlen: GQA both ways, and the batches that come without cu_seq_lens
+# varlen: the three ways to GQA, and the batches that come without cu_seq_lens
 
 
 def test_varlen_repeats_kv_heads_where_the_kernel_refuses_fewer(tiny_path, reference_kernel, monkeypatch):

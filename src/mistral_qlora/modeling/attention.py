@@ -173,8 +173,9 @@ _VARLEN_KERNEL = None  # resolved on first use; the CPU tests put reference_varl
 # the kernel: "flag": torch 2.13's varlen_attn takes enable_gqa=True; "direct": torch 2.11's has no
 # such flag and no check, and hands K/V to the flash kernel, which shares each K/V head among its
 # query heads itself ("probe" until the first call shows it); "repeat": the K/V heads are repeated
-# to the query's, a copy in forward and a sum in backward (8 ms of a Mistral-7B step on an H200,
-# docs/benchmarks.md), for a torch whose varlen_attn refuses fewer heads without a flag.
+# to the query's, a copy in forward and a sum in backward (about 8 ms of kernels and 3 GiB in a
+# Mistral-7B step on an H200, 1% of its speed: docs/benchmarks.md), for a torch whose varlen_attn
+# refuses fewer heads without a flag.
 _GQA: str | None = None
 
 
