@@ -172,3 +172,39 @@ def test_block_scales_are_kept_and_dequantize_as_bitsandbytes_does():
     assert scales.dtype == torch.float32 and q_proj.block_scales() is scales  # computed once
     want = bnb.functional.dequantize_4bit(weight, weight.quant_state)
     assert torch.equal(_dequantize(weight, scales, want.dtype), want)
+
+
+@pytest.mark.parametrize("checkpoint_layers", [0, 2])
+def test_kept_weights_skip_the_backward_dequantization_and_change_nothing(batch, monkeypatch, checkpoint_layers):
+    """Layers told to keep their dequantized weights dequantize once per forward (recompute
+    included) and never in backward; loss and gradients are those of dequantizing again."""
+    from mistral_qlora.modeling import fused_lora
+    from mistral_qlora.modeling.speed import set_kept_weights
+
+    calls = []
+    dequantize = fused_lora._dequantize
+
+    def counted(weight, absmax, dtype):
+        calls.append(weight)
+        return dequantize(weight, absmax, dtype)
+
+    monkeypatch.setattr(fused_lora, "_dequantize", counted)
+    results = {}
+    for kept in (None, 0, 4):  # None: no layer keeps (dequantize again everywhere)
+        model = lora_model(True, 0.1, checkpoint_layers)
+        if kept is not None:
+            set_kept_weights(model, checkpoint_layers, kept)
+        layers = model.get_base_model().model.layers
+        keeping = [[m.keep_dequantized_weight for m in layer.modules() if isinstance(m, FusedLoraLinear4bit)]
+                   for layer in layers]
+        want = [kept is not None and (i < checkpoint_layers or i >= len(layers) - kept) for i in range(len(layers))]
+        assert keeping == [[w] * 7 for w in want]
+        calls.clear()
+        results[kept] = loss_and_grads(model, batch)
+        # forward, recompute, then backward for the layers that do not keep (layer 0's q/k/v read
+        # the frozen embeddings and need no input gradient, unless checkpointing made them need one)
+        backward = 7 * want.count(False) - (3 if not want[0] and not checkpoint_layers else 0)
+        assert len(calls) == 7 * len(layers) + 7 * checkpoint_layers + backward, (kept, len(calls))
+    loss, grads = results[None]
+    for kept in (0, 4):
+        assert results[kept][0] == loss and all(torch.equal(results[kept][1][k], grads[k]) for k in grads)

@@ -84,3 +84,35 @@ def test_lora_dropout_copies_in_the_estimate():
                                                         "train": {**no_dropout.train.model_dump(),
                                                                   "gradient_checkpointing": "auto"}}),
                               Mistral7B, 2, "liger", 73 * GIB)[0] == 0
+
+
+def test_kept_weights_spend_what_checkpointing_leaves():
+    """`auto` keeps the dequantized weights of as many layers not recomputed as the memory left
+    holds (0.4 GiB a Mistral-7B layer), none with train.memory=low, PEFT's layers or no GPU; the
+    estimate counts them, and one layer's worth wherever layers recompute."""
+    from mistral_qlora.distributed import estimate_memory, kept_weight_bytes
+    from mistral_qlora.modeling import speed
+    from mistral_qlora.modeling.speed import plan_kept_weights
+
+    cfg = _cfg(gradient_checkpointing="auto")
+    per_layer = kept_weight_bytes(Mistral7B, cfg, 2)
+    assert per_layer == 2 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
+    plans = {}
+    for gib in (73, 80, 129):  # gpu_budget of an 80 GB card, a made-up 87 GB one, a 141 GB one
+        k, _ = plan_checkpointing(cfg, Mistral7B, 2, "liger", gib * GIB)
+        n, why = plan_kept_weights(cfg, Mistral7B, 2, "liger", gib * GIB, k)
+        plans[gib] = (k, n)
+        need = estimate_memory(Mistral7B, cfg, 2, k, fused_loss=True, kept_weight_layers=n)
+        assert need.per_gpu("single") <= gib * GIB * (1 - speed.AUTO_HEADROOM) and f"{n} of {32 - k}" in why
+    assert plans[73][0] == 0 and plans[73][1] < 8, plans  # an 80 GB card: little room left
+    assert plans[80][0] == 0 and 8 <= plans[80][1] < 32, plans
+    assert plans[129] == (0, 32)
+    assert plan_kept_weights(cfg, Mistral7B, 2, "liger", 8 * GIB, 32)[0] == 0
+    n, why = plan_kept_weights(_cfg(gradient_checkpointing="auto", memory="low"), Mistral7B, 2, "liger", 129 * GIB, 32)
+    assert n == 0 and "memory=low" in why
+    assert plan_kept_weights(cfg, Mistral7B, 2, "liger", None, 32)[0] == 0
+    peft = RunConfig.model_validate({**cfg.model_dump(), "lora": {"fused": False}})
+    assert plan_kept_weights(peft, Mistral7B, 2, "liger", 129 * GIB, 0) == (0, "PEFT's LoRA layers dequantize in backward")
+    # recomputing layers keep theirs one at a time: one layer's worth in the estimate
+    assert (estimate_memory(Mistral7B, cfg, 2, 32, fused_loss=True).activations
+            - estimate_memory(Mistral7B, peft, 2, 32, fused_loss=True).activations == per_layer)

@@ -194,8 +194,13 @@ def load_recipe_model(path: str, opts: BenchOptions, recipe: Recipe, dtype):
         return add_lora(base, lora, gradient_checkpointing=False)
     apply_kernels(base, recipe.kernels)
     layers = AutoConfig.from_pretrained(path).num_hidden_layers
-    return add_lora(base, lora, checkpoint_layers=checkpoint_layers(recipe, opts, path, layers, dtype),
-                    fused=recipe.lora == "fused")
+    k = checkpoint_layers(recipe, opts, path, layers, dtype)
+    model = add_lora(base, lora, checkpoint_layers=k, fused=recipe.lora == "fused")
+    if recipe.lora == "fused":
+        from mistral_qlora.modeling.speed import set_kept_weights
+
+        set_kept_weights(model, k, kept_weight_layers(recipe, opts, path, k, dtype))
+    return model
 
 
 def checkpoint_layers(recipe: Recipe, opts: BenchOptions, path: str, layers: int, dtype) -> int:
@@ -207,19 +212,37 @@ def checkpoint_layers(recipe: Recipe, opts: BenchOptions, path: str, layers: int
         return layers
     if recipe.ckpt != "auto":
         return checkpointed_layers_for(float(recipe.ckpt), layers)
+    from mistral_qlora.modeling.speed import plan_checkpointing
+
+    cfg, model_config, budget = _as_run(opts, path)
+    k, why = plan_checkpointing(cfg, model_config, dtype.itemsize, recipe.kernels, budget)
+    print(f"bench: {recipe.name}: {why}", flush=True)
+    return k
+
+
+def kept_weight_layers(recipe: Recipe, opts: BenchOptions, path: str, checkpointed: int, dtype) -> int:
+    """How many layers not recomputed keep their dequantized weights for backward, as `train`
+    plans it (modeling/speed.py)."""
+    from mistral_qlora.modeling.speed import plan_kept_weights
+
+    cfg, model_config, budget = _as_run(opts, path)
+    n, why = plan_kept_weights(cfg, model_config, dtype.itemsize, recipe.kernels, budget, checkpointed)
+    print(f"bench: {recipe.name}: {why}", flush=True)
+    return n
+
+
+def _as_run(opts: BenchOptions, path: str):
+    """(run config, model config, GPU budget) of a `train` run with the bench's shapes, for the plans."""
     from mistral_qlora.config import RunConfig
     from mistral_qlora.distributed import gpu_budget
     from mistral_qlora.modeling.model import load_model_config
-    from mistral_qlora.modeling.speed import plan_checkpointing
 
     cfg = RunConfig.model_validate({
         "model": {"name_or_path": path, "sliding_window": opts.sliding_window},
         "lora": {"r": opts.lora_r}, "data": {"tokens_per_row": opts.tokens_per_row, "max_seq_len": opts.max_len},
         "train": {"micro_batch_size": 1, "gradient_checkpointing": "auto"}})
     budget = gpu_budget(0) if torch.cuda.is_available() else None
-    k, why = plan_checkpointing(cfg, load_model_config(path, cfg.model), dtype.itemsize, recipe.kernels, budget)
-    print(f"bench: {recipe.name}: {why}", flush=True)
-    return k
+    return cfg, load_model_config(path, cfg.model), budget
 
 
 def set_attention(model, attention: str) -> None:

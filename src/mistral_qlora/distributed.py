@@ -164,7 +164,7 @@ def lora_target_names(target_modules) -> set[str]:
 
 
 def estimate_memory(model_config, cfg, dtype_bytes: int, checkpointed_layers: int | None = None,
-                    fused_loss: bool = False) -> MemoryEstimate:
+                    fused_loss: bool = False, kept_weight_layers: int = 0) -> MemoryEstimate:
     """A deliberately simple estimate (within ~10% of the H100 measurements in DESIGN.md).
 
     Per token and layer, a checkpointed layer keeps its input (H values) and recomputes one layer
@@ -172,7 +172,9 @@ def estimate_memory(model_config, cfg, dtype_bytes: int, checkpointed_layers: in
     V values in the model dtype plus an fp32 copy and its gradient, unless the loss is fused with
     the lm_head (Liger), which never materialises them. LoRA dropout keeps a dropped copy and a
     mask of every adapted linear's input (dtype + 1 bytes per value). `checkpointed_layers`
-    defaults to what train.gradient_checkpointing says (auto: every layer).
+    defaults to what train.gradient_checkpointing says (auto: every layer). The fused layer's kept
+    16-bit weights (modeling/speed.py) cost `kept_weight_layers` layers of adapted linears, plus
+    one layer where any layer is checkpointed (kept from its recompute to its backward).
     """
     from mistral_qlora.flops import decoder_linear_shapes
     from mistral_qlora.modeling.speed import checkpointed_layers_for
@@ -208,9 +210,20 @@ def estimate_memory(model_config, cfg, dtype_bytes: int, checkpointed_layers: in
         checkpointed_layers = L if checkpointed_layers is None else checkpointed_layers
     k = checkpointed_layers
     activations = k * T * H * dtype_bytes + (L - k) * one_layer + (one_layer if k else 0)
+    recomputing_keeps = k > 0 and cfg.lora.fused and cfg.quantization.bits == 4
+    activations += (kept_weight_layers + recomputing_keeps) * kept_weight_bytes(model_config, cfg, dtype_bytes)
     if not fused_loss:
         activations += T * V * (dtype_bytes + 8)
     return MemoryEstimate(base, layer_bytes, 4 * lora_params, 12 * lora_params, activations, T)
+
+
+def kept_weight_bytes(model_config, cfg, dtype_bytes: int) -> int:
+    """One decoder layer's adapted linears in 16 bits: what keeping their dequantized weights from
+    forward to backward costs a layer (modeling/fused_lora.py)."""
+    from mistral_qlora.flops import decoder_linear_shapes
+
+    targets = lora_target_names(cfg.lora.target_modules)
+    return dtype_bytes * sum(i * o for name, (i, o) in decoder_linear_shapes(model_config).items() if name in targets)
 
 
 def gpu_budget(device_index: int = 0) -> int | None:

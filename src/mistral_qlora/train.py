@@ -219,7 +219,8 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
     from mistral_qlora.modeling.attention import TAKES_CU_SEQLENS, select_attention
     from mistral_qlora.modeling.model import (add_lora, fused_lora_plan, keep_4bit_layout, load_base_model,
                                               load_model_config, resolve_model_path)
-    from mistral_qlora.modeling.speed import apply_kernels, plan_checkpointing, select_kernels
+    from mistral_qlora.modeling.speed import (apply_kernels, plan_checkpointing, plan_kept_weights, select_kernels,
+                                              set_kept_weights)
     from mistral_qlora.modeling.tokenizer import load_tokenizer
 
     started = time.time()
@@ -253,6 +254,10 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
                                                 rt.world_size)
     log(f"train.gradient_checkpointing={cfg.train.gradient_checkpointing} ({why}); model.kernels={kernels}")
     log(f"lora: {fused_why}")
+    if fused:
+        kept_layers, why = plan_kept_weights(cfg, model_config, rt.dtype.itemsize, kernels, budget, checkpoint_layers,
+                                             strategy, rt.world_size)
+        log(f"lora: dequantized weights kept for backward: {why}")
 
     # 3. Model: 4-bit base + LoRA.
     load_stats = None
@@ -278,6 +283,8 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
     # Seeded here: every rank, strategy and rerun starts from the same adapter.
     set_seed(cfg.train.seed)
     model = add_lora(model, cfg.lora, reentrant=zero3, checkpoint_layers=checkpoint_layers, fused=fused)
+    if fused:
+        set_kept_weights(model, checkpoint_layers, kept_layers)
     # Mistral ships no pad token; the tokenizer's stand-in (<unk>) is told to the model up front.
     model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
     if zero3 and rt.dtype != torch.float32:

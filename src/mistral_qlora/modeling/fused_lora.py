@@ -16,7 +16,10 @@ tokens per row that elementwise traffic was a quarter of a Mistral-7B step; fold
               dx   = g @ W,  dx += ga @ A          (with dropout: dx += mask * keep_scale * (ga @ A)),
                                                     the same Triton kernel
 
-W is dequantized again in backward, as bitsandbytes does, so no 16-bit copy of the base is kept.
+W is dequantized again in backward, as bitsandbytes does, so no 16-bit copy of the base is kept;
+where memory allows, the plan (modeling/speed.py) has a layer keep the forward's W for its
+backward instead (always in checkpointed layers, where it lives only from the layer's recompute
+to its backward).
 Parameters, names and the saved adapter are PEFT's own: `FusedLoraLinear4bit` subclasses PEFT's
 `Linear4bit` and is registered through `LoraConfig._register_custom_module`, PEFT's extension
 point for custom LoRA layers. Anything the fused path does not cover (several or disabled
@@ -41,27 +44,29 @@ class LoraLinear4bitFunction(torch.autograd.Function):
     kept for backward, as PEFT's layer keeps them."""
 
     @staticmethod
-    def forward(ctx, x, weight, absmax, lora_A, lora_B, scaling: float, dropout_p: float, dtype: torch.dtype):
+    def forward(ctx, x, weight, absmax, lora_A, lora_B, scaling: float, dropout_p: float, dtype: torch.dtype,
+                keep_weight: bool = False):
         shape, x_dtype = x.shape, x.dtype
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, shape[-1]).to(dtype)
             A, B = lora_A.to(dtype), lora_B.to(dtype)
-            out = x2 @ _dequantize(weight, absmax, dtype).t()
+            W = _dequantize(weight, absmax, dtype)
+            out = x2 @ W.t()
             if dropout_p > 0:
                 dx, mask = torch.native_dropout(x2, dropout_p, True)
             else:
                 dx, mask = x2, None
             xa = dx @ A.t()
             _add_product(out, xa, B.t(), scaling)
-        ctx.weight, ctx.absmax = weight, absmax  # frozen 4-bit parameter: dequantized again in backward
+        ctx.weight, ctx.absmax = weight, absmax  # frozen 4-bit parameter: dequantized again in backward, unless kept
         ctx.scaling, ctx.dropout_p, ctx.dtype = scaling, dropout_p, dtype
         ctx.x_shape, ctx.x_dtype, ctx.A_dtype, ctx.B_dtype = shape, x_dtype, lora_A.dtype, lora_B.dtype
-        ctx.save_for_backward(dx, mask, xa, A, B)
+        ctx.save_for_backward(dx, mask, xa, A, B, W if keep_weight else None)
         return out.reshape(*shape[:-1], out.shape[-1]).to(x_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        dx, mask, xa, A, B = ctx.saved_tensors
+        dx, mask, xa, A, B, W = ctx.saved_tensors
         need_x, _, _, need_A, need_B = ctx.needs_input_grad[:5]
         grad_x = grad_A = grad_B = None
         with torch.autocast(grad_out.device.type, enabled=False):
@@ -73,10 +78,10 @@ class LoraLinear4bitFunction(torch.autograd.Function):
             if need_A:
                 grad_A = (ga.t() @ dx).to(ctx.A_dtype)
             if need_x:
-                grad_x = g @ _dequantize(ctx.weight, ctx.absmax, ctx.dtype)
+                grad_x = g @ (W if W is not None else _dequantize(ctx.weight, ctx.absmax, ctx.dtype))
                 _add_product(grad_x, ga, A, 1.0 / (1.0 - ctx.dropout_p), mask)
                 grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
-        return grad_x, None, None, grad_A, grad_B, None, None, None
+        return grad_x, None, None, grad_A, grad_B, None, None, None, None
 
 
 def _add_product(out: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: float, mask=None) -> None:
@@ -118,7 +123,13 @@ def _dequantize(weight, absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
 
 
 class FusedLoraLinear4bit(_PeftLinear4bit):
-    """PEFT's LoRA layer for a bitsandbytes `Linear4bit`, with the fused forward and backward."""
+    """PEFT's LoRA layer for a bitsandbytes `Linear4bit`, with the fused forward and backward.
+
+    `keep_dequantized_weight` (set per decoder layer by `speed.set_kept_weights`): keep the 16-bit
+    weight the forward dequantized until backward instead of dequantizing it again there; it costs
+    the weight's 16-bit size for as long as the layer's activations are kept."""
+
+    keep_dequantized_weight = False
 
     def fused_plan(self, args, kwargs):
         """(adapter, dropout p) when the fused path computes exactly what PEFT's forward would,
@@ -153,7 +164,8 @@ class FusedLoraLinear4bit(_PeftLinear4bit):
         base = self.get_base_layer()
         dtype = base.compute_dtype or x.dtype
         return LoraLinear4bitFunction.apply(x, base.weight, self.block_scales(), self.lora_A[adapter].weight,
-                                            self.lora_B[adapter].weight, self.scaling[adapter], p, dtype)
+                                            self.lora_B[adapter].weight, self.scaling[adapter], p, dtype,
+                                            self.keep_dequantized_weight)
 
     def block_scales(self) -> torch.Tensor:
         """The frozen weight's float32 block scales, dequantized once and kept (4 bytes per 64

@@ -8,6 +8,9 @@
   checkpoints as few as fit the GPU, `train.memory: low` all of them.
 - `set_checkpointed_layers`: turns recompute on for the first k layers only, through each decoder
   layer's own `gradient_checkpointing` switch (transformers' GradientCheckpointingLayer).
+- `plan_kept_weights` / `set_kept_weights`: which layers' fused LoRA linears keep the 16-bit
+  weights their forward dequantized for backward, instead of dequantizing them again: the
+  checkpointed ones, and as many others as the memory left over holds.
 """
 
 from __future__ import annotations
@@ -90,11 +93,53 @@ def plan_checkpointing(cfg, model_config, dtype_bytes: int, kernels: str, budget
                f"of {budget / GIB:.1f} GiB usable ({AUTO_HEADROOM:.0%} kept free)")
 
 
+def plan_kept_weights(cfg, model_config, dtype_bytes: int, kernels: str, budget: int | None, checkpointed: int,
+                      strategy: str = "single", world_size: int = 1) -> tuple[int, str]:
+    """(layers, among those not checkpointed, whose fused LoRA linears keep their dequantized
+    16-bit weights from forward to backward, why). Dequantizing again in backward costs about 2%
+    of a Mistral-7B step (docs/benchmarks.md); keeping costs a layer's linears in 16 bits (0.4 GiB
+    for Mistral-7B) from its forward to its backward, so `auto` keeps as many as the memory left
+    after `plan_checkpointing` holds, with the same head-room. Checkpointed layers always keep
+    theirs: they hold it only from their recompute to their backward, one layer at a time."""
+    from mistral_qlora.distributed import estimate_memory, kept_weight_bytes
+
+    L = model_config.num_hidden_layers
+    if not (cfg.lora.fused and cfg.quantization.bits == 4) or strategy in ("zero3", "zero3_offload"):
+        return 0, "PEFT's LoRA layers dequantize in backward"
+    if cfg.train.memory == "low" or budget is None or checkpointed >= L:
+        why = "train.memory=low" if cfg.train.memory == "low" else "no GPU" if budget is None else "every layer recomputes"
+        return 0, f"{why}: checkpointed layers only"
+    need = estimate_memory(model_config, cfg, dtype_bytes, checkpointed_layers=checkpointed,
+                           fused_loss=kernels == "liger")
+    per_layer = kept_weight_bytes(model_config, cfg, dtype_bytes)
+    spare = budget * (1 - AUTO_HEADROOM) - need.per_gpu(strategy, world_size)
+    n = max(0, min(L - checkpointed, int(spare // per_layer)))
+    return n, (f"{n} of {L - checkpointed} layers not recomputed keep their dequantized weights for backward "
+               f"(+{n * per_layer / GIB:.1f} GiB)")
+
+
+def set_kept_weights(model, checkpointed: int, kept: int) -> None:
+    """Have the fused LoRA linears of the first `checkpointed` decoder layers (those that
+    recompute) and of the last `kept` layers keep their dequantized weights for backward."""
+    from mistral_qlora.modeling.fused_lora import FusedLoraLinear4bit
+
+    layers = _decoder_layers(model)
+    for i, layer in enumerate(layers):
+        keep = i < checkpointed or i >= len(layers) - kept
+        for module in layer.modules():
+            if isinstance(module, FusedLoraLinear4bit):
+                module.keep_dequantized_weight = keep
+
+
+def _decoder_layers(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder().layers if hasattr(base, "get_decoder") else base.model.layers
+
+
 def set_checkpointed_layers(model, k: int, reentrant: bool = False) -> None:
     """Recompute the first k decoder layers in backward, keep the others' activations."""
     if k <= 0:
         return
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-    layers = model.get_decoder().layers if hasattr(model, "get_decoder") else model.model.layers
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(_decoder_layers(model)):
         layer.gradient_checkpointing = i < k
