@@ -175,9 +175,11 @@ def test_block_scales_are_kept_and_dequantize_as_bitsandbytes_does():
 
 
 @pytest.mark.parametrize("checkpoint_layers", [0, 2])
-def test_kept_weights_skip_the_backward_dequantization_and_change_nothing(batch, monkeypatch, checkpoint_layers):
-    """Layers told to keep their dequantized weights dequantize once per forward (recompute
-    included) and never in backward; loss and gradients are those of dequantizing again."""
+def test_kept_weights_skip_dequantization_and_change_nothing(batch, monkeypatch, checkpoint_layers):
+    """Checkpointed layers told to keep their dequantized weights dequantize once per forward and
+    once per recompute, never in backward; the other kept layers dequantize in the run's first
+    forward and never again. Loss and gradients, step after step, are those of dequantizing
+    every time."""
     from mistral_qlora.modeling import fused_lora
     from mistral_qlora.modeling.speed import set_kept_weights
 
@@ -195,16 +197,95 @@ def test_kept_weights_skip_the_backward_dequantization_and_change_nothing(batch,
         if kept is not None:
             set_kept_weights(model, checkpoint_layers, kept)
         layers = model.get_base_model().model.layers
-        keeping = [[m.keep_dequantized_weight for m in layer.modules() if isinstance(m, FusedLoraLinear4bit)]
-                   for layer in layers]
-        want = [kept is not None and (i < checkpoint_layers or i >= len(layers) - kept) for i in range(len(layers))]
-        assert keeping == [[w] * 7 for w in want]
-        calls.clear()
-        results[kept] = loss_and_grads(model, batch)
-        # forward, recompute, then backward for the layers that do not keep (layer 0's q/k/v read
-        # the frozen embeddings and need no input gradient, unless checkpointing made them need one)
-        backward = 7 * want.count(False) - (3 if not want[0] and not checkpoint_layers else 0)
-        assert len(calls) == 7 * len(layers) + 7 * checkpoint_layers + backward, (kept, len(calls))
-    loss, grads = results[None]
-    for kept in (0, 4):
-        assert results[kept][0] == loss and all(torch.equal(results[kept][1][k], grads[k]) for k in grads)
+        L = len(layers)
+        flags = [[(m.keep_dequantized_weight, m.cache_dequantized_weight) for m in layer.modules()
+                  if isinstance(m, FusedLoraLinear4bit)] for layer in layers]
+        cache = [kept is not None and i >= max(checkpoint_layers, L - kept) for i in range(L)]
+        keep = [kept is not None and i < checkpoint_layers or cache[i] for i in range(L)]
+        assert flags == [[(k, c)] * 7 for k, c in zip(keep, cache)]
+        # backward dequantizes for the layers that do not keep (layer 0's q/k/v read the frozen
+        # embeddings and need no input gradient, unless checkpointing made them need one)
+        backward = 7 * keep.count(False) - (3 if not keep[0] and not checkpoint_layers else 0)
+        results[kept] = []
+        for step in range(2):
+            calls.clear()
+            model.zero_grad(set_to_none=True)
+            results[kept].append(loss_and_grads(model, batch))
+            forward = 7 * L if step == 0 else 7 * cache.count(False)
+            assert len(calls) == forward + 7 * checkpoint_layers + backward, (kept, step, len(calls))
+    loss, grads = results[None][0]
+    for kept, steps in results.items():
+        for step_loss, step_grads in steps:
+            assert step_loss == loss and all(torch.equal(step_grads[k], grads[k]) for k in grads), kept
+
+
+def test_cached_weight_follows_its_4bit_weight_and_outlives_inference_mode(batch):
+    """The run-long copy is made again when the 4-bit weight is replaced, and a copy first made
+    under torch.inference_mode (an evaluation or a preview before training) can still be saved
+    for backward."""
+    from mistral_qlora.modeling.speed import set_kept_weights
+
+    model = lora_model(True, 0.0)
+    set_kept_weights(model, 0, 2)
+    layer = model.get_base_model().model.layers[-1].mlp.up_proj
+    assert layer.cache_dequantized_weight
+    with torch.inference_mode():
+        model(**on(model, batch))
+    first = layer.dequantized_weight(torch.float32)
+    assert not first.is_inference() and layer.dequantized_weight(torch.float32) is first
+    loss_and_grads(model, batch)  # saves the copy for backward
+    base = layer.get_base_layer()
+    base.weight.data = base.weight.data.clone()
+    again = layer.dequantized_weight(torch.float32)
+    assert again is not first and torch.equal(again, first)
+
+
+@pytest.mark.parametrize("checkpoint_layers", [0, 2])
+def test_readers_of_one_input_sum_their_gradient_in_one_buffer(batch, monkeypatch, checkpoint_layers):
+    """q/k/v (and gate/up) add their input gradients into one buffer and only the last one hands
+    it to autograd; the gradients are those of autograd's own sum."""
+    from mistral_qlora.modeling.fused_lora import LoraLinear4bitFunction
+
+    def grads_without_groups():
+        model = lora_model(True, 0.1, checkpoint_layers)
+        for m in model.modules():
+            if isinstance(m, FusedLoraLinear4bit):
+                m.input_group = None
+        return loss_and_grads(model, batch)
+
+    ref_loss, ref_grads = grads_without_groups()
+    handed = []
+    backward = LoraLinear4bitFunction.backward
+
+    def recorded(ctx, grad_out):
+        grads = backward(ctx, grad_out)
+        handed.append(grads[0] is not None)
+        return grads
+
+    monkeypatch.setattr(LoraLinear4bitFunction, "backward", staticmethod(recorded))
+    model = lora_model(True, 0.1, checkpoint_layers)
+    layers = model.get_base_model().model.layers
+    assert all(layer.self_attn.q_proj.input_group is layer.self_attn.v_proj.input_group is not None
+               and layer.mlp.gate_proj.input_group is layer.mlp.up_proj.input_group for layer in layers)
+    loss, grads = loss_and_grads(model, batch)
+    assert loss == ref_loss
+    for k in grads:  # the same sum, added in another order
+        assert (grads[k] - ref_grads[k]).abs().max() <= 1e-5 * ref_grads[k].abs().max(), k
+    # per layer: o_proj, down_proj and one of gate/up and of q/k/v hand a gradient; layer 0's
+    # q/k/v need none (they read the frozen embeddings) unless checkpointing made them need one
+    readers = 7 * len(layers)
+    assert len(handed) == readers
+    assert handed.count(True) == 4 * len(layers) - (0 if checkpoint_layers else 1)
+
+
+def test_readers_given_different_tensors_keep_their_own_gradient():
+    model = lora_model(True, 0.0)
+    attn = model.get_base_model().model.layers[1].self_attn
+    device = next(model.parameters()).device
+    x = torch.randn(5, attn.q_proj.in_features, device=device, requires_grad=True)
+    (attn.q_proj(x).sum() + attn.k_proj(x.clone()).sum()).backward()
+    together = x.grad.clone()
+    x.grad = None
+    attn.q_proj(x).sum().backward()
+    attn.k_proj(x).sum().backward()
+    assert torch.allclose(x.grad, together, rtol=1e-5, atol=1e-7)

@@ -18,8 +18,8 @@ tokens per row that elementwise traffic was a quarter of a Mistral-7B step; fold
 
 W is dequantized again in backward, as bitsandbytes does, so no 16-bit copy of the base is kept;
 where memory allows, the plan (modeling/speed.py) has a layer keep the forward's W for its
-backward instead (always in checkpointed layers, where it lives only from the layer's recompute
-to its backward).
+backward instead: checkpointed layers always, from the layer's recompute to its backward; the
+others for the whole run, so they dequantize once instead of once per forward.
 Parameters, names and the saved adapter are PEFT's own: `FusedLoraLinear4bit` subclasses PEFT's
 `Linear4bit` and is registered through `LoraConfig._register_custom_module`, PEFT's extension
 point for custom LoRA layers. Anything the fused path does not cover (several or disabled
@@ -28,6 +28,8 @@ ZeRO-3 gathers through module hooks) runs PEFT's own forward.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -45,12 +47,12 @@ class LoraLinear4bitFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, absmax, lora_A, lora_B, scaling: float, dropout_p: float, dtype: torch.dtype,
-                keep_weight: bool = False):
+                keep_weight: bool = False, dequantized: torch.Tensor | None = None, shared=None):
         shape, x_dtype = x.shape, x.dtype
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, shape[-1]).to(dtype)
             A, B = lora_A.to(dtype), lora_B.to(dtype)
-            W = _dequantize(weight, absmax, dtype)
+            W = _dequantize(weight, absmax, dtype) if dequantized is None else dequantized
             out = x2 @ W.t()
             if dropout_p > 0:
                 dx, mask = torch.native_dropout(x2, dropout_p, True)
@@ -59,7 +61,7 @@ class LoraLinear4bitFunction(torch.autograd.Function):
             xa = dx @ A.t()
             _add_product(out, xa, B.t(), scaling)
         ctx.weight, ctx.absmax = weight, absmax  # frozen 4-bit parameter: dequantized again in backward, unless kept
-        ctx.scaling, ctx.dropout_p, ctx.dtype = scaling, dropout_p, dtype
+        ctx.scaling, ctx.dropout_p, ctx.dtype, ctx.shared = scaling, dropout_p, dtype, shared
         ctx.x_shape, ctx.x_dtype, ctx.A_dtype, ctx.B_dtype = shape, x_dtype, lora_A.dtype, lora_B.dtype
         ctx.save_for_backward(dx, mask, xa, A, B, W if keep_weight else None)
         return out.reshape(*shape[:-1], out.shape[-1]).to(x_dtype)
@@ -78,10 +80,18 @@ class LoraLinear4bitFunction(torch.autograd.Function):
             if need_A:
                 grad_A = (ga.t() @ dx).to(ctx.A_dtype)
             if need_x:
-                grad_x = g @ (W if W is not None else _dequantize(ctx.weight, ctx.absmax, ctx.dtype))
+                W = W if W is not None else _dequantize(ctx.weight, ctx.absmax, ctx.dtype)
+                shared = ctx.shared
+                if shared is not None and shared.buffer is not None:  # another reader's gradient: add to it
+                    grad_x = shared.buffer.addmm_(g, W)
+                else:
+                    grad_x = g @ W
                 _add_product(grad_x, ga, A, 1.0 / (1.0 - ctx.dropout_p), mask)
-                grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
-        return grad_x, None, None, grad_A, grad_B, None, None, None, None
+                if shared is not None:
+                    grad_x = shared.pass_on(grad_x)
+                if grad_x is not None:
+                    grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
+        return grad_x, None, None, grad_A, grad_B, None, None, None, None, None, None
 
 
 def _add_product(out: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: float, mask=None) -> None:
@@ -125,11 +135,19 @@ def _dequantize(weight, absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
 class FusedLoraLinear4bit(_PeftLinear4bit):
     """PEFT's LoRA layer for a bitsandbytes `Linear4bit`, with the fused forward and backward.
 
-    `keep_dequantized_weight` (set per decoder layer by `speed.set_kept_weights`): keep the 16-bit
-    weight the forward dequantized until backward instead of dequantizing it again there; it costs
-    the weight's 16-bit size for as long as the layer's activations are kept."""
+    Both set per decoder layer by `speed.set_kept_weights`:
+    - `keep_dequantized_weight`: keep the 16-bit weight the forward dequantized until backward
+      instead of dequantizing it again there; it costs the weight's 16-bit size for as long as the
+      layer's activations are kept.
+    - `cache_dequantized_weight`: keep it from one step to the next as well, so that the frozen
+      weight is dequantized once per run instead of once per forward. A layer whose activations
+      are all kept holds its weight at the step's peak (the end of forward) either way, so the
+      cache adds nothing to the peak; between steps it holds the weight's 16-bit size.
+    """
 
     keep_dequantized_weight = False
+    cache_dequantized_weight = False
+    input_group: "InputGroup | None" = None  # set by `group_shared_inputs`
 
     def fused_plan(self, args, kwargs):
         """(adapter, dropout p) when the fused path computes exactly what PEFT's forward would,
@@ -163,9 +181,26 @@ class FusedLoraLinear4bit(_PeftLinear4bit):
         adapter, p = plan
         base = self.get_base_layer()
         dtype = base.compute_dtype or x.dtype
+        cached = self.dequantized_weight(dtype) if self.cache_dequantized_weight else None
+        shared = None
+        if self.input_group is not None and torch.is_grad_enabled() and x.requires_grad:
+            shared = self.input_group.join(x)
         return LoraLinear4bitFunction.apply(x, base.weight, self.block_scales(), self.lora_A[adapter].weight,
                                             self.lora_B[adapter].weight, self.scaling[adapter], p, dtype,
-                                            self.keep_dequantized_weight)
+                                            self.keep_dequantized_weight or cached is not None, cached, shared)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The frozen weight in 16 bits, dequantized on first use and kept (`cache_dequantized_weight`);
+        dequantized again when the 4-bit weight or its block scales are replaced or moved."""
+        weight = self.get_base_layer().weight
+        absmax = self.block_scales()
+        key = (weight.data_ptr(), weight.device, absmax.data_ptr(), dtype)
+        if getattr(self, "_dequantized_key", None) != key:
+            self._dequantized = None  # free the old copy before making the new one
+            with torch.inference_mode(False):  # a copy made under inference mode could not be saved for backward
+                self._dequantized = _dequantize(weight, absmax, dtype)
+            self._dequantized_key = key
+        return self._dequantized
 
     def block_scales(self) -> torch.Tensor:
         """The frozen weight's float32 block scales, dequantized once and kept (4 bytes per 64
@@ -181,6 +216,65 @@ class FusedLoraLinear4bit(_PeftLinear4bit):
 
     def __repr__(self) -> str:
         return "fused_" + super().__repr__()
+
+
+class SharedInputGrad:
+    """The input gradient of the fused linears that read one tensor in one forward pass: each
+    one's backward adds its share into one buffer (its GEMM with beta=1, then the adapter's
+    product), and the last one hands the sum to autograd. Autograd would otherwise take each
+    share as a new tensor and add them up, one more pass over [tokens x hidden] per extra reader."""
+
+    def __init__(self, x: torch.Tensor):
+        self._x = weakref.ref(x)
+        self.readers = 0
+        self.buffer: torch.Tensor | None = None
+
+    def reads(self, x: torch.Tensor) -> bool:
+        return self._x() is x
+
+    def pass_on(self, grad_x: torch.Tensor) -> torch.Tensor | None:
+        """After one reader's share is in `grad_x`: the sum for the last reader, None before."""
+        self.readers -= 1
+        if self.readers > 0:
+            self.buffer = grad_x
+            return None
+        self.buffer = None
+        return grad_x
+
+
+class InputGroup:
+    """Fused linears of one block that read the same input (`group_shared_inputs`)."""
+
+    def __init__(self):
+        self._current: SharedInputGrad | None = None
+
+    def join(self, x: torch.Tensor) -> SharedInputGrad:
+        """The shared gradient of `x` for this forward pass: a reader given another tensor than
+        the last one starts a new one, so readers handed different tensors each keep their own."""
+        if self._current is None or not self._current.reads(x):
+            self._current = SharedInputGrad(x)
+        self._current.readers += 1
+        return self._current
+
+
+# Linears of a decoder layer's blocks that read one tensor: every one of their outputs is used,
+# which the shared gradient needs (a reader whose backward never ran would hold the sum back).
+SHARED_INPUT_LINEARS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def group_shared_inputs(model) -> int:
+    """Give the fused linears of each attention (q/k/v) and MLP (gate/up) one `InputGroup`, so that
+    their input gradient is summed in their own GEMMs. Returns the number of groups."""
+    groups = 0
+    for block in model.modules():
+        for names in SHARED_INPUT_LINEARS:
+            members = [getattr(block, n, None) for n in names]
+            if all(isinstance(m, FusedLoraLinear4bit) for m in members):
+                group = InputGroup()
+                for m in members:
+                    m.input_group = group
+                groups += 1
+    return groups
 
 
 def register_fused_lora(peft_config) -> None:

@@ -114,11 +114,14 @@ def add_lora(model, lora_cfg: LoraSection, gradient_checkpointing: bool = True, 
         bias="none",
         task_type="CAUSAL_LM",
     )
-    if fused:
-        from mistral_qlora.modeling.fused_lora import register_fused_lora
+    if not fused:
+        return get_peft_model(model, peft_config)
+    from mistral_qlora.modeling.fused_lora import group_shared_inputs, register_fused_lora
 
-        register_fused_lora(peft_config)
-    return get_peft_model(model, peft_config)
+    register_fused_lora(peft_config)
+    model = get_peft_model(model, peft_config)
+    group_shared_inputs(model)
+    return model
 
 
 def fused_lora_plan(lora_cfg: LoraSection, bits: int, zero3: bool) -> tuple[bool, str]:

@@ -10,7 +10,8 @@
   layer's own `gradient_checkpointing` switch (transformers' GradientCheckpointingLayer).
 - `plan_kept_weights` / `set_kept_weights`: which layers' fused LoRA linears keep the 16-bit
   weights their forward dequantized for backward, instead of dequantizing them again: the
-  checkpointed ones, and as many others as the memory left over holds.
+  checkpointed ones (from recompute to backward), and as many others as the memory left over
+  holds (for the whole run: dequantized once, not once a step).
 """
 
 from __future__ import annotations
@@ -96,11 +97,12 @@ def plan_checkpointing(cfg, model_config, dtype_bytes: int, kernels: str, budget
 def plan_kept_weights(cfg, model_config, dtype_bytes: int, kernels: str, budget: int | None, checkpointed: int,
                       strategy: str = "single", world_size: int = 1) -> tuple[int, str]:
     """(layers, among those not checkpointed, whose fused LoRA linears keep their dequantized
-    16-bit weights from forward to backward, why). Dequantizing again in backward costs about 2%
-    of a Mistral-7B step (docs/benchmarks.md); keeping costs a layer's linears in 16 bits (0.4 GiB
-    for Mistral-7B) from its forward to its backward, so `auto` keeps as many as the memory left
-    after `plan_checkpointing` holds, with the same head-room. Checkpointed layers always keep
-    theirs: they hold it only from their recompute to their backward, one layer at a time."""
+    16-bit weights for the whole run, why). Dequantizing in every forward and again in backward
+    cost about 4% of a Mistral-7B step (docs/benchmarks.md); keeping costs a layer's linears in 16
+    bits (0.4 GiB for Mistral-7B), which such a layer holds at the step's peak (the end of forward)
+    whether it keeps them between steps or not, so `auto` keeps as many as the memory left after
+    `plan_checkpointing` holds, with the same head-room. Checkpointed layers always keep theirs
+    from their recompute to their backward, one layer at a time."""
     from mistral_qlora.distributed import estimate_memory, kept_weight_bytes
 
     L = model_config.num_hidden_layers
@@ -114,21 +116,25 @@ def plan_kept_weights(cfg, model_config, dtype_bytes: int, kernels: str, budget:
     per_layer = kept_weight_bytes(model_config, cfg, dtype_bytes)
     spare = budget * (1 - AUTO_HEADROOM) - need.per_gpu(strategy, world_size)
     n = max(0, min(L - checkpointed, int(spare // per_layer)))
-    return n, (f"{n} of {L - checkpointed} layers not recomputed keep their dequantized weights for backward "
+    return n, (f"{n} of {L - checkpointed} layers not recomputed keep their dequantized weights for the whole run "
                f"(+{n * per_layer / GIB:.1f} GiB)")
 
 
 def set_kept_weights(model, checkpointed: int, kept: int) -> None:
     """Have the fused LoRA linears of the first `checkpointed` decoder layers (those that
-    recompute) and of the last `kept` layers keep their dequantized weights for backward."""
+    recompute) keep their dequantized weights from recompute to backward, and those of the last
+    `kept` layers keep them for the whole run (dequantized once, not once per forward: such a
+    layer holds its weights at the step's peak either way)."""
     from mistral_qlora.modeling.fused_lora import FusedLoraLinear4bit
 
     layers = _decoder_layers(model)
     for i, layer in enumerate(layers):
-        keep = i < checkpointed or i >= len(layers) - kept
+        recomputes = i < checkpointed
+        cache = not recomputes and i >= len(layers) - kept
         for module in layer.modules():
             if isinstance(module, FusedLoraLinear4bit):
-                module.keep_dequantized_weight = keep
+                module.keep_dequantized_weight = recomputes or cache
+                module.cache_dequantized_weight = cache
 
 
 def _decoder_layers(model):
