@@ -168,7 +168,8 @@ def estimate_memory(model_config, cfg, dtype_bytes: int, checkpointed_layers: in
     """A deliberately simple estimate (within ~10% of the H100 measurements in DESIGN.md).
 
     Per token and layer, a checkpointed layer keeps its input (H values) and recomputes one layer
-    at a time (~16H + 4I values); without checkpointing every layer keeps the latter. Logits cost
+    at a time (~16H + 4I values, or on the fast path what `_fast_path_layer_bytes` counts, within
+    1% of the H200 measurements); without checkpointing every layer keeps the latter. Logits cost
     V values in the model dtype plus an fp32 copy and its gradient, unless the loss is fused with
     the lm_head (Liger), which never materialises them. LoRA dropout keeps a dropped copy and a
     mask of every adapted linear's input (dtype + 1 bytes per value). `checkpointed_layers`
@@ -202,9 +203,12 @@ def estimate_memory(model_config, cfg, dtype_bytes: int, checkpointed_layers: in
     # (16H + 4I) values a token with LoRA dropout on every linear: the inputs of the seven
     # linears (6H + I values) each kept once more as a dropped copy plus a one-byte mask.
     dropout_copies = (dtype_bytes + 1) * sum(i for name, (i, o) in shapes.items() if name in targets)
-    one_layer = T * ((16 * H + 4 * I) * dtype_bytes - (6 * H + I) * (dtype_bytes + 1))
-    if cfg.lora.dropout > 0:
-        one_layer += T * dropout_copies
+    if fused_loss and cfg.lora.fused and cfg.quantization.bits == 4:
+        one_layer = T * _fast_path_layer_bytes(c, targets, dtype_bytes, cfg.lora.dropout > 0)
+    else:
+        one_layer = T * ((16 * H + 4 * I) * dtype_bytes - (6 * H + I) * (dtype_bytes + 1))
+        if cfg.lora.dropout > 0:
+            one_layer += T * dropout_copies
     if checkpointed_layers is None:
         checkpointed_layers = checkpointed_layers_for(cfg.train.gradient_checkpointing, L)
         checkpointed_layers = L if checkpointed_layers is None else checkpointed_layers
@@ -215,6 +219,26 @@ def estimate_memory(model_config, cfg, dtype_bytes: int, checkpointed_layers: in
     if not fused_loss:
         activations += T * V * (dtype_bytes + 8)
     return MemoryEstimate(base, layer_bytes, 4 * lora_params, 12 * lora_params, activations, T)
+
+
+def _fast_path_layer_bytes(model_config, targets: set[str], dtype_bytes: int, dropout: bool) -> int:
+    """Bytes one decoder layer keeps for backward per token on the fast path (the fused LoRA
+    layer, Liger's RMSNorm and SwiGLU, a flash-style attention), counted from what each op saves:
+    each RMSNorm its input; attention its q, k, v and output; SwiGLU its gate and up outputs; each
+    adapted linear its dropped input and the dropout mask (dtype + 1 bytes a value) or, without
+    dropout, its input, which q/k/v share, gate/up share, and o_proj shares with attention's
+    output. For Mistral-7B at 8192 tokens with dropout: 1.61 GiB a layer, 56.4 GiB in all with
+    nothing recomputed, where the H200 measured 56.8 (docs/benchmarks.md)."""
+    from mistral_qlora.flops import decoder_linear_shapes
+
+    shapes = decoder_linear_shapes(model_config)
+    H, I = model_config.hidden_size, model_config.intermediate_size
+    q, kv = shapes["q_proj"][1], shapes["k_proj"][1]
+    kept = dtype_bytes * (2 * H + 2 * q + 2 * kv + 2 * I)
+    if dropout:
+        return kept + (dtype_bytes + 1) * sum(shapes[name][0] for name in targets)
+    read = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"down_proj"})
+    return kept + dtype_bytes * sum(shapes[min(group)][0] for group in read if group & targets)
 
 
 def kept_weight_bytes(model_config, cfg, dtype_bytes: int) -> int:

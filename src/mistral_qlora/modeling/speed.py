@@ -22,10 +22,10 @@ import math
 from mistral_qlora.errors import UserError
 
 GIB = 2**30
-# Head-room kept free when `auto` spends memory on skipping recompute (allocator fragmentation,
-# the optimizer's first step, evaluation batches), on top of the estimate's own margin: on an H100
-# at 8192-token rows the estimate is 64.5 GiB with no layer recomputed where the measured peak is
-# 59.5 GiB (docs/benchmarks.md). At 15% auto recomputed 2 layers that fit, 3% of the step.
+# Head-room kept free when `auto` spends memory on skipping recompute and keeping weights
+# (allocator fragmentation, the optimizer's first step, evaluation batches): the fast path's
+# estimate is within 1% of the measured peaks (docs/benchmarks.md), so this, with the 8% that
+# `gpu_budget` leaves out, is the margin. At 15% auto recomputed 2 layers that fit, 3% of the step.
 AUTO_HEADROOM = 0.10
 
 
