@@ -221,7 +221,7 @@ def checkpoint_layers(recipe: Recipe, opts: BenchOptions, path: str, layers: int
 
 
 def kept_weight_layers(recipe: Recipe, opts: BenchOptions, path: str, checkpointed: int, dtype) -> int:
-    """How many layers not recomputed keep their dequantized weights for backward, as `train`
+    """How many layers not recomputed keep their dequantized weights (for the whole run), as `train`
     plans it (modeling/speed.py)."""
     from mistral_qlora.modeling.speed import plan_kept_weights
 
