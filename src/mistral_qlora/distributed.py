@@ -200,15 +200,14 @@ def estimate_memory(model_config, cfg, dtype_bytes: int, checkpointed_layers: in
 
     row = cfg.data.tokens_per_row if cfg.data.packing else cfg.data.max_seq_len
     T = cfg.train.micro_batch_size * row
-    # (16H + 4I) values a token with LoRA dropout on every linear: the inputs of the seven
-    # linears (6H + I values) each kept once more as a dropped copy plus a one-byte mask.
-    dropout_copies = (dtype_bytes + 1) * sum(i for name, (i, o) in shapes.items() if name in targets)
     if fused_loss and cfg.lora.fused and cfg.quantization.bits == 4:
         one_layer = T * _fast_path_layer_bytes(c, targets, dtype_bytes, cfg.lora.dropout > 0)
     else:
+        # (16H + 4I) values a token with LoRA dropout on every linear: the inputs of the seven
+        # linears (6H + I values) each kept once more as a dropped copy plus a one-byte mask.
         one_layer = T * ((16 * H + 4 * I) * dtype_bytes - (6 * H + I) * (dtype_bytes + 1))
         if cfg.lora.dropout > 0:
-            one_layer += T * dropout_copies
+            one_layer += T * (dtype_bytes + 1) * sum(i for name, (i, o) in shapes.items() if name in targets)
     if checkpointed_layers is None:
         checkpointed_layers = checkpointed_layers_for(cfg.train.gradient_checkpointing, L)
         checkpointed_layers = L if checkpointed_layers is None else checkpointed_layers

@@ -262,10 +262,9 @@ class InputGroup:
 SHARED_INPUT_LINEARS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def group_shared_inputs(model) -> int:
+def group_shared_inputs(model) -> None:
     """Give the fused linears of each attention (q/k/v) and MLP (gate/up) one `InputGroup`, so that
-    their input gradient is summed in their own GEMMs. Returns the number of groups."""
-    groups = 0
+    their input gradient is summed in their own GEMMs."""
     for block in model.modules():
         for names in SHARED_INPUT_LINEARS:
             members = [getattr(block, n, None) for n in names]
@@ -273,8 +272,6 @@ def group_shared_inputs(model) -> int:
                 group = InputGroup()
                 for m in members:
                     m.input_group = group
-                groups += 1
-    return groups
 
 
 def register_fused_lora(peft_config) -> None:
