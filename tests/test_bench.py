@@ -130,3 +130,27 @@ def test_report_prints_the_profile_with_idle_time_and_the_longest_kernels(tmp_pa
     table = B.format_report(report)
     assert "GPU idle (host launch gaps, syncs)" in table and "25.0%" in table
     assert "the kernels that took longest" in table and "224x  nvjet_sm90_gemm" in table
+
+
+def test_compare_times_each_lever_off_against_the_plan_in_turns(tmp_path, capsys):
+    """`bench --compare`: one model, the variants' passes interleaved, a row per variant."""
+    from mistral_qlora.bench_compare import AS_PLANNED, format_compare, run_compare
+    from mistral_qlora.cli import main
+
+    report = run_compare(_small_opts(tmp_path, recipes=["packed+sdpa"], repeats=2),
+                         ["shared-input-grad", "kept-weights"])
+    variants = {v["variant"]: v for v in report["variants"]}
+    assert list(variants) == [AS_PLANNED, "without shared-input-grad", "without kept-weights"]
+    assert variants[AS_PLANNED]["vs_planned"] == 1.0 and variants["without kept-weights"]["off"] == ["kept-weights"]
+    assert all(len(v["passes"]) == 2 and v["tokens_per_second"] > 0 and v["mean_loss"] > 0 for v in variants.values())
+    assert report["recipe"] == "packed+sdpa" and json.loads((tmp_path / "bench.json").read_text()) == report
+    table = format_compare(report)
+    assert "| without shared-input-grad" in table and "vs planned" in table
+
+    for argv, message in ((["--compare", "faster"], "--compare faster: name levers to switch off"),
+                          (["--compare", "kept-weights", "--recipes", "seed"], "needs a recipe of ours")):
+        with pytest.raises(SystemExit) as exc:
+            main(["bench", "--median", "48", "--max-len", "160", "--sequences", "120", "--tokens-per-row", "320",
+                  "--out", str(tmp_path / "x.json"), *argv])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()

@@ -142,3 +142,36 @@ def test_fast_path_estimate_matches_the_h200_measurements():
     for checkpointed, kept, measured in ((0, 0, 56.8), (0, 32, 69.8), (32, 0, 9.2)):
         need = estimate_memory(Mistral7B, cfg, 2, checkpointed, fused_loss=True, kept_weight_layers=kept)
         assert abs(need.per_gpu("single") / GIB / measured - 1) < 0.05, (checkpointed, kept, need)
+
+
+def _tiny_fused_model():
+    from mistral_qlora.config import ModelSection, QuantizationSection
+    from mistral_qlora.modeling.model import add_lora, keep_4bit_layout, load_base_model, resolve_model_path
+
+    base = load_base_model(resolve_model_path("tiny-random-mistral"), ModelSection(), QuantizationSection(), "sdpa",
+                           torch.float32)
+    keep_4bit_layout(base)
+    return add_lora(base, LoraSection(r=4, dropout=0.0), checkpoint_layers=1, fused=True)
+
+
+def test_lever_switch_turns_levers_off_and_back_to_the_plan():
+    from mistral_qlora.modeling.fused_lora import FusedLoraLinear4bit
+    from mistral_qlora.modeling.speed import LeverSwitch, set_kept_weights
+
+    model = _tiny_fused_model()
+    set_kept_weights(model, 1, 2)
+    fused = [m for m in model.modules() if isinstance(m, FusedLoraLinear4bit)]
+    planned = [(m.keep_dequantized_weight, m.cache_dequantized_weight, m.input_group) for m in fused]
+    assert any(c for _, c, _ in planned) and any(k and not c for k, c, _ in planned) and any(g for *_, g in planned)
+    cached = next(m for m in fused if m.cache_dequantized_weight)
+    cached.dequantized_weight(torch.float32)
+    switch = LeverSwitch(model)
+    switch.set_off(["cached-weights"])
+    assert [(m.keep_dequantized_weight, m.cache_dequantized_weight) for m in fused] == [(k, False) for k, _, _ in planned]
+    assert cached._dequantized is None  # the copy is freed
+    switch.set_off(["kept-weights", "shared-input-grad"])
+    assert not any(m.keep_dequantized_weight or m.cache_dequantized_weight or m.input_group for m in fused)
+    switch.set_off()
+    assert [(m.keep_dequantized_weight, m.cache_dequantized_weight, m.input_group) for m in fused] == planned
+    with pytest.raises(ValueError):
+        switch.set_off(["faster"])

@@ -362,12 +362,18 @@ def _real_and_slots(batch: dict) -> tuple[int, int]:
     return batch["input_ids"].numel(), batch["input_ids"].numel()
 
 
-def time_recipe(model, warmup: list[dict], timed: list[dict], opts: BenchOptions, dtype) -> dict:
+def training_setup(model, opts: BenchOptions, dtype):
+    """(device, trainable parameters, AdamW, autocast dtype or None) for timing `train_step`s."""
     device = next(p.device for p in model.parameters())
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=opts.learning_rate, fused=device.type == "cuda")
     autocast_dtype = dtype if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else None
     model.train()
+    return device, params, optimizer, autocast_dtype
+
+
+def time_recipe(model, warmup: list[dict], timed: list[dict], opts: BenchOptions, dtype) -> dict:
+    device, params, optimizer, autocast_dtype = training_setup(model, opts, dtype)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

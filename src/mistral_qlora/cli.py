@@ -98,6 +98,10 @@ def _add_bench_parser(sub) -> None:
                                      "[+lora=fused|peft] "
                                      "(default: seed, plain, every usable backend, then the fastest with Liger)")
     p.add_argument("--profile", action="store_true", help="profile one step of the last recipe: GPU time by kernel kind")
+    p.add_argument("--compare", metavar="LEVERS",
+                   help="comma-separated levers of the fast path (kept-weights, cached-weights, shared-input-grad): "
+                        "time the last recipe (default: the fast one) as planned and with each lever switched off, "
+                        "the variants taking turns pass by pass in one process")
     p.add_argument("--sliding-window", default="auto", help="auto (the checkpoint's), none, or a number of tokens")
     p.add_argument("--no-gradient-checkpointing", action="store_true", help="keep every activation")
     p.add_argument("--lora-r", type=int, default=16)
@@ -138,8 +142,12 @@ def cmd_bench(args) -> int:
         sliding_window=window, gradient_checkpointing=not args.no_gradient_checkpointing, lora_r=args.lora_r,
         dtype=args.dtype, seed=args.seed, out=args.out, profile=args.profile,
     )
-    report = run_bench(opts)
-    print(format_report(report))
+    if args.compare:
+        from mistral_qlora.bench_compare import format_compare, run_compare
+
+        print(format_compare(run_compare(opts, [lever.strip() for lever in args.compare.split(",") if lever.strip()])))
+    else:
+        print(format_report(run_bench(opts)))
     if args.out:
         print(f"report: {args.out}")
     return 0

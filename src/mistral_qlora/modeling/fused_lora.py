@@ -202,6 +202,10 @@ class FusedLoraLinear4bit(_PeftLinear4bit):
             self._dequantized_key = key
         return self._dequantized
 
+    def drop_dequantized_weight(self) -> None:
+        """Free the run-long copy (`cache_dequantized_weight` turned off)."""
+        self._dequantized = self._dequantized_key = None
+
     def block_scales(self) -> torch.Tensor:
         """The frozen weight's float32 block scales, dequantized once and kept (4 bytes per 64
         weights: 0.45 GB for Mistral-7B). bitsandbytes recomputes them from their 8-bit form on

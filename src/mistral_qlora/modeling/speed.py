@@ -135,6 +135,38 @@ def set_kept_weights(model, checkpointed: int, kept: int) -> None:
             if isinstance(module, FusedLoraLinear4bit):
                 module.keep_dequantized_weight = recomputes or cache
                 module.cache_dequantized_weight = cache
+                if not cache:
+                    module.drop_dequantized_weight()
+
+
+# The fast path's levers that can be switched off on a loaded model, for one-process A/Bs
+# (`mistral-qlora bench --compare`), and what the model does without each.
+LEVERS = {
+    "kept-weights": "every fused layer dequantizes its weight in forward and again in backward",
+    "cached-weights": "layers that keep their weights dequantize them in every forward (kept for backward only)",
+    "shared-input-grad": "autograd adds up the input gradients of q/k/v and of gate/up",
+}
+
+
+class LeverSwitch:
+    """Switches levers of one model off, and back to what the plan set (`LEVERS`)."""
+
+    def __init__(self, model):
+        from mistral_qlora.modeling.fused_lora import FusedLoraLinear4bit
+
+        self._planned = [(m, m.keep_dequantized_weight, m.cache_dequantized_weight, m.input_group)
+                         for m in model.modules() if isinstance(m, FusedLoraLinear4bit)]
+
+    def set_off(self, levers=()) -> None:
+        off = set(levers)
+        if off - set(LEVERS):
+            raise ValueError(f"unknown levers {sorted(off - set(LEVERS))}; known: {list(LEVERS)}")
+        for m, keep, cache, group in self._planned:
+            m.keep_dequantized_weight = keep and "kept-weights" not in off
+            m.cache_dequantized_weight = cache and not off & {"kept-weights", "cached-weights"}
+            if not m.cache_dequantized_weight:
+                m.drop_dequantized_weight()
+            m.input_group = None if "shared-input-grad" in off else group
 
 
 def _decoder_layers(model):
