@@ -580,12 +580,17 @@ def run_bench(opts: BenchOptions) -> dict:
         "options": asdict(opts),
         "results": [asdict(r) for r in results],
     }
-    if opts.out:
+    write_report(opts.out, report)
+    return report
+
+
+def write_report(out: str | None, report: dict) -> None:
+    """The JSON report at `out`, its folder made, where one was asked for."""
+    if out:
         from mistral_qlora.artifacts import write_json
 
-        Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
-        write_json(Path(opts.out), report)
-    return report
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        write_json(Path(out), report)
 
 
 def format_report(report: dict) -> str:

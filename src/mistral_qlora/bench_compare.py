@@ -13,13 +13,12 @@ import statistics
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
 from mistral_qlora.bench import (BenchOptions, Recipe, _environment, _free_memory, _real_and_slots, _sync,
                                  bench_flops_per_token, build_sample, load_recipe_model, recipe_batches,
-                                 resolve_bench_model, set_attention, train_step, training_setup)
+                                 resolve_bench_model, set_attention, train_step, training_setup, write_report)
 from mistral_qlora.errors import UserError
 from mistral_qlora.flops import mfu, peak_flops
 
@@ -114,11 +113,7 @@ def run_compare(opts: BenchOptions, levers: list[str]) -> dict:
         "options": asdict(opts),
         "variants": results,
     }
-    if opts.out:
-        from mistral_qlora.artifacts import write_json
-
-        Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
-        write_json(Path(opts.out), report)
+    write_report(opts.out, report)
     return report
 
 
