@@ -17,8 +17,9 @@ from datetime import datetime, timezone
 import torch
 
 from mistral_qlora.bench import (BenchOptions, Recipe, _environment, _free_memory, _real_and_slots, _sync,
-                                 bench_flops_per_token, build_sample, load_recipe_model, recipe_batches,
-                                 resolve_bench_model, set_attention, train_step, training_setup, write_report)
+                                 bench_flops_per_token, build_sample, default_recipes, load_recipe_model,
+                                 recipe_batches, resolve_bench_model, set_attention, train_step, training_setup,
+                                 write_report)
 from mistral_qlora.errors import UserError
 from mistral_qlora.flops import mfu, peak_flops
 
@@ -27,7 +28,6 @@ AS_PLANNED = "as planned"
 
 def compare_recipe(opts: BenchOptions, dtype) -> Recipe:
     """The recipe to compare: the last of --recipes, else the fast one."""
-    from mistral_qlora.bench import default_recipes
     from mistral_qlora.modeling.attention import usable_backends
     from mistral_qlora.modeling.speed import select_kernels
 
