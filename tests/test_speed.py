@@ -169,9 +169,12 @@ def test_lever_switch_turns_levers_off_and_back_to_the_plan():
     switch.set_off(["cached-weights"])
     assert [(m.keep_dequantized_weight, m.cache_dequantized_weight) for m in fused] == [(k, False) for k, _, _ in planned]
     assert cached._dequantized is None  # the copy is freed
-    switch.set_off(["kept-weights", "shared-input-grad"])
-    assert not any(m.keep_dequantized_weight or m.cache_dequantized_weight or m.input_group for m in fused)
+    assert all(m.product_first for m in fused)
+    switch.set_off(["kept-weights", "shared-input-grad", "product-first"])
+    assert not any(m.keep_dequantized_weight or m.cache_dequantized_weight or m.input_group or m.product_first
+                   for m in fused)
     switch.set_off()
     assert [(m.keep_dequantized_weight, m.cache_dequantized_weight, m.input_group) for m in fused] == planned
+    assert all(m.product_first for m in fused)
     with pytest.raises(ValueError):
         switch.set_off(["faster"])

@@ -8,13 +8,14 @@ tokens per row that elementwise traffic was a quarter of a Mistral-7B step; fold
 
 `LoraLinear4bitFunction` does the same math with the adapter folded into the matmuls:
 
-    forward:  out  = x @ W.T                       W dequantized from NF4 (bitsandbytes)
-              xa   = dropout(x) @ A.T              [tokens x r]
-              out += scaling * xa @ B.T            one Triton pass over out (modeling/lora_kernels.py)
+    forward:  xa   = dropout(x) @ A.T              [tokens x r]
+              out  = x @ W.T + scaling * xa @ B.T  W dequantized from NF4 (bitsandbytes); the rank-r
+                                                    product written by a Triton kernel
+                                                    (modeling/lora_kernels.py), the GEMM adding onto it
     backward: ga   = scaling * g @ B               [tokens x r]
               dB   = scaling * g.T @ xa,   dA = ga.T @ dropout(x)
-              dx   = g @ W,  dx += ga @ A          (with dropout: dx += mask * keep_scale * (ga @ A)),
-                                                    the same Triton kernel
+              dx   = g @ W + ga @ A                (with dropout: + mask * keep_scale * (ga @ A)),
+                                                    the same kernel and GEMM
 
 W is dequantized again in backward, as bitsandbytes does, so no 16-bit copy of the base is kept;
 where memory allows, the plan (modeling/speed.py) has a layer keep the forward's W for its
@@ -47,21 +48,22 @@ class LoraLinear4bitFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, absmax, lora_A, lora_B, scaling: float, dropout_p: float, dtype: torch.dtype,
-                keep_weight: bool = False, dequantized: torch.Tensor | None = None, shared=None):
+                keep_weight: bool = False, dequantized: torch.Tensor | None = None, shared=None,
+                product_first: bool = False):
         shape, x_dtype = x.shape, x.dtype
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, shape[-1]).to(dtype)
             A, B = lora_A.to(dtype), lora_B.to(dtype)
             W = _dequantize(weight, absmax, dtype) if dequantized is None else dequantized
-            out = x2 @ W.t()
             if dropout_p > 0:
                 dx, mask = torch.native_dropout(x2, dropout_p, True)
             else:
                 dx, mask = x2, None
             xa = dx @ A.t()
-            _add_product(out, xa, B.t(), scaling)
+            out = _matmul_plus_product(x2, W.t(), xa, B.t(), scaling, None, product_first)
         ctx.weight, ctx.absmax = weight, absmax  # frozen 4-bit parameter: dequantized again in backward, unless kept
         ctx.scaling, ctx.dropout_p, ctx.dtype, ctx.shared = scaling, dropout_p, dtype, shared
+        ctx.product_first = product_first
         ctx.x_shape, ctx.x_dtype, ctx.A_dtype, ctx.B_dtype = shape, x_dtype, lora_A.dtype, lora_B.dtype
         ctx.save_for_backward(dx, mask, xa, A, B, W if keep_weight else None)
         return out.reshape(*shape[:-1], out.shape[-1]).to(x_dtype)
@@ -82,16 +84,17 @@ class LoraLinear4bitFunction(torch.autograd.Function):
             if need_x:
                 W = W if W is not None else _dequantize(ctx.weight, ctx.absmax, ctx.dtype)
                 shared = ctx.shared
+                keep_scale = 1.0 / (1.0 - ctx.dropout_p)
                 if shared is not None and shared.buffer is not None:  # another reader's gradient: add to it
                     grad_x = shared.buffer.addmm_(g, W)
+                    _add_product(grad_x, ga, A, keep_scale, mask)
                 else:
-                    grad_x = g @ W
-                _add_product(grad_x, ga, A, 1.0 / (1.0 - ctx.dropout_p), mask)
+                    grad_x = _matmul_plus_product(g, W, ga, A, keep_scale, mask, ctx.product_first)
                 if shared is not None:
                     grad_x = shared.pass_on(grad_x)
                 if grad_x is not None:
                     grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
-        return grad_x, None, None, grad_A, grad_B, None, None, None, None, None, None
+        return grad_x, None, None, grad_A, grad_B, None, None, None, None, None, None, None
 
 
 def _add_product(out: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: float, mask=None) -> None:
@@ -102,6 +105,24 @@ def _add_product(out: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: flo
         add_lora_product_(out, u, v, scale, mask)
     else:
         add_lora_product_torch_(out, u, v, scale, mask)
+
+
+def _matmul_plus_product(a: torch.Tensor, b: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: float,
+                         mask, product_first: bool) -> torch.Tensor:
+    """a @ b + scale * (mask *) (u @ v): the base matmul plus the adapter's rank-r share.
+
+    With `product_first`, where the Triton kernel runs, the kernel writes the rank-r product first
+    (2 bytes a value; out is not read) and cuBLAS adds the matmul onto it (beta=1: out is read in
+    the GEMM's epilogue, while the GEMM is compute-bound); otherwise the GEMM writes out and the
+    kernel reads it back to add the product (4 bytes a value). On the H200 at 8192 tokens that is
+    2.8 ms less a Mistral-7B step (docs/benchmarks.md)."""
+    out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
+    if product_first and lora_product_usable(out):
+        add_lora_product_(out, u, v, scale, mask, accumulate=False)
+        return out.addmm_(a, b)
+    torch.mm(a, b, out=out)
+    _add_product(out, u, v, scale, mask)
+    return out
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -147,6 +168,7 @@ class FusedLoraLinear4bit(_PeftLinear4bit):
 
     keep_dequantized_weight = False
     cache_dequantized_weight = False
+    product_first = True  # the adapter's product written first, the base GEMM adding onto it (`_matmul_plus_product`)
     input_group: "InputGroup | None" = None  # set by `group_shared_inputs`
 
     def fused_plan(self, args, kwargs):
@@ -187,7 +209,8 @@ class FusedLoraLinear4bit(_PeftLinear4bit):
             shared = self.input_group.join(x)
         return LoraLinear4bitFunction.apply(x, base.weight, self.block_scales(), self.lora_A[adapter].weight,
                                             self.lora_B[adapter].weight, self.scaling[adapter], p, dtype,
-                                            self.keep_dequantized_weight or cached is not None, cached, shared)
+                                            self.keep_dequantized_weight or cached is not None, cached, shared,
+                                            self.product_first)
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The frozen weight in 16 bits, dequantized on first use and kept (`cache_dequantized_weight`);

@@ -83,7 +83,7 @@ def _kernel(interpret: bool):
     def lora_product_kernel(out_ptr, u_ptr, v_ptr, mask_ptr, T, N, R, scale,
                             s_out, s_u, s_vr, s_vn, s_m,
                             BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                            HAS_MASK: tl.constexpr):
+                            HAS_MASK: tl.constexpr, ACCUMULATE: tl.constexpr):
         pid_t = tl.program_id(0)
         pid_n = tl.program_id(1)
         rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -108,15 +108,17 @@ def _kernel(interpret: bool):
             keep = tl.load(mask_ptr + rows[:, None].to(tl.int64) * s_m + cols[None, :], mask=tile, other=0)
             acc = tl.where(keep != 0, acc, 0.0)
         out_at = out_ptr + rows[:, None].to(tl.int64) * s_out + cols[None, :]
-        out = tl.load(out_at, mask=tile, other=0.0).to(tl.float32) + acc
-        tl.store(out_at, out.to(out_ptr.dtype.element_ty), mask=tile)
+        if ACCUMULATE:
+            acc += tl.load(out_at, mask=tile, other=0.0).to(tl.float32)
+        tl.store(out_at, acc.to(out_ptr.dtype.element_ty), mask=tile)
 
     return lora_product_kernel
 
 
 def add_lora_product_(out: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: float,
-                      mask: torch.Tensor | None = None) -> torch.Tensor:
-    """out += scale * (u @ v), or with a mask out += scale * mask * (u @ v), in place.
+                      mask: torch.Tensor | None = None, accumulate: bool = True) -> torch.Tensor:
+    """out += scale * (u @ v), or with a mask out += scale * mask * (u @ v), in place; with
+    `accumulate=False`, out = the same product (out's values are not read).
 
     out [T x N] with contiguous rows, u [T x R], v [R x N] (any strides: the forward passes
     B.t()), mask [T x N] bool. Same dtype for out, u and v."""
@@ -137,7 +139,8 @@ def add_lora_product_(out: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale
         _kernel(_interpreting())[grid](
             out, u, v, m, T, N, R, float(scale),
             out.stride(0), u.stride(0), v.stride(0), v.stride(1), m.stride(0),
-            BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, HAS_MASK=mask is not None, num_warps=NUM_WARPS,
+            BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, HAS_MASK=mask is not None, ACCUMULATE=accumulate,
+            num_warps=NUM_WARPS,
         )
     except Exception as exc:
         # Triton compiles on first use, and its compiler can fail on a card or version we have
@@ -149,13 +152,15 @@ def add_lora_product_(out: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale
         warnings.warn(f"the Triton kernel for the LoRA product failed on {key[0]} {key[1]} "
                       f"({_failed[key]}); using the PyTorch expression instead (same result, slower)",
                       RuntimeWarning, stacklevel=2)
-        add_lora_product_torch_(out, u, v, scale, mask)
+        add_lora_product_torch_(out, u, v, scale, mask, accumulate)
     return out
 
 
 def add_lora_product_torch_(out: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: float,
-                            mask: torch.Tensor | None = None) -> torch.Tensor:
+                            mask: torch.Tensor | None = None, accumulate: bool = True) -> torch.Tensor:
     """The same sum in PyTorch (any device and dtype): the kernel's reference and fallback."""
     if mask is None:
-        return out.addmm_(u, v, alpha=float(scale))
-    return out.addcmul_(u @ v, mask, value=float(scale))
+        return out.addmm_(u, v, beta=1 if accumulate else 0, alpha=float(scale))
+    if accumulate:
+        return out.addcmul_(u @ v, mask, value=float(scale))
+    return torch.mul(u @ v, mask, out=out).mul_(float(scale))

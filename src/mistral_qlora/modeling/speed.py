@@ -145,6 +145,7 @@ LEVERS = {
     "kept-weights": "every fused layer dequantizes its weight in forward and again in backward",
     "cached-weights": "layers that keep their weights dequantize them in every forward (kept for backward only)",
     "shared-input-grad": "autograd adds up the input gradients of q/k/v and of gate/up",
+    "product-first": "each base GEMM writes its output and the LoRA product kernel reads it back to add its share",
 }
 
 
@@ -154,19 +155,20 @@ class LeverSwitch:
     def __init__(self, model):
         from mistral_qlora.modeling.fused_lora import FusedLoraLinear4bit
 
-        self._planned = [(m, m.keep_dequantized_weight, m.cache_dequantized_weight, m.input_group)
+        self._planned = [(m, m.keep_dequantized_weight, m.cache_dequantized_weight, m.input_group, m.product_first)
                          for m in model.modules() if isinstance(m, FusedLoraLinear4bit)]
 
     def set_off(self, levers=()) -> None:
         off = set(levers)
         if off - set(LEVERS):
             raise ValueError(f"unknown levers {sorted(off - set(LEVERS))}; known: {list(LEVERS)}")
-        for m, keep, cache, group in self._planned:
+        for m, keep, cache, group, product_first in self._planned:
             m.keep_dequantized_weight = keep and "kept-weights" not in off
             m.cache_dequantized_weight = cache and not off & {"kept-weights", "cached-weights"}
             if not m.cache_dequantized_weight:
                 m.drop_dequantized_weight()
             m.input_group = None if "shared-input-grad" in off else group
+            m.product_first = product_first and "product-first" not in off
 
 
 def _decoder_layers(model):
