@@ -13,6 +13,7 @@ import sys
 
 from mistral_qlora import __version__
 from mistral_qlora.errors import Preempted, UserError
+from mistral_qlora.modeling.speed import LEVERS
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -99,7 +100,7 @@ def _add_bench_parser(sub) -> None:
                                      "(default: seed, plain, every usable backend, then the fastest with Liger)")
     p.add_argument("--profile", action="store_true", help="profile one step of the last recipe: GPU time by kernel kind")
     p.add_argument("--compare", metavar="LEVERS",
-                   help="comma-separated levers of the fast path (kept-weights, cached-weights, shared-input-grad): "
+                   help=f"comma-separated levers of the fast path ({', '.join(LEVERS)}): "
                         "time the last recipe (default: the fast one) as planned and with each lever switched off, "
                         "the variants taking turns pass by pass in one process")
     p.add_argument("--sliding-window", default="auto", help="auto (the checkpoint's), none, or a number of tokens")
