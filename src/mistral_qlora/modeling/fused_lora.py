@@ -171,18 +171,19 @@ class FusedLoraLinear4bit(_PeftLinear4bit):
     product_first = True  # the adapter's product written first, the base GEMM adding onto it (`_matmul_plus_product`)
     input_group: "InputGroup | None" = None  # set by `group_shared_inputs`
 
-    def fused_plan(self, args, kwargs):
+    def fused_plan(self, args, kwargs, base=None):
         """(adapter, dropout p) when the fused path computes exactly what PEFT's forward would,
-        else None."""
+        else None. `base`: the base layer, where the caller has it already."""
         if args or kwargs or self.disable_adapters or self.merged:
             return None
-        active = [a for a in self.active_adapters if a in self.lora_A]
+        lora_A = self.lora_A
+        active = [a for a in self.active_adapters if a in lora_A]
         if len(active) != 1:
             return None
         (adapter,) = active
         if adapter in self.lora_variant or self.lora_bias.get(adapter, False):
             return None
-        base = self.get_base_layer()
+        base = self.get_base_layer() if base is None else base
         weight = base.weight
         if (base.bias is not None or getattr(weight, "quant_state", None) is None or hasattr(weight, "ds_id")
                 or getattr(weight, "packing_format_for_cpu", False)):
@@ -197,26 +198,30 @@ class FusedLoraLinear4bit(_PeftLinear4bit):
         return adapter, p
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        plan = self.fused_plan(args, kwargs)
+        # The host's work per call matters: on an H200 the GPU finishes k_proj and v_proj about as
+        # fast as the host issues them, so the base layer is looked up once and handed on.
+        base = self.get_base_layer()
+        plan = self.fused_plan(args, kwargs, base)
         if plan is None:
             return super().forward(x, *args, **kwargs)
         adapter, p = plan
-        base = self.get_base_layer()
         dtype = base.compute_dtype or x.dtype
-        cached = self.dequantized_weight(dtype) if self.cache_dequantized_weight else None
+        weight = base.weight
+        absmax = self.block_scales(weight)
+        cached = self.dequantized_weight(dtype, weight, absmax) if self.cache_dequantized_weight else None
         shared = None
         if self.input_group is not None and torch.is_grad_enabled() and x.requires_grad:
             shared = self.input_group.join(x)
-        return LoraLinear4bitFunction.apply(x, base.weight, self.block_scales(), self.lora_A[adapter].weight,
+        return LoraLinear4bitFunction.apply(x, weight, absmax, self.lora_A[adapter].weight,
                                             self.lora_B[adapter].weight, self.scaling[adapter], p, dtype,
                                             self.keep_dequantized_weight or cached is not None, cached, shared,
                                             self.product_first)
 
-    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+    def dequantized_weight(self, dtype: torch.dtype, weight=None, absmax=None) -> torch.Tensor:
         """The frozen weight in 16 bits, dequantized on first use and kept (`cache_dequantized_weight`);
         dequantized again when the 4-bit weight or its block scales are replaced or moved."""
-        weight = self.get_base_layer().weight
-        absmax = self.block_scales()
+        weight = self.get_base_layer().weight if weight is None else weight
+        absmax = self.block_scales(weight) if absmax is None else absmax
         key = (weight.data_ptr(), weight.device, absmax.data_ptr(), dtype)
         if getattr(self, "_dequantized_key", None) != key:
             self._dequantized = None  # free the old copy before making the new one
@@ -229,15 +234,16 @@ class FusedLoraLinear4bit(_PeftLinear4bit):
         """Free the run-long copy (`cache_dequantized_weight` turned off)."""
         self._dequantized = self._dequantized_key = None
 
-    def block_scales(self) -> torch.Tensor:
+    def block_scales(self, weight=None) -> torch.Tensor:
         """The frozen weight's float32 block scales, dequantized once and kept (4 bytes per 64
         weights: 0.45 GB for Mistral-7B). bitsandbytes recomputes them from their 8-bit form on
         every dequantization: two more kernel launches and a Python call per matmul, which at 448
         dequantizations a step left the GPU waiting on the host (docs/benchmarks.md)."""
-        absmax = self.get_base_layer().weight.quant_state.absmax
+        weight = self.get_base_layer().weight if weight is None else weight
+        absmax = weight.quant_state.absmax
         key = (absmax.data_ptr(), absmax.device)
         if getattr(self, "_block_scales_key", None) != key:
-            self._block_scales = dequantized_absmax(self.get_base_layer().weight)
+            self._block_scales = dequantized_absmax(weight)
             self._block_scales_key = key
         return self._block_scales
 
