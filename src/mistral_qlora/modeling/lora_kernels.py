@@ -14,7 +14,10 @@ operands mix bf16 and bool (49 ms of a Mistral-7B step on an H100; docs/benchmar
 `u @ v` in registers (the inner dimension is the LoRA rank, 8 to 256), scales it, applies the mask
 if there is one, adds the tile to `out` and stores it. `out` is read and written once (4 bytes a
 value in bf16, 5 with the mask), the product is never stored, and the sum is rounded once where
-the PyTorch path rounds twice (the product to bf16, then the sum).
+the PyTorch path rounds twice (the product to bf16, then the sum). With `accumulate=False` it
+stores the tile without reading `out` (2 bytes a value): that is how the fused layer uses it, the
+adapter's share written first and cuBLAS adding the base matmul onto it in its GEMM's epilogue
+(`fused_lora._matmul_plus_product`; 1.0% more tokens/s on the H200, docs/benchmarks.md).
 
 The kernel runs on CUDA in bf16/fp16; `lora_product_usable` says when, and the fused layer falls
 back to the PyTorch expressions otherwise (CPU, float32, no Triton), and also, with one warning, if
