@@ -24,6 +24,33 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def fused_nf4_layer(device, dropout: float):
+    """A bf16 NF4 linear (4096 -> 14336 on the GPU, small in the interpreter) wrapped by the fused
+    LoRA layer (r 16, B non-zero), in training mode, and its bf16 input [tokens x in]."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+
+    from mistral_qlora.modeling.model import keep_4bit_layout
+
+    n_in, n_out, tokens = (4096, 14336, 8192) if device == "cuda" else (128, 192, 96)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential()
+    net.add_module("up", bnb.nn.Linear4bit(n_in, n_out, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4"))
+    w = torch.randn(n_out, n_in) * 0.02
+    net.up.weight = bnb.nn.Params4bit(w.to(torch.bfloat16), requires_grad=False, quant_type="nf4")
+    net = net.to(device)
+    keep_4bit_layout(net)
+    cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=["up"])
+    fused_lora.register_fused_lora(cfg)
+    model = get_peft_model(net, cfg).train()
+    gen = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    x = torch.randn(tokens, n_in, generator=torch.Generator().manual_seed(2)).to(device, torch.bfloat16)
+    return model, x.requires_grad_(True)
+
+
 @pytest.mark.parametrize("masked", [True, False], ids=["backward-masked", "forward-transposed-B"])
 @pytest.mark.parametrize("T,N,R,dtype", [(100, 300, 16, torch.bfloat16), (64, 128, 8, torch.float16),
                                          (70, 129, 40, torch.bfloat16)])
@@ -73,12 +100,6 @@ def test_fused_layer_adds_its_gemm_onto_the_product_with_the_same_result(device,
     """`product_first` (the default): the kernel writes the adapter's product and cuBLAS adds the
     base matmul onto it, forward and backward; output and gradients equal those of the GEMM-first
     order within bf16 rounding, with dropout (same masks) and without."""
-    import bitsandbytes as bnb
-    from peft import LoraConfig, get_peft_model
-
-    from mistral_qlora.modeling.model import keep_4bit_layout
-
-    n_in, n_out, tokens = (4096, 14336, 8192) if device == "cuda" else (128, 192, 96)
     writes = []
     kernel = lora_kernels.add_lora_product_
 
@@ -89,22 +110,8 @@ def test_fused_layer_adds_its_gemm_onto_the_product_with_the_same_result(device,
     monkeypatch.setattr(fused_lora, "add_lora_product_", spy)
 
     def run(product_first: bool, dropout: float):
-        torch.manual_seed(0)
-        net = torch.nn.Sequential()
-        net.add_module("up", bnb.nn.Linear4bit(n_in, n_out, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4"))
-        w = torch.randn(n_out, n_in) * 0.02
-        net.up.weight = bnb.nn.Params4bit(w.to(torch.bfloat16), requires_grad=False, quant_type="nf4")
-        net = net.to(device)
-        keep_4bit_layout(net)
-        cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=["up"])
-        fused_lora.register_fused_lora(cfg)
-        model = get_peft_model(net, cfg).train()
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.data.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.02)
+        model, x = fused_nf4_layer(device, dropout)
         model.base_model.model.up.product_first = product_first
-        x = torch.randn(tokens, n_in, generator=torch.Generator().manual_seed(2)).to(device, torch.bfloat16)
-        x.requires_grad_(True)
         writes.clear()
         torch.manual_seed(3)
         y = model(x)
@@ -139,28 +146,9 @@ def test_fused_layer_with_dropout_uses_the_kernel_and_keeps_its_gradients(device
     """A bf16 4-bit LoRA layer with dropout 0.1: output, input and LoRA gradients with the kernel
     equal those of the PyTorch expressions (same seed, so the same dropout masks) within bf16
     rounding."""
-    import bitsandbytes as bnb
-    from peft import LoraConfig, get_peft_model
-
-    from mistral_qlora.modeling.model import keep_4bit_layout
-
-    n_in, n_out, tokens = (4096, 14336, 8192) if device == "cuda" else (128, 192, 96)
 
     def run(use_kernel: bool):
-        torch.manual_seed(0)
-        net = torch.nn.Sequential()
-        net.add_module("up", bnb.nn.Linear4bit(n_in, n_out, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4"))
-        w = torch.randn(n_out, n_in) * 0.02
-        net.up.weight = bnb.nn.Params4bit(w.to(torch.bfloat16), requires_grad=False, quant_type="nf4")
-        net = net.to(device)
-        keep_4bit_layout(net)
-        cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.1, target_modules=["up"])
-        fused_lora.register_fused_lora(cfg)
-        model = get_peft_model(net, cfg).train()
-        gen = torch.Generator().manual_seed(1)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.data.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        model, x = fused_nf4_layer(device, 0.1)
         calls = []
         usable = lora_kernels.lora_product_usable
 
@@ -169,8 +157,6 @@ def test_fused_layer_with_dropout_uses_the_kernel_and_keeps_its_gradients(device
             return calls[-1]
 
         monkeypatch.setattr(fused_lora, "lora_product_usable", decide)
-        x = torch.randn(tokens, n_in, generator=torch.Generator().manual_seed(2)).to(device, torch.bfloat16)
-        x.requires_grad_(True)
         torch.manual_seed(3)  # the same dropout masks in both runs
         y = model(x)
         y.float().pow(2).mean().backward()
