@@ -114,8 +114,8 @@ def _matmul_plus_product(a: torch.Tensor, b: torch.Tensor, u: torch.Tensor, v: t
     With `product_first`, where the Triton kernel runs, the kernel writes the rank-r product first
     (2 bytes a value; out is not read) and cuBLAS adds the matmul onto it (beta=1: out is read in
     the GEMM's epilogue, while the GEMM is compute-bound); otherwise the GEMM writes out and the
-    kernel reads it back to add the product (4 bytes a value). On the H200 at 8192 tokens that is
-    2.8 ms less a Mistral-7B step (docs/benchmarks.md)."""
+    kernel reads it back to add the product (4 bytes a value). A Mistral-7B step on the H200 at
+    8192 tokens: 1.0% more tokens/s (docs/benchmarks.md)."""
     out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
     if product_first and lora_product_usable(out):
         add_lora_product_(out, u, v, scale, mask, accumulate=False)
