@@ -127,7 +127,10 @@ def test_report_prints_the_profile_with_idle_time_and_the_longest_kernels(tmp_pa
                                        B.IDLE_KIND: {"ms": 100.0, "share": 0.25}}
     report["results"][0]["profile_kernels"] = [{"kernel": "nvjet_sm90_gemm", "kind": "matmul (bf16 GEMM)",
                                                 "ms": 300.0, "calls": 224}]
+    report["results"][0]["profile_gpu_clocks"] = {"sm_clock_mhz": 1965.0, "sm_clock_max_mhz": 1980.0,
+                                                  "power_w": 520.0, "power_limit_w": 700.0, "slowed_by": {}}
     table = B.format_report(report)
+    assert "spends its GPU time (at 1,965 MHz of 1,980, 520 W of 700):" in table
     assert "GPU idle (host launch gaps, syncs)" in table and "25.0%" in table
     assert "the kernels that took longest" in table and "224x  nvjet_sm90_gemm" in table
 
@@ -146,6 +149,11 @@ def test_compare_times_each_lever_off_against_the_plan_in_turns(tmp_path, capsys
     assert report["recipe"] == "packed+sdpa" and json.loads((tmp_path / "bench.json").read_text()) == report
     table = format_compare(report)
     assert "| without shared-input-grad" in table and "vs planned" in table
+    # Each variant's clock is pooled over its own passes (none on the CPU).
+    assert all(v["gpu_clocks"] is None for v in variants.values()) or torch.cuda.is_available()
+    report["variants"][1]["gpu_clocks"] = {"sm_clock_mhz": 1650.0, "sm_clock_max_mhz": 1980.0, "power_w": 698.0,
+                                           "power_limit_w": 700.0, "slowed_by": {"power cap": 0.9}}
+    assert "without shared-input-grad    1,650 MHz of 1,980, 698 W of 700 (power cap 90%)" in format_compare(report)
 
     for argv, message in ((["--compare", "faster"], "--compare faster: name levers to switch off"),
                           (["--compare", "kept-weights", "--recipes", "seed"], "needs a recipe of ours")):

@@ -11,7 +11,9 @@ The sequences are those of a few packed rows (lognormal lengths by default, or a
 the padded recipe trains on exactly those sequences in random batches, so every recipe does the
 same useful work. After a few warm-up steps (compilation, allocator), the timed optimizer steps
 run between two device synchronisations. Reported: real (non-pad) tokens/s, the share of computed
-slots that were padding, peak memory, and the ratio to the seed's recipe.
+slots that were padding, peak memory, the ratio to the seed's recipe, and on NVIDIA GPUs the SM
+clock and power the timed passes ran at (gpu_clocks.py: a recipe that hits the card's power cap
+runs at a lower clock than one that does not).
 
 Data, model and collators are the package's own (data/packing.py, data/collator.py,
 modeling/model.py), so the bench times what `train` runs.
@@ -43,6 +45,8 @@ from mistral_qlora.data.packing import (
 from mistral_qlora.data.tokenize import IGNORE_INDEX
 from mistral_qlora.errors import UserError
 from mistral_qlora.flops import flops_per_token, mfu, peak_flops
+from mistral_qlora.gpu_clocks import describe as describe_clocks
+from mistral_qlora.gpu_clocks import gpu_sampler
 
 from mistral_qlora.modeling.random7b import RANDOM_7B, ensure_random_7b
 
@@ -146,6 +150,8 @@ class RecipeResult:
     lora: str = "peft"
     profile: dict | None = None
     profile_kernels: list[dict] | None = None
+    gpu_clocks: dict | None = None  # SM clock and power over the timed passes (gpu_clocks.summarize)
+    profile_gpu_clocks: dict | None = None  # the same over the profiled step
     error: str | None = None
 
 
@@ -381,12 +387,13 @@ def time_recipe(model, warmup: list[dict], timed: list[dict], opts: BenchOptions
         train_step(model, batch, optimizer, params, device, autocast_dtype)
     _sync(device)
     losses, passes = [], []
-    for _ in range(opts.repeats):  # later passes show whether warm-up was still inside the first
-        started = time.perf_counter()
-        for batch in timed:
-            losses.append(train_step(model, batch, optimizer, params, device, autocast_dtype))
-        _sync(device)
-        passes.append(time.perf_counter() - started)
+    with gpu_sampler(device) as clocks:  # the clock the passes ran at: a power cap lowers it
+        for _ in range(opts.repeats):  # later passes show whether warm-up was still inside the first
+            started = time.perf_counter()
+            for batch in timed:
+                losses.append(train_step(model, batch, optimizer, params, device, autocast_dtype))
+            _sync(device)
+            passes.append(time.perf_counter() - started)
     seconds = statistics.median(passes)
     real, slots = map(sum, zip(*(_real_and_slots(b) for b in timed)))
     del optimizer
@@ -400,6 +407,7 @@ def time_recipe(model, warmup: list[dict], timed: list[dict], opts: BenchOptions
         "padding_fraction": 1 - real / slots,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "mean_loss": float(torch.stack(losses).float().mean()),
+        "gpu_clocks": clocks.summary,
     }
 
 
@@ -415,20 +423,21 @@ IDLE_KIND = "GPU idle (host launch gaps, syncs)"
 PROFILE_TOP_KERNELS = 15
 
 
-def profile_step(model, batch: dict, dtype) -> tuple[dict, list[dict]]:
+def profile_step(model, batch: dict, dtype) -> tuple[dict, list[dict], dict | None]:
     """One training step under torch.profiler: GPU time by kind of kernel (ms and share of the
-    step's wall time, the GPU's idle time included as its own kind) and the kernels that took
-    the most time."""
+    step's wall time, the GPU's idle time included as its own kind), the kernels that took the
+    most time, and the SM clock the step ran at. The step starts on an idle GPU, so where the timed
+    passes ran into the power cap it runs at a higher clock than they did (both clocks are shown)."""
     from torch.profiler import ProfilerActivity, profile
 
     device = next(p.device for p in model.parameters())
     if device.type != "cuda":
-        return {}, []
+        return {}, [], None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
     train_step(model, batch, optimizer, params, device, dtype)  # warm the optimizer state
     _sync(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with gpu_sampler(device) as clocks, profile(activities=[ProfilerActivity.CUDA]) as prof:
         started = time.perf_counter()
         train_step(model, batch, optimizer, params, device, dtype)
         _sync(device)
@@ -444,11 +453,12 @@ def profile_step(model, batch: dict, dtype) -> tuple[dict, list[dict]]:
         totals[kind] = totals.get(kind, 0.0) + us / 1000
         kernels.append({"kernel": evt.key[:120], "kind": kind, "ms": round(us / 1000, 2), "calls": evt.count})
     # Time the GPU sat waiting on the host (launch gaps, syncs); the profiler's own overhead
-    # lands here too, so it is an upper bound.
+    # lands here too, so it is an upper bound. (Whether a long run's steps wait on the host is
+    # another question: the fast recipe's do not, measured by adding host time; docs/benchmarks.md.)
     totals[IDLE_KIND] = max(0.0, wall_ms - sum(totals.values()))
     all_ms = sum(totals.values()) or 1.0
     by_kind = {k: {"ms": round(v, 1), "share": round(v / all_ms, 3)} for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
-    return by_kind, sorted(kernels, key=lambda k: -k["ms"])[:PROFILE_TOP_KERNELS]
+    return by_kind, sorted(kernels, key=lambda k: -k["ms"])[:PROFILE_TOP_KERNELS], clocks.summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -539,7 +549,7 @@ def run_bench(opts: BenchOptions) -> dict:
             print(f"bench: {recipe.name}: {res.tokens_per_second:,.0f} real tokens/s (passes: {passes}), "
                   f"peak {res.peak_memory_gib or 0:.1f} GiB", flush=True)
             if opts.profile and recipe is recipes[-1]:
-                res.profile, res.profile_kernels = profile_step(model, timed[0], dtype)
+                res.profile, res.profile_kernels, res.profile_gpu_clocks = profile_step(model, timed[0], dtype)
         except Exception as exc:  # one backend failing must not lose the others' numbers
             res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
             print(f"bench: {recipe.name} failed: {res.error}", flush=True)
@@ -625,9 +635,14 @@ def format_report(report: dict) -> str:
             f"{fmt(r['padding_fraction'], '.1%'):>7} | {fmt(r['peak_memory_gib'], '.1f'):>8} | "
             f"{ratio['vs_seed']:>7} | {ratio['vs_plain']:>8} | {r['steps']:>5} |"
         )
+    clocked = [r for r in report["results"] if r.get("gpu_clocks")]
+    if clocked:
+        lines += ["", "the GPU's SM clock and power over the timed passes (median; what held the clock back):"]
+        lines += [f"  {r['recipe']:<32} {describe_clocks(r['gpu_clocks'])}" for r in clocked]
     for r in report["results"]:
         if r.get("profile"):
-            lines += ["", f"where one step of {r['recipe']} spends its GPU time:"]
+            lines += ["", f"where one step of {r['recipe']} spends its GPU time"
+                      + (f" (at {describe_clocks(r['profile_gpu_clocks'])}):" if r.get("profile_gpu_clocks") else ":")]
             lines += [f"  {kind:<34} {v['ms']:>9.1f} ms  {v['share']:>6.1%}" for kind, v in r["profile"].items()]
             if r.get("profile_kernels"):
                 lines += ["  the kernels that took longest:"]

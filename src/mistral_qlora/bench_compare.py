@@ -4,7 +4,8 @@ switched off, in one process on one model.
 Across separate runs (even on the same card type) the same code varies by about 1.5%, more than
 most levers are worth. Here the variants take turns, pass by pass, on the same model and rows, so
 a drifting clock or a warmer card hits them alike; each variant's tokens/s is the median of its
-passes. The levers are the fast path's run-time switches (`modeling/speed.py: LEVERS`).
+passes, and its SM clock and power the median over its passes (a variant that saves power may
+run at a higher clock under the card's power cap). The levers are the fast path's run-time switches (`modeling/speed.py: LEVERS`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from mistral_qlora.bench import (BenchOptions, Recipe, _environment, _free_memor
                                  write_report)
 from mistral_qlora.errors import UserError
 from mistral_qlora.flops import mfu, peak_flops
+from mistral_qlora.gpu_clocks import describe as describe_clocks
+from mistral_qlora.gpu_clocks import gpu_sampler
+from mistral_qlora.gpu_clocks import summarize as summarize_clocks
 
 AS_PLANNED = "as planned"
 
@@ -66,6 +70,7 @@ def run_compare(opts: BenchOptions, levers: list[str]) -> dict:
     cuda = device.type == "cuda"
 
     peaks, passes, losses = {}, {name: [] for name, _ in variants}, {name: [] for name, _ in variants}
+    clock_samples = {name: [] for name, _ in variants}
     for name, off in variants:  # warm each variant up (its first kernels, its memory) and take its peak
         switch.set_off(off)
         _free_memory()
@@ -80,11 +85,13 @@ def run_compare(opts: BenchOptions, levers: list[str]) -> dict:
             switch.set_off(off)
             train_step(model, timed[-1], optimizer, params, device, autocast_dtype)  # the switch's first step
             _sync(device)
-            started = time.perf_counter()
-            for batch in timed:
-                losses[name].append(train_step(model, batch, optimizer, params, device, autocast_dtype))
-            _sync(device)
-            passes[name].append(real / (time.perf_counter() - started))
+            with gpu_sampler(device) as sampler:
+                started = time.perf_counter()
+                for batch in timed:
+                    losses[name].append(train_step(model, batch, optimizer, params, device, autocast_dtype))
+                _sync(device)
+                passes[name].append(real / (time.perf_counter() - started))
+            clock_samples[name] += sampler.samples
             print(f"bench --compare: pass {cycle + 1}/{opts.repeats}: {name}: {passes[name][-1]:,.0f} real tokens/s",
                   flush=True)
     switch.set_off()
@@ -100,7 +107,8 @@ def run_compare(opts: BenchOptions, levers: list[str]) -> dict:
         results.append({"variant": name, "off": off, "tokens_per_second": tps,
                         "passes": [round(p, 1) for p in passes[name]], "vs_planned": tps / planned,
                         "mfu": mfu(tps, per_token, peak), "peak_memory_gib": peaks[name],
-                        "mean_loss": float(torch.stack(losses[name]).float().mean())})
+                        "mean_loss": float(torch.stack(losses[name]).float().mean()),
+                        "gpu_clocks": summarize_clocks(clock_samples[name])})
     report = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "model": opts.model,
@@ -133,4 +141,8 @@ def format_compare(report: dict) -> str:
         peak_text = f"{v['peak_memory_gib']:.1f}" if v["peak_memory_gib"] is not None else "n/a"
         lines.append(f"| {v['variant']:<28} | {v['tokens_per_second']:>10,.0f} | {v['vs_planned'] - 1:>+10.1%} | "
                      f"{mfu_text:>6} | {peak_text:>8} | " + " / ".join(f"{p:,.0f}" for p in v["passes"]))
+    clocked = [v for v in report["variants"] if v.get("gpu_clocks")]
+    if clocked:
+        lines += ["", "the GPU's SM clock and power over each variant's passes (median; what held the clock back):"]
+        lines += [f"  {v['variant']:<28} {describe_clocks(v['gpu_clocks'])}" for v in clocked]
     return "\n".join(lines)
