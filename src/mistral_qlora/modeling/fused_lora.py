@@ -115,7 +115,7 @@ def _matmul_plus_product(a: torch.Tensor, b: torch.Tensor, u: torch.Tensor, v: t
     (2 bytes a value; out is not read) and cuBLAS adds the matmul onto it (beta=1: out is read in
     the GEMM's epilogue, while the GEMM is compute-bound); otherwise the GEMM writes out and the
     kernel reads it back to add the product (4 bytes a value). A Mistral-7B step on the H200 at
-    8192 tokens: 1.0% more tokens/s (docs/benchmarks.md)."""
+    8192 tokens: +1.0% and +0.0% tokens/s in two A/Bs (docs/benchmarks.md)."""
     out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
     if product_first and lora_product_usable(out):
         add_lora_product_(out, u, v, scale, mask, accumulate=False)

@@ -17,7 +17,7 @@ value in bf16, 5 with the mask), the product is never stored, and the sum is rou
 the PyTorch path rounds twice (the product to bf16, then the sum). With `accumulate=False` it
 stores the tile without reading `out` (2 bytes a value): that is how the fused layer uses it, the
 adapter's share written first and cuBLAS adding the base matmul onto it in its GEMM's epilogue
-(`fused_lora._matmul_plus_product`; 1.0% more tokens/s on the H200, docs/benchmarks.md).
+(`fused_lora._matmul_plus_product`; +1.0% and +0.0% tokens/s in two A/Bs on the H200, docs/benchmarks.md).
 
 The kernel runs on CUDA in bf16/fp16; `lora_product_usable` says when, and the fused layer falls
 back to the PyTorch expressions otherwise (CPU, float32, no Triton), and also, with one warning, if
