@@ -113,3 +113,15 @@ def test_sampler_reads_this_gpu():
     summary = sampler.summary
     assert summary is not None and summary["samples"] >= 2, "nvidia-smi gave no samples for this GPU"
     assert 0 < summary["sm_clock_min_mhz"] <= summary["sm_clock_max_mhz"]
+
+
+def test_sampler_keeps_reading_past_a_full_pipe(tmp_path):
+    """A long run prints more than a pipe holds (64 KiB): every sample is still read."""
+    import time
+
+    script = tmp_path / "chatty_smi.py"
+    script.write_text("import time\nfor i in range(5000):\n    print('1500, 1980, 690.0, 700.0, 0x4', flush=True)\n"
+                      "print('1980, 1980, 400.0, 700.0, 0x0', flush=True)\ntime.sleep(60)\n")
+    with G.ClockSampler([sys.executable, str(script)]) as sampler:
+        time.sleep(3.0)  # 160 KB printed in well under a second; a sampler that does not read blocks at 64 KiB
+    assert len(sampler.samples) == 5001 and sampler.summary["slowed_by"] == {"power cap": round(5000 / 5001, 3)}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import shutil
 import statistics
 import subprocess
+import threading
 
 QUERY = ("clocks.sm", "clocks.max.sm", "power.draw", "power.limit", "clocks_throttle_reasons.active")
 INTERVAL_MS = 200
@@ -117,6 +118,8 @@ class ClockSampler:
         self.samples: list[dict] = []
         self.summary: dict | None = None
         self._proc: subprocess.Popen | None = None
+        self._lines: list[str] = []
+        self._reader: threading.Thread | None = None
 
     def __enter__(self) -> "ClockSampler":
         if self.command:
@@ -125,6 +128,10 @@ class ClockSampler:
                                               text=True)
             except OSError:
                 self._proc = None
+        if self._proc is not None:
+            # Read as the lines come: a long run would otherwise fill the pipe and stall the sampler.
+            self._reader = threading.Thread(target=self._lines.extend, args=(self._proc.stdout,), daemon=True)
+            self._reader.start()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -133,11 +140,13 @@ class ClockSampler:
             return
         proc.terminate()
         try:
-            out, _ = proc.communicate(timeout=5)
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             proc.kill()
-            out, _ = proc.communicate()
-        self.samples = parse_samples(out.splitlines())
+            proc.wait()
+        self._reader.join(timeout=5)
+        proc.stdout.close()
+        self.samples = parse_samples(self._lines)
         self.summary = summarize(self.samples)
 
 
