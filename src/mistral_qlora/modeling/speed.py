@@ -25,20 +25,23 @@ GIB = 2**30
 # Head-room kept free when `auto` spends memory on skipping recompute and keeping weights
 # (allocator fragmentation, the optimizer's first step, evaluation batches), on top of what
 # `gpu_budget` leaves out, in proportion to how far the memory estimate can be off. The fast
-# path's estimate counts what each op keeps and is within 1% of the measured peaks (0.4 GiB under
-# at 69.8 GiB; docs/benchmarks.md): 4% of the budget, 2.9 GiB on an 80 GB card, where an H200
-# capped to an H100's memory ran all 32 layers with their weights kept (~70 GiB, evaluation
-# included) 8 GiB below the allocator's limit. The rule for PEFT's layers is within ~10%: 10%
-# (at 15%, auto recomputed 2 layers that fit, 3% of the step).
+# path's estimate counts what each op keeps and comes out 0.3-0.4 GiB under the measured peaks
+# (9.2, 56.8 and 69.8 GiB; docs/benchmarks.md): 4% of the budget, at least 1 GiB; 2.9 GiB on an
+# 80 GB card, where an H200 capped to an H100's memory ran all 32 layers with their weights kept
+# (~70 GiB, evaluation included) 8 GiB below the allocator's limit. The rule for PEFT's layers is
+# within ~10%: 10% (at 15%, auto recomputed 2 layers that fit, 3% of the step).
 FAST_PATH_HEADROOM = 0.04
+FAST_PATH_HEADROOM_MIN = GIB
 HEADROOM = 0.10
 
 
-def auto_headroom(cfg, kernels: str, strategy: str = "single") -> float:
-    """The share of the GPU budget `auto` leaves free for this run's memory estimate."""
+def auto_headroom(cfg, kernels: str, budget: int, strategy: str = "single") -> int:
+    """Bytes of the GPU budget that `auto` leaves free beyond this run's memory estimate."""
     from mistral_qlora.distributed import counts_fast_path
 
-    return FAST_PATH_HEADROOM if counts_fast_path(cfg, kernels == "liger", strategy) else HEADROOM
+    if counts_fast_path(cfg, kernels == "liger", strategy):
+        return max(int(FAST_PATH_HEADROOM * budget), FAST_PATH_HEADROOM_MIN)
+    return int(HEADROOM * budget)
 
 
 def kernels_usable() -> str | None:
@@ -95,8 +98,8 @@ def plan_checkpointing(cfg, model_config, dtype_bytes: int, kernels: str, budget
         return L, "auto with train.memory=low: every layer"
     if budget is None:
         return L, "auto without a GPU: every layer"
-    headroom = auto_headroom(cfg, kernels, strategy)
-    usable = budget * (1 - headroom)
+    headroom = auto_headroom(cfg, kernels, budget, strategy)
+    usable = budget - headroom
     # The fewest recomputing layers whose estimate fits (all of them if none does). Each layer
     # recomputed keeps only its input, but the first one also brings the recompute's own buffers
     # (one layer's activations and weights), so the estimate is not linear in k.
@@ -106,7 +109,7 @@ def plan_checkpointing(cfg, model_config, dtype_bytes: int, kernels: str, budget
         if need <= usable:
             break
     return k, (f"auto: {k} of {L} layers recompute; ~{need / GIB:.1f} GiB estimated "
-               f"of {budget / GIB:.1f} GiB usable ({headroom:.0%} kept free)")
+               f"of {budget / GIB:.1f} GiB usable ({headroom / GIB:.1f} GiB kept free)")
 
 
 def plan_kept_weights(cfg, model_config, dtype_bytes: int, kernels: str, budget: int | None, checkpointed: int,
@@ -129,7 +132,7 @@ def plan_kept_weights(cfg, model_config, dtype_bytes: int, kernels: str, budget:
     need = estimate_memory(model_config, cfg, dtype_bytes, checkpointed_layers=checkpointed,
                            fused_loss=kernels == "liger")
     per_layer = kept_weight_bytes(model_config, cfg, dtype_bytes)
-    spare = budget * (1 - auto_headroom(cfg, kernels, strategy)) - need.per_gpu(strategy, world_size)
+    spare = budget - auto_headroom(cfg, kernels, budget, strategy) - need.per_gpu(strategy, world_size)
     n = max(0, min(L - checkpointed, int(spare // per_layer)))
     return n, (f"{n} of {L - checkpointed} layers not recomputed keep their dequantized weights for the whole run "
                f"(+{n * per_layer / GIB:.1f} GiB)")
