@@ -142,7 +142,7 @@ def test_kept_weights_spend_what_checkpointing_leaves():
         if n < 32 - k:  # one layer more would not have fit
             more = estimate_memory(Mistral7B, cfg, 2, k, fused_loss=True, kept_weight_layers=n + 1)
             assert more.per_gpu("single") > usable
-    assert plans[48 * GIB][0] > 0, plans  # recomputes some layers, keeps no weights
+    assert plans[48 * GIB][0] > 0, plans  # recomputes some layers
     assert plans[64 * GIB][0] == 0 and 0 < plans[64 * GIB][1] < 32, plans  # some layers' weights
     assert plans[h100] == plans[129 * GIB] == (0, 32), plans  # an 80 GB card: every layer's
     assert plan_kept_weights(cfg, Mistral7B, 2, "liger", 8 * GIB, 32)[0] == 0
