@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test prepare clean
+.PHONY: install train test prepare docs clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ prepare: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# docs/config.md from the config schema (tests/test_config.py fails when it is stale)
+docs: $(STAMP)
+	$(PY) -m mistral_qlora.tools.config_reference > docs/config.md
 
 clean:
 	rm -rf runs .pytest_cache .hypothesis

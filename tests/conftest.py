@@ -53,6 +53,36 @@ def small_dataset(tmp_path) -> Path:
     return path
 
 
+def tiny_path() -> str:
+    """The embedded tiny model's folder (built on first use)."""
+    from mistral_qlora.model.base import resolve_model_path
+
+    return resolve_model_path("tiny-random-mistral")
+
+
+def load_tiny_base(attention: str = "sdpa", dtype=None, bits: int = 4, device_map=None):
+    """The tiny base as `train` loads it (model.base.load_base_model), float32 unless `dtype`;
+    on the CPU a 4-bit base keeps the layout training uses (model.base.keep_4bit_layout)."""
+    import torch
+
+    from mistral_qlora.config import ModelSection, QuantizationSection
+    from mistral_qlora.model.base import keep_4bit_layout, load_base_model, load_model_config
+
+    path = tiny_path()
+    base = load_base_model(path, load_model_config(path, ModelSection()), None, QuantizationSection(bits=bits),
+                           attention, dtype or torch.float32, device_map=device_map)
+    if device_map is None and bits == 4:
+        keep_4bit_layout(base)
+    return base
+
+
+def layer_plan(recompute: int = 0, fused: bool = False, kept_for_run: int = 0):
+    """A LayerPlan (plan/layers.py) for `add_lora`: the first `recompute` layers recompute."""
+    from mistral_qlora.plan.layers import LayerPlan
+
+    return LayerPlan(lora_layer="fused" if fused else "peft", recompute=recompute, kept_for_run=kept_for_run)
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
     """Run `python -m mistral_qlora ARGS` in a fresh process; returns CompletedProcess."""
     full_env = {**os.environ, **(env or {})}

@@ -13,7 +13,10 @@ import torch
 
 from mistral_qlora.data.collator import PackedCollator, PaddedCollator
 from mistral_qlora.data.tokenize import IGNORE_INDEX
-from mistral_qlora.modeling import attention as A
+from mistral_qlora.model import attention as A
+from mistral_qlora.plan import backends as B
+
+from conftest import layer_plan, load_tiny_base
 
 LENGTHS = [150, 90, 33, 200]  # three of four longer than the 64-token window
 WINDOW = 64
@@ -22,9 +25,9 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def tiny_path():
-    from mistral_qlora.modeling.model import resolve_model_path
+    from conftest import tiny_path
 
-    return resolve_model_path("tiny-random-mistral")
+    return tiny_path()
 
 
 @pytest.fixture()
@@ -284,7 +287,7 @@ def test_cu_seq_lens_travel_through_peft_and_the_trainer_batch(tiny_path, refere
     """A LoRA model fed a collated batch: the kernel gets the collator's cu_seq_lens, and nothing
     reads sequence boundaries back from the device."""
     from mistral_qlora.config import LoraSection
-    from mistral_qlora.modeling.model import add_lora
+    from mistral_qlora.model.lora import add_lora
 
     def no_device_read(*args, **kwargs):
         raise AssertionError("boundaries were recomputed from position_ids")
@@ -294,7 +297,7 @@ def test_cu_seq_lens_travel_through_peft_and_the_trainer_batch(tiny_path, refere
 
     base = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32, attn_implementation="torch_varlen")
     base.config.use_cache = False
-    model = add_lora(base, LoraSection(r=4, dropout=0.0), gradient_checkpointing=True)
+    model = add_lora(base, LoraSection(r=4, dropout=0.0), layer_plan(recompute=base.config.num_hidden_layers))
     model.train()
     examples = _examples([100, 80])
     batch = PackedCollator(with_cu_seqlens=True)([examples])
@@ -313,13 +316,12 @@ def test_cu_seq_lens_travel_through_peft_and_the_trainer_batch(tiny_path, refere
 def test_packed_equals_per_sequence_through_4bit_lora(tiny_path):
     """Through the real 4-bit path, kept in the layout training uses (keep_4bit_layout: bitsandbytes'
     CPU inference layout would compute in bfloat16), packed equals per-sequence at 1e-4."""
-    from mistral_qlora.config import LoraSection, ModelSection, QuantizationSection
-    from mistral_qlora.modeling.model import add_lora, keep_4bit_layout, load_base_model
+    from mistral_qlora.config import LoraSection
+    from mistral_qlora.model.lora import add_lora
 
-    base = load_base_model(tiny_path, ModelSection(), QuantizationSection(bits=4), "sdpa", torch.float32)
-    keep_4bit_layout(base)
+    base = load_tiny_base()
     assert base.config.sliding_window == WINDOW
-    model = add_lora(base, LoraSection(r=4, dropout=0.0), gradient_checkpointing=False).eval()
+    model = add_lora(base, LoraSection(r=4, dropout=0.0), layer_plan()).eval()
     examples = _examples([130, 70, 100])
     ref_logits, ref_losses = _per_sequence(model, examples)
     logits, losses = _packed(model, examples)
@@ -341,11 +343,11 @@ def test_auto_on_cpu_is_sdpa_and_gpu_backends_say_why_not():
 
     if torch.cuda.is_available():
         pytest.skip("CPU-only expectations")
-    assert A.select_attention("auto", torch.float32) == "sdpa"
-    assert A.select_attention("eager") == "eager"
+    assert B.select_attention("auto", torch.float32) == "sdpa"
+    assert B.select_attention("eager") == "eager"
     for name in ("varlen", "flex", "flash_attention_2"):
         with pytest.raises(UserError, match="needs a CUDA GPU"):
-            A.select_attention(name)
+            B.select_attention(name)
 
 
 @pytest.mark.parametrize("flash_attn, dtype, expected", [
@@ -354,10 +356,10 @@ def test_auto_on_cpu_is_sdpa_and_gpu_backends_say_why_not():
     (True, torch.float32, "flex"),  # flash-style kernels run in half precision only
 ])
 def test_auto_order_on_a_gpu(monkeypatch, flash_attn, dtype, expected):
-    monkeypatch.setattr(A, "_cuda", lambda: True)
+    monkeypatch.setattr(B, "_cuda", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    monkeypatch.setattr(A, "_flash_attn_problem", lambda: None if flash_attn else "needs the flash-attn package")
-    assert A.select_attention("auto", dtype) == expected
+    monkeypatch.setattr(B, "_flash_attn_problem", lambda: None if flash_attn else "needs the flash-attn package")
+    assert B.select_attention("auto", dtype) == expected
 
 
 def test_varlen_is_registered_with_transformers():

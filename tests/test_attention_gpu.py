@@ -23,7 +23,8 @@ import inspect
 import pytest
 import torch
 
-from mistral_qlora.modeling import attention as A
+from mistral_qlora.model import attention as A
+from mistral_qlora.plan.backends import usable_backends
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -126,7 +127,7 @@ def test_backend_matches_eager_fp32(backend, window, monkeypatch):
         A._kernel()
         monkeypatch.setattr(A, "_GQA", "repeat")
     name = backend.removesuffix("-repeat-kv")
-    why_not = A.usable_backends(torch.bfloat16)[name]
+    why_not = usable_backends(torch.bfloat16)[name]
     if why_not:
         pytest.skip(why_not)
     model = _model(A.IMPLEMENTATION[name], window, torch.bfloat16)
@@ -179,8 +180,8 @@ def _with_grads(fn, q, k, v, dout):
 def test_torch_varlen_kernel_semantics(window, gqa, monkeypatch):
     """`flag`: torch 2.13's enable_gqa; `direct`: torch 2.11's varlen_attn given fewer K/V heads;
     `repeat`: K/V heads repeated."""
-    if A.usable_backends(torch.bfloat16)["varlen"]:
-        pytest.skip(A.usable_backends(torch.bfloat16)["varlen"])
+    if usable_backends(torch.bfloat16)["varlen"]:
+        pytest.skip(usable_backends(torch.bfloat16)["varlen"])
     A._kernel()
     has_flag = "enable_gqa" in inspect.signature(A._VARLEN_KERNEL).parameters
     if gqa == "flag" and not has_flag:

@@ -95,8 +95,8 @@ def test_resume_with_a_changed_run_is_refused_unless_forced(unfinished_run, caps
 def test_adapter_for_another_base_is_refused(unfinished_run, capsys, tmp_path):
     from transformers import MistralConfig, MistralForCausalLM
 
-    from mistral_qlora.modeling.tiny import TINY_CONFIG
-    from mistral_qlora.modeling.tokenizer import write_mistral_v1_tokenizer
+    from mistral_qlora.model.builtin import TINY_CONFIG
+    from mistral_qlora.model.tokenizer import write_mistral_v1_tokenizer
 
     tmp, _ = unfinished_run
     other = tmp_path / "other-base"

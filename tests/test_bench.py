@@ -7,19 +7,23 @@ import json
 import pytest
 import torch
 
-from mistral_qlora import bench as B
-from mistral_qlora.modeling import random7b as R
+from mistral_qlora.bench import profile as P
+from mistral_qlora.bench import recipes as B
+from mistral_qlora.bench.options import BenchOptions
+from mistral_qlora.bench.report import format_report
+from mistral_qlora.bench.run import run_bench
+from mistral_qlora.model import builtin as R
 
 
 def _small_opts(tmp_path, **kw):
     opts = dict(median=48, max_len=160, min_len=16, sequences=200, tokens_per_row=320, padded_batch_size=4,
                 warmup=1, timed_rows=2, lora_r=4, out=str(tmp_path / "bench.json"))
     opts.update(kw)
-    return B.BenchOptions(**opts)
+    return BenchOptions(**opts)
 
 
 def test_bench_on_cpu_times_the_seed_recipe_and_packed_rows_on_the_same_sequences(tmp_path):
-    report = B.run_bench(_small_opts(tmp_path, recipes=[B.SEED_RECIPE, "packed+sdpa"], repeats=1))
+    report = run_bench(_small_opts(tmp_path, recipes=[B.SEED_RECIPE, "packed+sdpa"], repeats=1))
     results = {r["recipe"]: r for r in report["results"]}
     assert list(results) == [B.SEED_RECIPE, "packed+sdpa"]
     seed, packed = results[B.SEED_RECIPE], results["packed+sdpa"]
@@ -36,16 +40,16 @@ def test_bench_on_cpu_times_the_seed_recipe_and_packed_rows_on_the_same_sequence
     assert all(r["repeat_tokens_per_second"] == [pytest.approx(r["tokens_per_second"], rel=1e-3)]
                for r in results.values())
     assert json.loads((tmp_path / "bench.json").read_text())["results"] == report["results"]
-    table = B.format_report(report)
+    table = format_report(report)
     assert "| padded+sdpa (seed)" in table and "| packed+sdpa" in table and "1.00x" in table
 
 
 def test_bench_repeats_report_the_median_pass(tmp_path):
-    report = B.run_bench(_small_opts(tmp_path, recipes=["packed+sdpa"], repeats=3))
+    report = run_bench(_small_opts(tmp_path, recipes=["packed+sdpa"], repeats=3))
     (r,) = report["results"]
     assert len(r["repeat_tokens_per_second"]) == 3
     assert r["tokens_per_second"] == pytest.approx(sorted(r["repeat_tokens_per_second"])[1], rel=1e-3)
-    assert "timed 3 times (median)" in B.format_report(report)
+    assert "timed 3 times (median)" in format_report(report)
 
 
 def test_bench_default_recipes_on_cpu_and_refusals(tmp_path):
@@ -55,11 +59,11 @@ def test_bench_default_recipes_on_cpu_and_refusals(tmp_path):
         pytest.skip("CPU expectations")
     assert B.default_recipes(torch.float32) == [B.SEED_RECIPE, "packed+sdpa"]
     with pytest.raises(UserError, match="needs a CUDA GPU"):
-        B.run_bench(_small_opts(tmp_path, recipes=["packed+varlen"]))
+        run_bench(_small_opts(tmp_path, recipes=["packed+varlen"]))
     with pytest.raises(UserError, match="unknown"):
-        B.run_bench(_small_opts(tmp_path, recipes=["packed+magic"]))
+        run_bench(_small_opts(tmp_path, recipes=["packed+magic"]))
     with pytest.raises(UserError, match="random:mistral-7b"):
-        B.run_bench(_small_opts(tmp_path, model="random:llama"))
+        run_bench(_small_opts(tmp_path, model="random:llama"))
 
 
 def test_recipe_names():
@@ -110,7 +114,7 @@ def test_bench_cli(tmp_path, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_bench_every_usable_backend_on_the_gpu(tmp_path):
     """Smoke run on the GPU with the tiny model: every usable backend trains without error."""
-    report = B.run_bench(_small_opts(tmp_path, median=256, max_len=1024, sequences=600, tokens_per_row=2048,
+    report = run_bench(_small_opts(tmp_path, median=256, max_len=1024, sequences=600, tokens_per_row=2048,
                                      warmup=2, timed_rows=2))
     recipes = [r["recipe"] for r in report["results"]]
     assert recipes == B.default_recipes(torch.bfloat16)
@@ -118,18 +122,18 @@ def test_bench_every_usable_backend_on_the_gpu(tmp_path):
     for r in report["results"]:
         assert r["error"] is None, r
         assert r["peak_memory_gib"] > 0
-    print(B.format_report(report))
+    print(format_report(report))
 
 
 def test_report_prints_the_profile_with_idle_time_and_the_longest_kernels(tmp_path):
-    report = B.run_bench(_small_opts(tmp_path, recipes=["packed+sdpa"], repeats=1))
+    report = run_bench(_small_opts(tmp_path, recipes=["packed+sdpa"], repeats=1))
     report["results"][0]["profile"] = {"matmul (bf16 GEMM)": {"ms": 300.0, "share": 0.75},
-                                       B.IDLE_KIND: {"ms": 100.0, "share": 0.25}}
+                                       P.IDLE_KIND: {"ms": 100.0, "share": 0.25}}
     report["results"][0]["profile_kernels"] = [{"kernel": "nvjet_sm90_gemm", "kind": "matmul (bf16 GEMM)",
                                                 "ms": 300.0, "calls": 224}]
     report["results"][0]["profile_gpu_clocks"] = {"sm_clock_mhz": 1965.0, "sm_clock_max_mhz": 1980.0,
                                                   "power_w": 520.0, "power_limit_w": 700.0, "slowed_by": {}}
-    table = B.format_report(report)
+    table = format_report(report)
     assert "spends its GPU time (at 1,965 MHz of 1,980, 520 W of 700):" in table
     assert "GPU idle (host launch gaps, syncs)" in table and "25.0%" in table
     assert "the kernels that took longest" in table and "224x  nvjet_sm90_gemm" in table
@@ -137,7 +141,8 @@ def test_report_prints_the_profile_with_idle_time_and_the_longest_kernels(tmp_pa
 
 def test_compare_times_each_lever_off_against_the_plan_in_turns(tmp_path, capsys):
     """`bench --compare`: one model, the variants' passes interleaved, a row per variant."""
-    from mistral_qlora.bench_compare import AS_PLANNED, format_compare, run_compare
+    from mistral_qlora.bench.compare import AS_PLANNED, run_compare
+    from mistral_qlora.bench.report import format_compare
     from mistral_qlora.cli import main
 
     report = run_compare(_small_opts(tmp_path, recipes=["packed+sdpa"], repeats=2),

@@ -24,11 +24,34 @@ def test_overrides_are_typed_yaml():
     assert parse_override("a.b=3") == (["a", "b"], 3)
 
 
-def test_defaults_match_the_documented_keys():
+def test_defaults_are_the_embedded_default_run():
+    """The schema's defaults are what configs/tiny.yaml spells out, key for key."""
     cfg = RunConfig()
+    assert load_config(ROOT / "configs/tiny.yaml") == cfg
     assert cfg.lora.r == 16 and cfg.lora.alpha == 32 and cfg.lora.target_modules == "all-linear"
-    assert cfg.train.learning_rate == 2e-4 and cfg.train.lr_scheduler == "cosine"
+    assert cfg.train.learning_rate == 2e-3 and cfg.train.lr_scheduler == "cosine"
     assert cfg.data.eval_fraction == 0.1 and cfg.data.train_on_prompt is False
+    assert cfg.data.tokens_per_row == cfg.data.max_seq_len == 512 and cfg.train.micro_batch_size == 1
+
+
+def test_every_key_is_described_and_docs_config_md_is_current():
+    """docs/config.md is generated from the schema's descriptions; regenerate it with
+    `python -m mistral_qlora.tools.config_reference > docs/config.md`."""
+    from pydantic import BaseModel
+
+    from mistral_qlora.tools.config_reference import reference_markdown
+
+    for name, field in RunConfig.model_fields.items():
+        section = field.annotation
+        keys = section.model_fields.items() if isinstance(section, type) and issubclass(section, BaseModel) else []
+        for key, sub in keys:
+            assert sub.description and len(sub.description) > 10, f"{name}.{key} has no description"
+    text = reference_markdown()
+    assert (ROOT / "docs/config.md").read_text() == text, "docs/config.md is stale: regenerate it"
+    for key in ("model.name_or_path", "train.gradient_checkpointing", "train.memory", "data.tokens_per_row",
+                "lora.fused", "output_dir"):
+        assert f"| `{key}` |" in text
+    assert "| `train.learning_rate` | number (> 0, <= 1) | `0.002` |" in text
 
 
 @pytest.mark.parametrize("override, expected", [

@@ -8,8 +8,8 @@ from mistral_qlora.data.formats import parse_messages, parse_text, records_to_co
 from mistral_qlora.data.load import read_records
 from mistral_qlora.data.tokenize import IGNORE_INDEX, tokenize_conversations
 from mistral_qlora.errors import UserError
-from mistral_qlora.modeling.model import resolve_model_path
-from mistral_qlora.modeling.tokenizer import load_tokenizer
+from mistral_qlora.model.base import resolve_model_path
+from mistral_qlora.model.tokenizer import load_tokenizer
 
 from conftest import ROOT
 

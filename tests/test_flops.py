@@ -3,8 +3,7 @@ and without a sliding window, and the peak table."""
 
 import pytest
 
-from mistral_qlora.distributed import lora_target_names
-from mistral_qlora.flops import _mean_context, flops_per_token, mfu, peak_flops
+from mistral_qlora.flops import _mean_context, flops_per_token, lora_target_names, mfu, peak_flops
 
 
 class Mistral7B:

@@ -4,11 +4,13 @@ same dropout draws, same saved adapter; and it hands anything it does not cover 
 import pytest
 import torch
 
-from mistral_qlora.config import LoraSection, ModelSection, QuantizationSection
+from mistral_qlora.config import LoraSection, RunConfig
 from mistral_qlora.data.collator import PackedCollator
-from mistral_qlora.modeling.fused_lora import FusedLoraLinear4bit
-from mistral_qlora.modeling.model import add_lora, fused_lora_plan, keep_4bit_layout, load_base_model, \
-    resolve_model_path
+from mistral_qlora.kernels.fused_lora import FusedLoraLinear4bit
+from mistral_qlora.model.lora import add_lora
+from mistral_qlora.plan.layers import LayerPlan, lora_layer
+
+from conftest import load_tiny_base
 
 
 @pytest.fixture(scope="module")
@@ -21,12 +23,13 @@ def batch():
     return PackedCollator(with_cu_seqlens=False)([examples])
 
 
-def lora_model(fused: bool, dropout: float, checkpoint_layers: int = 0):
+def lora_model(fused: bool, dropout: float, checkpoint_layers: int = 0, **levers):
+    """The tiny 4-bit model with LoRA r=8: the first `checkpoint_layers` layers recompute; `levers`:
+    LayerPlan fields (kept_for_run, keep_weights, shared_input_grad, ...)."""
     torch.manual_seed(0)
-    base = load_base_model(resolve_model_path("tiny-random-mistral"), ModelSection(), QuantizationSection(), "sdpa",
-                           torch.float32)
-    keep_4bit_layout(base)
-    model = add_lora(base, LoraSection(r=8, dropout=dropout), checkpoint_layers=checkpoint_layers, fused=fused)
+    base = load_tiny_base()
+    plan = LayerPlan(lora_layer="fused" if fused else "peft", recompute=checkpoint_layers, **levers)
+    model = add_lora(base, LoraSection(r=8, dropout=dropout), plan)
     gen = torch.Generator().manual_seed(1)
     for name, p in model.named_parameters():  # B starts at zero: give the adapter branch some weight
         if "lora_B" in name:
@@ -92,9 +95,7 @@ def test_fused_adapter_loads_into_stock_peft(batch, tmp_path):
     fused.eval()
     with torch.no_grad():
         want = fused(**on(fused, batch)).logits
-    base = load_base_model(resolve_model_path("tiny-random-mistral"), ModelSection(), QuantizationSection(), "sdpa",
-                           torch.float32)
-    keep_4bit_layout(base)
+    base = load_tiny_base()
     stock = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     assert type(stock.get_base_model().model.layers[0].self_attn.q_proj) is not FusedLoraLinear4bit
     with torch.no_grad():
@@ -102,14 +103,18 @@ def test_fused_adapter_loads_into_stock_peft(batch, tmp_path):
 
 
 def test_fused_lora_plan_says_when_and_why():
-    on, why = fused_lora_plan(LoraSection(), 4, zero3=False)
-    assert on and "fused" in why
-    off, why = fused_lora_plan(LoraSection(fused=False), 4, zero3=False)
-    assert not off and "lora.fused=false" in why
-    off, why = fused_lora_plan(LoraSection(), 16, zero3=False)
-    assert not off and "16-bit" in why
-    off, why = fused_lora_plan(LoraSection(), 4, zero3=True)
-    assert not off and "ZeRO-3" in why
+    def cfg(fused=True, bits=4):
+        return RunConfig.model_validate({"lora": {"fused": fused}, "quantization": {"bits": bits}})
+
+    layer, why = lora_layer(cfg(), "single")
+    assert layer == "fused" and "fused" in why
+    layer, why = lora_layer(cfg(fused=False), "single")
+    assert layer == "peft" and "lora.fused=false" in why
+    layer, why = lora_layer(cfg(bits=16), "ddp")
+    assert layer == "peft" and "16-bit" in why
+    for zero3 in ("zero3", "zero3_offload"):
+        layer, why = lora_layer(cfg(), zero3)
+        assert layer == "peft" and "ZeRO-3" in why
 
 
 @pytest.mark.gpu
@@ -119,7 +124,7 @@ def test_fused_layer_matches_peft_on_the_gpu_in_bf16():
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
 
-    from mistral_qlora.modeling.fused_lora import register_fused_lora
+    from mistral_qlora.kernels.fused_lora import register_fused_lora
 
     def build(fused):
         torch.manual_seed(0)
@@ -162,7 +167,7 @@ def rel(a, b):
 def test_block_scales_are_kept_and_dequantize_as_bitsandbytes_does():
     import bitsandbytes as bnb
 
-    from mistral_qlora.modeling.fused_lora import _dequantize
+    from mistral_qlora.kernels.fused_lora import _dequantize
 
     model = lora_model(True, 0.0)
     q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
@@ -176,12 +181,11 @@ def test_block_scales_are_kept_and_dequantize_as_bitsandbytes_does():
 
 @pytest.mark.parametrize("checkpoint_layers", [0, 2])
 def test_kept_weights_skip_dequantization_and_change_nothing(batch, monkeypatch, checkpoint_layers):
-    """Checkpointed layers told to keep their dequantized weights dequantize once per forward and
-    once per recompute, never in backward; the other kept layers dequantize in the run's first
-    forward and never again. Loss and gradients, step after step, are those of dequantizing
+    """Recomputing layers that keep their dequantized weights dequantize once per forward and
+    once per recompute, never in backward; the layers kept for the run dequantize in the run's
+    first forward and never again. Loss and gradients, step after step, are those of dequantizing
     every time."""
-    from mistral_qlora.modeling import fused_lora
-    from mistral_qlora.modeling.speed import set_kept_weights
+    from mistral_qlora.kernels import fused_lora
 
     calls = []
     dequantize = fused_lora._dequantize
@@ -193,16 +197,14 @@ def test_kept_weights_skip_dequantization_and_change_nothing(batch, monkeypatch,
     monkeypatch.setattr(fused_lora, "_dequantize", counted)
     results = {}
     for kept in (None, 0, 4):  # None: no layer keeps (dequantize again everywhere)
-        model = lora_model(True, 0.1, checkpoint_layers)
-        if kept is not None:
-            set_kept_weights(model, checkpoint_layers, kept)
+        plan = {"keep_weights": False} if kept is None else {"kept_for_run": kept}
+        model = lora_model(True, 0.1, checkpoint_layers, **plan)
         layers = model.get_base_model().model.layers
         L = len(layers)
-        flags = [[(m.keep_dequantized_weight, m.cache_dequantized_weight) for m in layer.modules()
-                  if isinstance(m, FusedLoraLinear4bit)] for layer in layers]
+        flags = [[m.keep for m in layer.modules() if isinstance(m, FusedLoraLinear4bit)] for layer in layers]
         cache = [kept is not None and i >= max(checkpoint_layers, L - kept) for i in range(L)]
         keep = [kept is not None and i < checkpoint_layers or cache[i] for i in range(L)]
-        assert flags == [[(k, c)] * 7 for k, c in zip(keep, cache)]
+        assert flags == [["run" if c else "backward" if k else "none"] * 7 for k, c in zip(keep, cache)]
         # backward dequantizes for the layers that do not keep (layer 0's q/k/v read the frozen
         # embeddings and need no input gradient, unless checkpointing made them need one)
         backward = 7 * keep.count(False) - (3 if not keep[0] and not checkpoint_layers else 0)
@@ -223,12 +225,9 @@ def test_cached_weight_follows_its_4bit_weight_and_outlives_inference_mode(batch
     """The run-long copy is made again when the 4-bit weight is replaced, and a copy first made
     under torch.inference_mode (an evaluation or a preview before training) can still be saved
     for backward."""
-    from mistral_qlora.modeling.speed import set_kept_weights
-
-    model = lora_model(True, 0.0)
-    set_kept_weights(model, 0, 2)
+    model = lora_model(True, 0.0, kept_for_run=2)
     layer = model.get_base_model().model.layers[-1].mlp.up_proj
-    assert layer.cache_dequantized_weight
+    assert layer.keep == "run"
     with torch.inference_mode():
         model(**on(model, batch))
     first = layer.dequantized_weight(torch.float32)
@@ -244,13 +243,11 @@ def test_cached_weight_follows_its_4bit_weight_and_outlives_inference_mode(batch
 def test_readers_of_one_input_sum_their_gradient_in_one_buffer(batch, monkeypatch, checkpoint_layers):
     """q/k/v (and gate/up) add their input gradients into one buffer and only the last one hands
     it to autograd; the gradients are those of autograd's own sum."""
-    from mistral_qlora.modeling.fused_lora import LoraLinear4bitFunction
+    from mistral_qlora.kernels.fused_lora import LoraLinear4bitFunction
 
     def grads_without_groups():
-        model = lora_model(True, 0.1, checkpoint_layers)
-        for m in model.modules():
-            if isinstance(m, FusedLoraLinear4bit):
-                m.input_group = None
+        model = lora_model(True, 0.1, checkpoint_layers, shared_input_grad=False)
+        assert not any(getattr(m, "input_group", None) for m in model.modules())
         return loss_and_grads(model, batch)
 
     ref_loss, ref_grads = grads_without_groups()

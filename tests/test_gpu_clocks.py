@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from mistral_qlora import gpu_clocks as G
+from mistral_qlora.bench import gpu_clocks as G
 
 # Lines as nvidia-smi prints them on an H200 at its power cap (2026-11-30), then idle.
 CAPPED = [
@@ -90,15 +90,17 @@ def test_nvidia_smi_command_names_the_gpu(monkeypatch):
 
 
 def test_bench_report_prints_each_recipes_clock(tmp_path):
-    from mistral_qlora import bench as B
+    from mistral_qlora.bench.options import BenchOptions
+    from mistral_qlora.bench.report import format_report
+    from mistral_qlora.bench.run import run_bench
 
-    report = B.run_bench(B.BenchOptions(median=48, max_len=160, min_len=16, sequences=200, tokens_per_row=320,
-                                        warmup=1, timed_rows=1, lora_r=4, recipes=["packed+sdpa"], repeats=1))
+    report = run_bench(BenchOptions(median=48, max_len=160, min_len=16, sequences=200, tokens_per_row=320,
+                                    warmup=1, timed_rows=1, lora_r=4, recipes=["packed+sdpa"], repeats=1))
     (r,) = report["results"]
     assert "gpu_clocks" in r
-    assert "SM clock" not in B.format_report(report) or torch.cuda.is_available()
+    assert "SM clock" not in format_report(report) or torch.cuda.is_available()
     r["gpu_clocks"] = G.summarize(G.parse_samples(CAPPED[:3]))
-    table = B.format_report(report)
+    table = format_report(report)
     assert "the GPU's SM clock and power over the timed passes" in table
     assert "packed+sdpa" in table.split("SM clock")[1] and "(power cap 100%)" in table
 

@@ -13,11 +13,13 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from mistral_qlora import resources
 from mistral_qlora.config import RunConfig, load_config
-from mistral_qlora.distributed import (GIB, estimate_memory, launched_processes, launcher_deepspeed, plan_strategy,
-                                       resolve_strategy, strategy_of_ds_config)
 from mistral_qlora.errors import UserError
 from mistral_qlora.launch import LaunchSpec, accelerate_command, launch_spec
+from mistral_qlora.plan.memory import GIB, estimate_memory
+from mistral_qlora.plan.strategy import launcher_deepspeed, plan_strategy, resolve_strategy, strategy_of_ds_config
+from mistral_qlora.runtime import launched_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,13 +82,17 @@ def test_plan_follows_accelerate_deepspeed_config():
     env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds_configs/zero3.json",
            "LOCAL_RANK": "0", "WORLD_SIZE": "2"}
     cfg = load_config(None, [])
-    strategy, why, path = plan_strategy(cfg, 2, env)
-    assert strategy == "zero3" and path == ROOT / "ds_configs" / "zero3.json"
+    strategy, why, path = plan_strategy(cfg, 2, MISTRAL_7B, 2, None, env)
+    assert strategy == "zero3" and path == ROOT / "ds_configs" / "zero3.json"  # as named, from the current folder
     with pytest.raises(UserError, match="set train.strategy=auto or zero3"):
-        plan_strategy(load_config(None, ["train.strategy=ddp"]), 2, env)
+        plan_strategy(load_config(None, ["train.strategy=ddp"]), 2, MISTRAL_7B, 2, None, env)
     # our own launcher hands its reason down
     env2 = {"MISTRAL_QLORA_STRATEGY_WHY": "auto: because", "LOCAL_RANK": "0"}
-    assert plan_strategy(load_config(None, ["train.strategy=ddp"]), 2, env2)[:2] == ("ddp", "auto: because")
+    assert plan_strategy(load_config(None, ["train.strategy=ddp"]), 2, None, 2, None, env2)[:2] == \
+        ("ddp", "auto: because")
+    # a strategy of its own gets the DeepSpeed file shipped in the package
+    assert plan_strategy(load_config(None, ["train.strategy=zero2"]), 2, None, 2, None, {})[2] == \
+        resources.ds_config_path("zero2")
 
 
 def test_launcher_detection():
@@ -131,10 +137,10 @@ def test_accelerate_command_one_node():
     spec = LaunchSpec(nproc=4, main_port=12345)
     cmd = accelerate_command(spec, "zero3", ["train", "c.yaml"], python="py")
     assert cmd[:3] == ["py", "-m", "accelerate.commands.launch"]
-    assert cmd[cmd.index("--config_file") + 1] == str(ROOT / "launch" / "zero3.yaml")
+    assert cmd[cmd.index("--config_file") + 1] == str(resources.root() / "launch" / "zero3.yaml")
     assert cmd[cmd.index("--num_processes") + 1] == "4"
     assert cmd[cmd.index("--main_process_port") + 1] == "12345"
-    assert cmd[cmd.index("--deepspeed_config_file") + 1] == str(ROOT / "ds_configs" / "zero3.json")
+    assert cmd[cmd.index("--deepspeed_config_file") + 1] == str(resources.root() / "ds_configs" / "zero3.json")
     assert cmd[-4:] == ["-m", "mistral_qlora", "train", "c.yaml"]
     ddp = accelerate_command(LaunchSpec(nproc=2), "ddp", ["train", "c.yaml"])
     assert ddp[ddp.index("--config_file") + 1].endswith("launch/ddp.yaml")
@@ -192,7 +198,7 @@ def test_check_adapter_refuses_empty_tensors(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from mistral_qlora.modeling.adapter import check_adapter
+    from mistral_qlora.model.adapter import check_adapter
 
     good = {"m.q_proj.lora_A.weight": torch.ones(4, 8), "m.q_proj.lora_B.weight": torch.zeros(8, 4)}
     save_file(good, str(tmp_path / "adapter_model.safetensors"))

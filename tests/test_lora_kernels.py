@@ -6,8 +6,9 @@ with it as without it. On the CPU the kernel runs in Triton's interpreter."""
 import pytest
 import torch
 
-from mistral_qlora.modeling import fused_lora, lora_kernels
-from mistral_qlora.modeling.lora_kernels import add_lora_product_, lora_product_usable, triton_problem
+from mistral_qlora.kernels import fused_lora
+from mistral_qlora.kernels import lora_product as lora_kernels
+from mistral_qlora.kernels.lora_product import add_lora_product_, lora_product_usable, triton_problem
 
 pytestmark = pytest.mark.skipif(triton_problem() is not None, reason=str(triton_problem()))
 
@@ -30,7 +31,7 @@ def fused_nf4_layer(device, dropout: float):
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
 
-    from mistral_qlora.modeling.model import keep_4bit_layout
+    from mistral_qlora.model.base import keep_4bit_layout
 
     n_in, n_out, tokens = (4096, 14336, 8192) if device == "cuda" else (128, 192, 96)
     torch.manual_seed(0)
@@ -111,7 +112,7 @@ def test_fused_layer_adds_its_gemm_onto_the_product_with_the_same_result(device,
 
     def run(product_first: bool, dropout: float):
         model, x = fused_nf4_layer(device, dropout)
-        model.base_model.model.up.product_first = product_first
+        model.base_model.model.up.configure(product_first=product_first)
         writes.clear()
         torch.manual_seed(3)
         y = model(x)

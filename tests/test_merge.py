@@ -32,8 +32,8 @@ def test_merged_model_equals_adapter_on_16bit_base(adapter, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from mistral_qlora.export import merge_adapter
-    from mistral_qlora.modeling.model import resolve_model_path
+    from mistral_qlora.model.base import resolve_model_path
+    from mistral_qlora.tools.merge import merge_adapter
 
     out = merge_adapter(str(adapter), str(tmp_path / "merged"), dtype="bf16")
     assert sorted(p.name for p in out.glob("*.safetensors"))

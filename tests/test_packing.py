@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mistral_qlora.data.collator import PackedCollator, PackedRows, PaddedCollator
-from mistral_qlora.data.packing import lognormal_lengths, pack_best_fit_decreasing, packing_efficiency
+from mistral_qlora.data.packing import pack_best_fit_decreasing, packing_efficiency
+from mistral_qlora.data.synthetic import lognormal_lengths
 from mistral_qlora.data.tokenize import IGNORE_INDEX
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +147,7 @@ def data_file(tmp_path):
 
 def test_prepare_reports_packing(data_file, tmp_path):
     from mistral_qlora.config import load_config
-    from mistral_qlora.prepare import describe_data
+    from mistral_qlora.tools.prepare import describe_data
 
     cfg = load_config(None, [f"data.train={data_file}", "data.tokens_per_row=256", "data.max_seq_len=128",
                              "train.micro_batch_size=1", "train.grad_accum=2", f"output_dir={tmp_path}/run"])
@@ -161,8 +162,8 @@ def test_prepare_data_packs_rows_within_budget(data_file):
     from mistral_qlora.config import DataSection
     from mistral_qlora.data import prepare_data
     from mistral_qlora.errors import UserError
-    from mistral_qlora.modeling.model import resolve_model_path
-    from mistral_qlora.modeling.tokenizer import load_tokenizer
+    from mistral_qlora.model.base import resolve_model_path
+    from mistral_qlora.model.tokenizer import load_tokenizer
 
     tok = load_tokenizer(resolve_model_path("tiny-random-mistral"))
     cfg = DataSection(train=str(data_file), eval_fraction=0.0, tokens_per_row=128, max_seq_len=128)
@@ -188,13 +189,16 @@ def _tiny_lora_model():
     from transformers import AutoModelForCausalLM
 
     from mistral_qlora.config import LoraSection
-    from mistral_qlora.modeling.model import add_lora, resolve_model_path
+    from mistral_qlora.model.base import resolve_model_path
+    from mistral_qlora.model.lora import add_lora
+
+    from conftest import layer_plan
 
     path = resolve_model_path("tiny-random-mistral")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     model.config.use_cache = False
     torch.manual_seed(0)  # LoRA's A matrices come from the global generator
-    model = add_lora(model, LoraSection(r=4, alpha=8, dropout=0.0), gradient_checkpointing=False)
+    model = add_lora(model, LoraSection(r=4, alpha=8, dropout=0.0), layer_plan())
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -242,7 +246,8 @@ def _one_step(model, dataset, collator, micro_batch, grad_accum, out_dir, per_ba
     from transformers import Trainer
 
     from mistral_qlora.config import load_config
-    from mistral_qlora.train import Runtime, training_arguments
+    from mistral_qlora.run.trainer import training_arguments
+    from mistral_qlora.runtime import Runtime
 
     cfg = load_config(None, [f"output_dir={out_dir}", "train.max_steps=1", f"train.micro_batch_size={micro_batch}",
                              f"train.grad_accum={grad_accum}", "train.seed=0"])

@@ -1,12 +1,12 @@
-"""Nothing lost: SIGTERM saves and resumes exactly; kill -9 at random moments loses nothing."""
+"""Nothing lost: SIGTERM saves and resumes exactly; kill -9 at every kind of moment loses nothing."""
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -112,35 +112,123 @@ def test_a_kill_after_the_last_checkpoint_trains_no_extra_step(data, reference, 
     assert _train_losses(out) == _train_losses(reference)
 
 
-def test_kill_9_at_random_moments_loses_nothing(data, reference, tmp_path):
-    out = tmp_path / "run"
-    rng = random.Random(1234)
-    kills, during_write = 0, 0
+class Attempt:
+    """One start of the run, its stdout and stderr read line by line as they come."""
+
+    def __init__(self, data: Path, out: Path):
+        self.proc = subprocess.Popen(_args(data, out), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self._readers = [threading.Thread(target=lines.extend, args=(stream,), daemon=True)
+                         for lines, stream in ((self.stdout, self.proc.stdout), (self.stderr, self.proc.stderr))]
+        for reader in self._readers:
+            reader.start()
+
+    def planned(self) -> bool:  # the run has logged its plan: it is loading the model or training
+        return any("train.strategy=" in line for line in self.stderr)
+
+    def steps_logged(self) -> int:  # the Trainer's log lines of this start (logging_steps=1)
+        return sum(1 for line in self.stdout if "'loss':" in line)
+
+    def stop(self) -> None:
+        """Freeze the process where it is (SIGSTOP), and let the readers take what it wrote."""
+        self.proc.send_signal(signal.SIGSTOP)
+        time.sleep(0.05)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.finish()
+
+    def finish(self) -> int:
+        code = self.proc.wait(timeout=600)
+        for reader in self._readers:
+            reader.join(timeout=10)
+        return code
+
+
+def _committed(out: Path) -> set[str]:
+    return {p.name for p in (out / "checkpoints").glob("checkpoint-*")}
+
+
+def _staged(out: Path) -> bool:
     staging = out / "checkpoints/.staging"
-    while kills < 10:
-        if staging.is_dir() and any(staging.iterdir()):
-            during_write += 1  # the last kill landed while a checkpoint was being written
-        proc = _start(data, out)
-        mode = kills % 3
-        if mode == 0:  # any moment: start-up, loading, training
-            alive = _wait_for(lambda t=time.time() + rng.uniform(0.5, 8): time.time() > t, proc)
-        elif mode == 1:  # while the Trainer is writing a checkpoint into staging
-            alive = _wait_for(lambda: staging.is_dir() and any(staging.iterdir()), proc, poll=0.0005)
-        else:  # right after a commit
-            before = {p.name for p in (out / "checkpoints").glob("checkpoint-*")}
-            alive = _wait_for(lambda: {p.name for p in (out / "checkpoints").glob("checkpoint-*")} - before, proc)
-        if not alive:
-            break  # it finished before we could kill it
-        proc.kill()
-        proc.wait()
-        kills += 1
-    else:
-        proc = subprocess.run(_args(data, out), cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    if proc.returncode != 0 and not (out / "summary.json").exists():
-        pytest.fail(f"the run ended with {proc.returncode}")
-    assert kills >= 10, f"only {kills} kills landed before the run finished"
-    assert during_write >= 1, "no kill landed during a checkpoint write"
+    return staging.is_dir() and any(staging.iterdir())
+
+
+# The moments a kill -9 lands, each recognised by what the test sees while the process is frozen:
+# - start-up: the plan is logged (the model loads next) and no step has been logged by this start;
+# - training: a step has been logged and no checkpoint is being written;
+# - a checkpoint write: the Trainer's staging folder holds a checkpoint being written;
+# - after a commit: a checkpoint this start committed has appeared, and no other is being written.
+KINDS = ("start-up", "training", "a checkpoint write", "after a commit")
+
+
+def _kill_at(attempt: Attempt, out: Path, kind: str, deadline: float) -> bool:
+    """Wait for the moment `kind` names, freeze the process, check that the moment is what the
+    test sees, and kill it there (True); a moment missed (it moved on before the freeze) is let go
+    and the next one awaited. False when the run ended first."""
+    before, logged = _committed(out), attempt.steps_logged()
+    triggers = {
+        "start-up": attempt.planned,
+        "training": lambda: attempt.steps_logged() > logged,
+        "a checkpoint write": lambda: _staged(out),
+        "after a commit": lambda: bool(_committed(out) - before),
+    }
+    checks = {
+        "start-up": lambda: attempt.steps_logged() == 0,
+        "training": lambda: not _staged(out),
+        "a checkpoint write": lambda: _staged(out),
+        "after a commit": lambda: bool(_committed(out) - before) and not _staged(out),
+    }
+    while time.time() < deadline:
+        if attempt.proc.poll() is not None:
+            return False
+        if triggers[kind]():
+            attempt.stop()
+            if checks[kind]():
+                attempt.kill()
+                return True
+            attempt.resume()
+            if kind == "start-up":
+                return False  # past start-up: this start cannot be killed there any more
+            logged, before = attempt.steps_logged(), _committed(out)
+        time.sleep(0.001)
+    raise TimeoutError(f"no {kind} kill within the time limit")
+
+
+def test_kill_9_at_every_kind_of_moment_loses_nothing(data, reference, tmp_path):
+    """kill -9 during start-up, during training, during a checkpoint write and right after a
+    commit, each kind twice, the run restarted after every kill: the committed checkpoints stay
+    intact, and the run ends exactly where the uninterrupted one did. Each kill is made at a moment
+    the test observes while the process is frozen, and the test goes on until every kind has landed."""
+    from mistral_qlora.run.checkpoints import verify
+
+    out = tmp_path / "run"
+    landed = {kind: 0 for kind in KINDS}
+    deadline = time.time() + 1500
+    while min(landed.values()) < 2:
+        kind = min(KINDS, key=lambda k: (landed[k], KINDS.index(k)))
+        attempt = Attempt(data, out)
+        if _kill_at(attempt, out, kind, deadline):
+            landed[kind] += 1
+            for ckpt in _committed(out):
+                assert verify(out / "checkpoints" / ckpt) is None, (kind, ckpt)
+            continue
+        if attempt.proc.poll() is None and kind == "start-up":  # missed start-up: kill it in training instead
+            assert _kill_at(attempt, out, "training", deadline), "finished before a training kill"
+            landed["training"] += 1
+            continue
+        code = attempt.finish()  # the run finished before the kill: it must have finished right
+        assert code == 0, "".join(attempt.stderr)[-3000:]
+        assert json.loads((out / "summary.json").read_text())["steps"] == STEPS
+        _assert_same_adapter(_adapter(out), _adapter(reference))
+        shutil.rmtree(out)  # and start another run for the kinds still missing
+    proc = subprocess.run(_args(data, out), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["steps"] == STEPS
     _assert_same_adapter(_adapter(out), _adapter(reference))
     assert _train_losses(out) == _train_losses(reference)

@@ -15,10 +15,13 @@ SCRIPT = r"""
 import json, torch
 from mistral_qlora.config import LoraSection, ModelSection, QuantizationSection
 from mistral_qlora.data.collator import PackedCollator
-from mistral_qlora.modeling.model import add_lora, load_base_model, resolve_model_path
-from mistral_qlora.modeling.speed import apply_kernels
+from mistral_qlora.model.base import load_base_model, load_model_config, resolve_model_path
+from mistral_qlora.model.liger import apply_kernels
+from mistral_qlora.model.lora import add_lora
+from mistral_qlora.plan.layers import LayerPlan
 
 path = resolve_model_path("tiny-random-mistral")
+model_config = load_model_config(path, ModelSection())
 gen = torch.Generator().manual_seed(0)
 examples = []
 for n in (300, 120, 500, 77):
@@ -27,9 +30,9 @@ for n in (300, 120, 500, 77):
 
 def run(attention, kernels, ckpt, fused, dtype=torch.bfloat16):
     torch.manual_seed(0)
-    base = load_base_model(path, ModelSection(), QuantizationSection(), attention, dtype, device_map={"": 0})
+    base = load_base_model(path, model_config, None, QuantizationSection(), attention, dtype, device_map={"": 0})
     apply_kernels(base, kernels)
-    model = add_lora(base, LoraSection(r=8, dropout=0.0), checkpoint_layers=ckpt, fused=fused)
+    model = add_lora(base, LoraSection(r=8, dropout=0.0), LayerPlan("fused" if fused else "peft", recompute=ckpt))
     gen = torch.Generator().manual_seed(1)
     for name, p in model.named_parameters():  # B starts at zero: give the adapter branch some weight
         if "lora_B" in name:

@@ -58,14 +58,15 @@ def test_saved_adapter_reproduces_the_final_eval_loss(tiny_run):
     from transformers import Trainer, TrainingArguments
 
     from mistral_qlora.data import prepare_data
-    from mistral_qlora.modeling.model import load_base_model, resolve_model_path
-    from mistral_qlora.modeling.tokenizer import load_tokenizer
+    from mistral_qlora.model.base import load_base_model, load_model_config, resolve_model_path
+    from mistral_qlora.model.tokenizer import load_tokenizer
 
     cfg, out, summary = tiny_run
     path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(str(out / "adapter"))
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed)
-    base = load_base_model(path, cfg.model, cfg.quantization, summary["attention_backend"], torch.float32)
+    base = load_base_model(path, load_model_config(path, cfg.model), None, cfg.quantization,
+                           summary["attention_backend"], torch.float32)
     model = PeftModel.from_pretrained(base, str(out / "adapter"))
     trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(out / "re-eval"), use_cpu=True,
                                                           per_device_eval_batch_size=cfg.train.micro_batch_size,

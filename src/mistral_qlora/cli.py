@@ -1,8 +1,8 @@
-"""Command line: `mistral-qlora {train,prepare,generate,bench,env}` (also `python -m mistral_qlora`).
+"""Command line: `mistral-qlora {train,prepare,generate,merge,bench,env}` (also `python -m mistral_qlora`).
 
-A `UserError` ends the program with one line on stderr and exit code 2; `--debug` shows the
-traceback instead. Heavy imports (torch, transformers) happen inside the subcommands so
-`--help` stays instant.
+Each subcommand parses its flags and calls one function of the package; nothing else happens
+here. A `UserError` ends the program with one line on stderr and exit code 2; `--debug` shows the
+traceback instead. Heavy imports (torch, transformers) happen inside the subcommands.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import os
 import sys
 
 from mistral_qlora import __version__
+from mistral_qlora.bench.levers import LEVERS
 from mistral_qlora.errors import Preempted, UserError
-from mistral_qlora.modeling.speed import LEVERS
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_bench_parser(sub) -> None:
-    from mistral_qlora.data.packing import DEFAULT_MAX_LEN, DEFAULT_MEDIAN, DEFAULT_MIN_LEN, DEFAULT_SIGMA
+    from mistral_qlora.data.synthetic import DEFAULT_MAX_LEN, DEFAULT_MEDIAN, DEFAULT_MIN_LEN, DEFAULT_SIGMA
 
     p = sub.add_parser("bench", help="tokens/s: the seed's padded recipe against packed rows with each backend")
     p.add_argument("--model", default="tiny-random-mistral",
@@ -103,6 +103,12 @@ def _add_bench_parser(sub) -> None:
                    help=f"comma-separated levers of the fast path ({', '.join(LEVERS)}): "
                         "time the last recipe (default: the fast one) as planned and with each lever switched off, "
                         "the variants taking turns pass by pass in one process")
+    p.add_argument("--strategies", metavar="LIST",
+                   help="comma-separated strategies (single,zero2,zero3): train --steps steps of each through "
+                        "`mistral-qlora train` in a process of its own on one GPU, and compare tokens/s and memory")
+    p.add_argument("--steps", type=int, default=16, help="optimizer steps per strategy with --strategies (default 16)")
+    p.add_argument("--work-dir", default="runs/bench-strategies",
+                   help="where --strategies writes its data, configs, logs and runs (default runs/bench-strategies)")
     p.add_argument("--sliding-window", default="auto", help="auto (the checkpoint's), none, or a number of tokens")
     p.add_argument("--no-gradient-checkpointing", action="store_true", help="keep every activation")
     p.add_argument("--lora-r", type=int, default=16)
@@ -115,7 +121,8 @@ def _add_bench_parser(sub) -> None:
 def cmd_bench(args) -> int:
     from transformers.utils import logging as hf_logging
 
-    from mistral_qlora.bench import BenchOptions, format_report, run_bench
+    from mistral_qlora.bench.options import BenchOptions
+    from mistral_qlora.bench.report import format_compare, format_report, format_strategies
 
     if not args.debug:
         hf_logging.disable_progress_bar()
@@ -129,12 +136,21 @@ def cmd_bench(args) -> int:
         window = int(window)
     if args.repeats < 1:
         raise UserError(f"--repeats {args.repeats}: must be at least 1")
-    recipes = None
-    if args.recipes:
-        recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-        aliases = {"seed": "padded+sdpa (seed)", "padded": "padded+sdpa (seed)", "padded+sdpa": "padded+sdpa (seed)",
-                   "plain": "packed+flex (plain)"}
-        recipes = [aliases.get(r, r) for r in recipes]
+    recipes = _comma_list(args.recipes) or None
+    if args.strategies:
+        from mistral_qlora.bench.strategies import run_strategies
+        from mistral_qlora.plan.strategy import STRATEGIES
+
+        strategies = _comma_list(args.strategies)
+        unknown = [s for s in strategies if s not in STRATEGIES]
+        if unknown or args.steps < 1:
+            raise UserError(f"--strategies {args.strategies} --steps {args.steps}: strategies from "
+                            f"{', '.join(STRATEGIES)}, at least one step")
+        print(format_strategies(run_strategies(args.model, strategies, args.steps, args.tokens_per_row,
+                                               args.work_dir, args.out, args.model_dir)))
+        if args.out:
+            print(f"report: {args.out}")
+        return 0
     opts = BenchOptions(
         model=args.model, model_dir=args.model_dir, data=args.data, sequences=args.sequences, median=args.median,
         sigma=args.sigma, max_len=args.max_len, min_len=args.min_len, tokens_per_row=args.tokens_per_row,
@@ -144,65 +160,37 @@ def cmd_bench(args) -> int:
         dtype=args.dtype, seed=args.seed, out=args.out, profile=args.profile,
     )
     if args.compare:
-        from mistral_qlora.bench_compare import format_compare, run_compare
+        from mistral_qlora.bench.compare import run_compare
 
-        print(format_compare(run_compare(opts, [lever.strip() for lever in args.compare.split(",") if lever.strip()])))
+        print(format_compare(run_compare(opts, _comma_list(args.compare))))
     else:
+        from mistral_qlora.bench.run import run_bench
+
         print(format_report(run_bench(opts)))
     if args.out:
         print(f"report: {args.out}")
     return 0
 
 
+def _comma_list(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
 def cmd_train(args) -> int:
     from mistral_qlora.config import load_config
+    from mistral_qlora.launch import relaunch
     from mistral_qlora.train import run_training
 
     cfg = load_config(args.config, args.overrides)
-    code = _relaunch(args, cfg)
+    code = relaunch(cfg, args.config, args.overrides, nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
+                    main_addr=args.main_addr, main_port=args.main_port, overwrite=args.overwrite, force=args.force,
+                    debug=args.debug)
     if code is not None:
         return code
     summary = run_training(cfg, overwrite=args.overwrite, force=args.force)
     if int(os.environ.get("RANK", "0")) == 0:
         _print_summary(cfg.output_dir, summary)
     return 0
-
-
-def _relaunch(args, cfg) -> int | None:
-    """With more than one process to start (and no launcher above us): build the `accelerate
-    launch` command for this node, run it, and return its exit code. None: train in-process."""
-    from mistral_qlora import launch
-
-    given = [args.nproc, args.nnodes, args.node_rank, args.main_addr, args.main_port]
-    explicit = args.nproc is not None or args.nnodes is not None
-    if launch.launched_processes() is not None:  # torchrun / accelerate launch already started us
-        launch.restore_notice_signals()
-        launch.check_not_relaunched(
-            (args.nproc or 1) * (args.nnodes or 1) if explicit else None)
-        return None
-    spec = launch.launch_spec(*given)
-    launch.check_gpus(spec)
-    if spec.world_size == 1:
-        return None
-    from pathlib import Path
-
-    from mistral_qlora.distributed import plan_strategy
-    from mistral_qlora.train import check_output_dir
-
-    check_output_dir(Path(cfg.output_dir), args.overwrite)  # fail here, not in every process
-    strategy, why, _ = plan_strategy(cfg, spec.world_size)
-    argv = (["--debug"] if args.debug else []) + ["train", args.config]
-    for item in args.overrides:
-        argv += ["--set", item]
-    if strategy != cfg.train.strategy:
-        argv += ["--set", f"train.strategy={strategy}"]
-    if args.overwrite:
-        argv.append("--overwrite")
-    if args.force:
-        argv.append("--force")
-    env = launch.child_env()
-    env["MISTRAL_QLORA_STRATEGY_WHY"] = why  # logged once, by rank 0
-    return launch.run(launch.accelerate_command(spec, strategy, argv), env)
 
 
 def _print_summary(output_dir: str, s: dict) -> None:
@@ -220,7 +208,7 @@ def _print_summary(output_dir: str, s: dict) -> None:
 
 def cmd_prepare(args) -> int:
     from mistral_qlora.config import load_config
-    from mistral_qlora.prepare import describe_data
+    from mistral_qlora.tools.prepare import describe_data
 
     if args.nproc < 1 or args.nnodes < 1:
         raise UserError("--nproc and --nnodes must be at least 1")
@@ -230,7 +218,8 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from mistral_qlora.generate import generate_answers, load_for_generation
+    from mistral_qlora.model.generate import generate_answers
+    from mistral_qlora.tools.generate import load_for_generation
 
     model, tokenizer = load_for_generation(args.adapter, args.model, bits=args.bits)
     for prompt, answer in zip(args.prompt, generate_answers(model, tokenizer, args.prompt, args.max_new_tokens)):
@@ -239,7 +228,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from mistral_qlora.export import merge_adapter
+    from mistral_qlora.tools.merge import merge_adapter
 
     out = merge_adapter(args.adapter, args.output, dtype=args.dtype, model=args.model)
     print(f"merged model ({args.dtype}) written to {out}; try: mistral-qlora generate --model {out} --bits 16 "
@@ -248,7 +237,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_env(args) -> int:
-    from mistral_qlora.envinfo import environment_report
+    from mistral_qlora.tools.env import environment_report
 
     print(environment_report())
     return 0

@@ -1,8 +1,8 @@
 """The run config: one YAML file plus `--set a.b=value` overrides, validated into one `RunConfig`.
 
-Every key is declared here, with its default and its allowed range. A value outside the range,
-a wrong type or an unknown key is refused with a message naming the key; nothing is changed
-silently.
+Every key is declared here, with its default, its allowed range and its description (from which
+docs/config.md is generated: tools/config_reference.py). A value outside the range, a wrong type
+or an unknown key is refused with a message naming the key; nothing is changed silently.
 """
 
 from __future__ import annotations
@@ -23,17 +23,32 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _key(default, description: str, **bounds):
+    """A config key: its default, its allowed range, and the description docs/config.md shows."""
+    return Field(default, description=description, **bounds)
+
+
 class ModelSection(_Section):
-    name_or_path: str = TINY_MODEL
-    revision: str | None = None
-    # "auto" keeps the checkpoint's own window; null removes it; an integer overrides it.
-    sliding_window: Union[Literal["auto"], None, int] = "auto"
-    attention: Literal["auto", "flash_attention_2", "varlen", "flex", "sdpa", "eager"] = "auto"
-    # "auto": bfloat16 on a GPU that supports it, float32 elsewhere.
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    # Fused Triton kernels (Liger: RoPE, RMSNorm, SwiGLU, linear+cross-entropy without logits).
-    # "auto": liger on a CUDA GPU where liger-kernel is installed, none elsewhere.
-    kernels: Literal["auto", "liger", "none"] = "auto"
+    """The base checkpoint and how its layers run."""
+
+    name_or_path: str = _key(
+        TINY_MODEL, "The base checkpoint: `tiny-random-mistral` (embedded, made from a fixed seed), "
+        "`random:mistral-7b` (Mistral-7B-Instruct-v0.2's architecture with random weights, built locally), "
+        "a local checkpoint folder, or a hub id such as `mistralai/Mistral-7B-Instruct-v0.2`.")
+    revision: str | None = _key(None, "Branch, tag or commit of a hub id; null for its default.")
+    sliding_window: Union[Literal["auto"], None, int] = _key(
+        "auto", "`auto` keeps the checkpoint's own attention window (none for Instruct-v0.2, 4096 for v0.1, "
+        "64 for the tiny model); null removes it; an integer sets it.")
+    attention: Literal["auto", "flash_attention_2", "varlen", "flex", "sdpa", "eager"] = _key(
+        "auto", "Attention backend. `auto` takes the fastest usable one: flash_attention_2 (flash-attn), "
+        "varlen (PyTorch's varlen flash kernel), flex, sdpa. `mistral-qlora env` lists what this machine "
+        "can run; one asked for by name that cannot run is refused.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = _key(
+        "auto", "Compute dtype; `auto` is bfloat16 on a GPU that supports it, float32 elsewhere.")
+    kernels: Literal["auto", "liger", "none"] = _key(
+        "auto", "Liger's fused Triton kernels: RoPE, RMSNorm, SwiGLU, and the lm_head fused with the loss so "
+        "the logits are never materialised. `auto` uses them on a CUDA GPU where liger-kernel is installed "
+        "(`pip install mistral-qlora[kernels]`).")
 
     @field_validator("sliding_window")
     @classmethod
@@ -44,62 +59,97 @@ class ModelSection(_Section):
 
 
 class QuantizationSection(_Section):
-    bits: Literal[4, 16] = 4
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
+    """How the frozen base is stored."""
+
+    bits: Literal[4, 16] = _key(4, "4: the base in 4 bits through bitsandbytes (QLoRA); 16: plain LoRA on a "
+                                   "16-bit base.")
+    quant_type: Literal["nf4", "fp4"] = _key("nf4", "The 4-bit data type: nf4 (NormalFloat, QLoRA's) or fp4.")
+    double_quant: bool = _key(True, "Quantize the 4-bit weights' block scales too (about 0.4 bits a weight less).")
 
 
 class LoraSection(_Section):
-    r: int = Field(16, ge=1, le=1024)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
-    fused: bool = True  # 4-bit base: the adapter folded into the base matmuls (modeling/fused_lora.py)
+    """The adapters that train."""
+
+    r: int = _key(16, "LoRA rank: the inner dimension of each adapter's two matrices.", ge=1, le=1024)
+    alpha: float = _key(32, "LoRA alpha: the adapter's output is scaled by alpha / r.", gt=0)
+    dropout: float = _key(0.05, "Dropout on the input of each adapter.", ge=0, lt=1)
+    target_modules: Union[Literal["all-linear"], list[str]] = _key(
+        "all-linear", "The linears that get an adapter: `all-linear` (every linear of the decoder layers; "
+        "lm_head stays frozen) or a list of names such as `[q_proj, v_proj]`.")
+    fused: bool = _key(
+        True, "On a 4-bit base, fold each adapter into its base matmul with one autograd function "
+        "(kernels/fused_lora.py): PEFT's math and PEFT's saved adapter, faster. false: PEFT's own layers, "
+        "which ZeRO-3 always uses.")
 
 
 class DataSection(_Section):
-    train: str = "dataset/story.json"
-    eval: str | None = None
-    eval_fraction: float = Field(0.1, ge=0, lt=1)
-    format: Literal["auto", "text", "prompt_response", "instruction", "messages"] = "auto"
-    max_seq_len: int = Field(1024, ge=16, le=1_048_576)
-    overlong: Literal["truncate", "drop"] = "truncate"
-    train_on_prompt: bool = False
-    packing: bool = True
-    tokens_per_row: int = Field(4096, ge=16, le=1_048_576)
+    """What the run trains and evaluates on, and how it becomes rows."""
+
+    train: str = _key("dataset/story.json", "Training data: a JSON array, JSON Lines, Parquet file or a saved "
+                      "`datasets` folder (dataset/README.md shows the record forms).")
+    eval: str | None = _key(None, "Evaluation data in the same forms; null holds out `data.eval_fraction` of "
+                            "the training records.")
+    eval_fraction: float = _key(0.1, "Share of the training records held out for evaluation when `data.eval` "
+                                "is null (chosen with train.seed); 0 for none.", ge=0, lt=1)
+    format: Literal["auto", "text", "prompt_response", "instruction", "messages"] = _key(
+        "auto", "The records' form; `auto` reads it from the first record's keys: `text` "
+        "(`<s>[INST] q [/INST] a </s>`), `prompt_response`, `instruction` (+ `input`), `messages`.")
+    max_seq_len: int = _key(512, "The longest a tokenized record may be; see `data.overlong`.",
+                            ge=16, le=1_048_576)
+    overlong: Literal["truncate", "drop"] = _key(
+        "truncate", "What happens to a longer record: `truncate` cuts it to data.max_seq_len, `drop` leaves "
+        "it out; the summary counts both.")
+    train_on_prompt: bool = _key(False, "Put the loss on the prompts too, not only on the answers.")
+    packing: bool = _key(
+        True, "Pack records into rows of data.tokens_per_row tokens that never attend across records; false "
+        "pads batches of train.micro_batch_size records instead (the baseline).")
+    tokens_per_row: int = _key(512, "Tokens per packed row; at least data.max_seq_len. With packing, "
+                               "train.micro_batch_size counts rows.", ge=16, le=1_048_576)
 
 
 class TrainSection(_Section):
-    epochs: float = Field(3, gt=0)
-    max_steps: int = Field(-1, ge=-1)
-    learning_rate: float = Field(2.0e-4, gt=0, le=1)
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, ge=0)
-    optimizer: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit"] = "adamw_torch"
-    micro_batch_size: int = Field(4, ge=1, le=4096)
-    grad_accum: int = Field(1, ge=1, le=65536)
-    # true: every decoder layer recomputes its activations in backward; false: none does; a fraction
-    # in (0, 1): that share of the layers; auto: as few as the GPU's memory allows (train.memory).
-    gradient_checkpointing: Union[bool, Literal["auto"], float] = True
-    # auto: spend free GPU memory on skipping recompute; low: checkpoint every layer (about 10 GiB
-    # for Mistral-7B at 8192-token rows).
-    memory: Literal["auto", "low"] = "auto"
-    # How the run is spread over processes (see mistral_qlora.distributed): auto picks single for one
-    # process, ddp when the 4-bit model and activations fit one GPU, zero3 when they do not.
-    strategy: Literal["auto", "single", "ddp", "zero2", "zero3", "zero3_offload"] = "auto"
-    seed: int = Field(42, ge=0)
-    eval_steps: int = Field(20, ge=1)
-    save_steps: int = Field(50, ge=1)
-    logging_steps: int = Field(5, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    # auto: continue from the newest complete checkpoint in output_dir; never; or a checkpoint folder.
-    resume: str = "auto"
-    # The GPU's dense bf16 peak for the MFU in the logs; null: looked up from the device name
-    # (mistral_qlora.flops.PEAK_TFLOPS), no MFU where it is not known.
-    peak_tflops: Union[float, None] = Field(None, gt=0)
+    """The optimisation, memory plan, processes, checkpoints and logs."""
 
+    epochs: float = _key(3, "Passes over the training data (a fraction allowed), unless train.max_steps is set.",
+                         gt=0)
+    max_steps: int = _key(-1, "Stop after this many optimizer steps; -1 runs train.epochs.", ge=-1)
+    learning_rate: float = _key(2.0e-3, "Peak learning rate of the adapters (AdamW).", gt=0, le=1)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = _key(
+        "cosine", "The learning-rate schedule after warm-up.")
+    warmup_ratio: float = _key(0.03, "Share of the steps over which the learning rate warms up.", ge=0, lt=1)
+    weight_decay: float = _key(0.0, "AdamW weight decay of the adapters.", ge=0)
+    max_grad_norm: float = _key(1.0, "Gradient clipping norm; 0 turns clipping off.", ge=0)
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit"] = _key(
+        "adamw_torch", "The Trainer's optimizer: adamw_torch_fused on GPUs, paged_adamw_8bit or adamw_8bit "
+        "(bitsandbytes) for less optimizer memory.")
+    micro_batch_size: int = _key(1, "Rows (packed) or records (padded) per process per micro-step.",
+                                 ge=1, le=4096)
+    grad_accum: int = _key(1, "Micro-steps accumulated into one optimizer step.", ge=1, le=65536)
+    gradient_checkpointing: Union[bool, Literal["auto"], float] = _key(
+        True, "How many decoder layers recompute their activations in backward (a third more FLOPs, far "
+        "less memory): true every layer, false none, a fraction such as 0.25 that share, `auto` as few as "
+        "the GPU's memory allows (see train.memory; the choice and the estimate are logged).")
+    memory: Literal["auto", "low"] = _key(
+        "auto", "What `auto` aims for. `auto` spends free GPU memory on speed: first fewer layers recompute, "
+        "then layers keep their dequantized 16-bit weights for the whole run. `low` recomputes every layer "
+        "(about 9 GiB for Mistral-7B at 8192-token rows).")
+    strategy: Literal["auto", "single", "ddp", "zero2", "zero3", "zero3_offload"] = _key(
+        "auto", "How the run is spread over processes: single, ddp, zero2, zero3 (the 4-bit base partitioned), "
+        "zero3_offload. `auto`: single for one process, ddp when the 4-bit model and activations fit one GPU, "
+        "zero3 when they do not.")
+    seed: int = _key(42, "Seed of the eval split, the packing, the sampler, the adapters' initial values and "
+                         "their dropout.", ge=0)
+    eval_steps: int = _key(20, "Evaluate every this many optimizer steps (and before the first).", ge=1)
+    save_steps: int = _key(50, "Save a checkpoint every this many optimizer steps.", ge=1)
+    logging_steps: int = _key(5, "Log loss, learning rate, tokens/s and MFU every this many optimizer steps.",
+                              ge=1)
+    keep_checkpoints: int = _key(2, "How many complete checkpoints to keep (the newest).", ge=1)
+    resume: str = _key(
+        "auto", "`auto` continues from the newest complete checkpoint in output_dir; `never` refuses to start "
+        "over an unfinished run; a checkpoint folder resumes that checkpoint.")
+    peak_tflops: Union[float, None] = _key(
+        None, "The GPU's dense bf16 peak in TFLOP/s, for the MFU in the logs; null looks it up from the device "
+        "name (flops.py knows common GPUs) and logs no MFU for others.", gt=0)
 
     @field_validator("gradient_checkpointing")
     @classmethod
@@ -110,19 +160,24 @@ class TrainSection(_Section):
 
 
 class EvalSection(_Section):
-    # Held-out prompts answered before and after training, written to samples.md.
-    samples: int = Field(3, ge=0, le=100)
-    max_new_tokens: int = Field(48, ge=1, le=4096)
+    """What a run shows of its model besides the loss."""
+
+    samples: int = _key(3, "Held-out prompts answered greedily before and after training, in samples.md.",
+                        ge=0, le=100)
+    max_new_tokens: int = _key(32, "The longest answer generated for samples.md, in tokens.", ge=1, le=4096)
 
 
 class RunConfig(_Section):
+    """One run: every key below, validated before anything runs. The defaults are the embedded
+    default run (configs/tiny.yaml)."""
+
     model: ModelSection = Field(default_factory=ModelSection)
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
     lora: LoraSection = Field(default_factory=LoraSection)
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
-    output_dir: str = "runs/tiny"
+    output_dir: str = _key("runs/tiny", "Where the run writes its adapter, checkpoints, logs, plots and summary.")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -59,6 +59,18 @@ def decoder_linear_shapes(model_config) -> dict[str, tuple[int, int]]:
     }
 
 
+# The decoder's linear layers: what bitsandbytes quantizes and what LoRA's all-linear targets
+# (lm_head stays in 16-bit).
+DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_target_names(target_modules) -> set[str]:
+    """The decoder linears `lora.target_modules` selects."""
+    if target_modules == "all-linear":
+        return set(DECODER_LINEARS)
+    return {name for name in DECODER_LINEARS if any(t == name or t.endswith("." + name) for t in target_modules)}
+
+
 def _mean_context(lengths: list[int], window: int | None) -> float:
     """Mean number of tokens a token attends to (itself included), over all tokens of the sequences."""
     total = tokens = 0

@@ -1,12 +1,13 @@
 """`mistral-qlora train --nproc N [--nnodes M --node-rank R --main-addr A --main-port P]`: the
-`accelerate launch` command line that starts the run's processes on this node.
+`accelerate launch` command line that starts the run's processes on this node, and the hand-off
+of a scheduler's signals to them.
 
 One process (the default on a machine with at most one GPU) trains in this process. More than
-one re-launches `python -m mistral_qlora train ...` through `accelerate launch` with the config
-in `launch/` for the strategy: ddp.yaml, zero2.yaml, zero3.yaml, zero3_offload.yaml on one node,
-multi_node.yaml (strategy-neutral; the DeepSpeed config then comes from `train.strategy`) on
-several. A process that a launcher already started (torchrun, accelerate launch, deepspeed: they
-all set LOCAL_RANK) is never re-launched.
+one re-launches `python -m mistral_qlora train ...` through `accelerate launch` with the
+package's accelerate config for the strategy (resources/: ddp.yaml, zero2.yaml, zero3.yaml,
+zero3_offload.yaml on one node, multi_node.yaml, strategy-neutral, on several; the DeepSpeed
+config then comes from `train.strategy`). A process that a launcher already started (torchrun,
+accelerate launch, deepspeed: they all set LOCAL_RANK) is never re-launched.
 
 Every value has an environment fallback so that schedulers can drive it: NPROC_PER_NODE, NNODES,
 NODE_RANK, MASTER_ADDR, MASTER_PORT (launch/train.sh, the per-node entry, passes them on).
@@ -18,19 +19,16 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
-from mistral_qlora.distributed import free_port, is_deepspeed, launched_processes, project_dir, ds_config_path
-from mistral_qlora.errors import UserError
+from mistral_qlora import resources
+from mistral_qlora.config import RunConfig
+from mistral_qlora.errors import EXIT_PREEMPTED, UserError
+from mistral_qlora.model.base import load_model_config, resolve_model_path
+from mistral_qlora.plan.strategy import STRATEGY_WHY_ENV, is_deepspeed, plan_strategy
+from mistral_qlora.run.artifacts import check_output_dir
+from mistral_qlora.runtime import free_port, gpu_budget, launched_processes, resolve_dtype
 
-# strategy -> accelerate config for one node
-NODE_CONFIGS = {
-    "single": "single_gpu.yaml",
-    "ddp": "ddp.yaml",
-    "zero2": "zero2.yaml",
-    "zero3": "zero3.yaml",
-    "zero3_offload": "zero3_offload.yaml",
-}
-MULTI_NODE_CONFIG = "multi_node.yaml"
 DEFAULT_PORT = 29500
 
 
@@ -106,18 +104,14 @@ def launch_spec(nproc=None, nnodes=None, node_rank=None, main_addr=None, main_po
 
 def accelerate_command(spec: LaunchSpec, strategy: str, train_argv: list[str], python: str | None = None) -> list[str]:
     """The `accelerate launch` command for this node; `train_argv` follows `python -m mistral_qlora`."""
-    launch_dir = project_dir("launch")
-    if spec.nnodes > 1:
-        config = launch_dir / MULTI_NODE_CONFIG
-    else:
-        config = launch_dir / NODE_CONFIGS["ddp" if strategy == "single" else strategy]
+    config = resources.accelerate_config_path(strategy, spec.nnodes)
     cmd = [python or sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
            "--num_processes", str(spec.world_size), "--num_machines", str(spec.nnodes),
            "--machine_rank", str(spec.node_rank), "--main_process_ip", spec.main_addr,
            "--main_process_port", str(spec.main_port if spec.main_port is not None else free_port())]
     if spec.nnodes == 1 and is_deepspeed(strategy):
-        # absolute, so the run may start from any folder (the YAML names it relative to the repository)
-        cmd += ["--deepspeed_config_file", str(ds_config_path(strategy))]
+        # absolute, so the run may start from any folder (the YAML names it relative to its root)
+        cmd += ["--deepspeed_config_file", str(resources.ds_config_path(strategy))]
     return cmd + ["-m", "mistral_qlora", *train_argv]
 
 
@@ -184,8 +178,6 @@ def run(cmd: list[str], env: dict[str, str]) -> int:
 
     import psutil
 
-    from mistral_qlora.errors import EXIT_PREEMPTED
-
     print("mistral-qlora: " + " ".join(cmd), file=sys.stderr, flush=True)
     notices = [getattr(signal, n) for n in NOTICE_SIGNALS if hasattr(signal, n)]
     env = dict(env)
@@ -223,3 +215,38 @@ def run(cmd: list[str], env: dict[str, str]) -> int:
     # The launcher reports its workers' exit 75 as a plain failure: after a forwarded notice,
     # a failed launch is the preemption the workers answered.
     return EXIT_PREEMPTED if forwarded and code != 0 else code
+
+
+def relaunch(cfg: RunConfig, config_path: str, overrides: list[str], *, nproc=None, nnodes=None, node_rank=None,
+             main_addr=None, main_port=None, overwrite: bool = False, force: bool = False,
+             debug: bool = False) -> int | None:
+    """With more than one process to start on this node (and no launcher above us): resolve the
+    strategy, build the `accelerate launch` command, run it and return its exit code. None:
+    train in this process."""
+    explicit = nproc is not None or nnodes is not None
+    if launched_processes() is not None:  # torchrun / accelerate launch already started us
+        restore_notice_signals()
+        check_not_relaunched((nproc or 1) * (nnodes or 1) if explicit else None)
+        return None
+    spec = launch_spec(nproc, nnodes, node_rank, main_addr, main_port)
+    check_gpus(spec)
+    if spec.world_size == 1:
+        return None
+    check_output_dir(Path(cfg.output_dir), overwrite)  # fail here, not in every process
+    model_config = None
+    if cfg.train.strategy == "auto":  # the memory estimate needs the checkpoint's shapes
+        model_config = load_model_config(resolve_model_path(cfg.model.name_or_path), cfg.model)
+    strategy, why, _ = plan_strategy(cfg, spec.world_size, model_config, resolve_dtype(cfg.model.dtype).itemsize,
+                                     gpu_budget())
+    argv = (["--debug"] if debug else []) + ["train", config_path]
+    for item in overrides:
+        argv += ["--set", item]
+    if strategy != cfg.train.strategy:
+        argv += ["--set", f"train.strategy={strategy}"]
+    if overwrite:
+        argv.append("--overwrite")
+    if force:
+        argv.append("--force")
+    env = child_env()
+    env[STRATEGY_WHY_ENV] = why  # logged once, by rank 0
+    return run(accelerate_command(spec, strategy, argv), env)

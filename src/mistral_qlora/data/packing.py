@@ -3,21 +3,15 @@
 Each row is a list of example indices whose lengths sum to at most the budget. Sequences are
 placed longest first, each into the open row with the least room that still fits it; ties in
 length are broken by a seeded shuffle, so the result is deterministic for a seed. Rows are packed
-once per run; the Trainer's seeded sampler reshuffles their order every epoch. The collator then concatenates a row's
-sequences with position ids restarting at 0, so none of them can attend to another.
+once per run; the Trainer's seeded sampler reshuffles their order every epoch. The collator then
+concatenates a row's sequences with position ids restarting at 0, so none of them can attend to
+another.
 """
 
 from __future__ import annotations
 
 import bisect
-import math
 import random
-
-# The default synthetic length distribution (bench, tests): lognormal around a median.
-DEFAULT_MEDIAN = 256
-DEFAULT_SIGMA = 1.0
-DEFAULT_MAX_LEN = 4096
-DEFAULT_MIN_LEN = 16
 
 
 def pack_best_fit_decreasing(lengths: list[int], budget: int, seed: int = 0) -> list[list[int]]:
@@ -55,16 +49,3 @@ def packing_efficiency(lengths: list[int], rows: list[list[int]], budget: int) -
         return 0.0
     return sum(lengths) / (len(rows) * budget)
 
-
-def lognormal_lengths(
-    n: int,
-    median: int = DEFAULT_MEDIAN,
-    sigma: float = DEFAULT_SIGMA,
-    max_len: int = DEFAULT_MAX_LEN,
-    min_len: int = DEFAULT_MIN_LEN,
-    seed: int = 0,
-) -> list[int]:
-    """n sequence lengths, lognormal with the given median and sigma, clipped to [min_len, max_len]."""
-    rng = random.Random(seed)
-    mu = math.log(median)
-    return [min(max_len, max(min_len, round(rng.lognormvariate(mu, sigma)))) for _ in range(n)]

@@ -1,0 +1,84 @@
+"""LoRA on the base, as the plan's `LayerPlan` says (plan/layers.py).
+
+`add_lora` freezes the base, turns recompute on for the first k decoder layers, wraps the target
+linears with PEFT's LoRA layers or, on a 4-bit base, with the fused layer (kernels/fused_lora.py,
+registered through PEFT's custom-module extension point), and configures the fused layers.
+`configure_fused_layers` is the one place their run-time options are set: how long each keeps its
+dequantized weight, whether the adapter's product is written first, and which linears share an
+input-gradient buffer.
+"""
+
+from __future__ import annotations
+
+from mistral_qlora.config import LoraSection
+from mistral_qlora.kernels.fused_lora import (KEEP_FOR_BACKWARD, KEEP_FOR_RUN, KEEP_NONE, SHARED_INPUT_LINEARS,
+                                              FusedLoraLinear4bit, InputGroup, register_fused_lora)
+from mistral_qlora.plan.layers import LayerPlan
+
+
+def decoder_layers(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder().layers if hasattr(base, "get_decoder") else base.model.layers
+
+
+def set_recompute_layers(model, k: int, reentrant: bool = False) -> None:
+    """Recompute the first k decoder layers in backward, keep the others' activations, through
+    each decoder layer's own switch (transformers' GradientCheckpointingLayer)."""
+    if k <= 0:
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    for i, layer in enumerate(decoder_layers(model)):
+        layer.gradient_checkpointing = i < k
+    # Reentrant checkpointing only back-propagates into a block whose input requires grad.
+    model.enable_input_require_grads()
+
+
+def add_lora(model, lora_cfg: LoraSection, layers: LayerPlan):
+    """The base frozen, recompute set, LoRA adapters added: a PeftModel."""
+    from peft import LoraConfig, get_peft_model
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    set_recompute_layers(model, layers.recompute, layers.reentrant)
+    peft_config = LoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=lora_cfg.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    if layers.fused:
+        register_fused_lora(peft_config)
+    model = get_peft_model(model, peft_config)
+    if layers.fused:
+        configure_fused_layers(model, layers)
+    return model
+
+
+def configure_fused_layers(model, layers: LayerPlan) -> None:
+    """Set every fused LoRA linear's options from the plan: the recomputing layers (the first
+    `layers.recompute`) keep their dequantized weight from recompute to backward, the last
+    `layers.kept_for_run` of the others keep it for the whole run; the linears of each attention
+    (q/k/v) and MLP (gate/up) share one input-gradient buffer."""
+    blocks = decoder_layers(model)
+    for i, block in enumerate(blocks):
+        recomputes = i < layers.recompute
+        for_run = not recomputes and i >= len(blocks) - layers.kept_for_run
+        if not layers.keep_weights or not (recomputes or for_run):
+            keep = KEEP_NONE
+        elif for_run and layers.keep_across_steps:
+            keep = KEEP_FOR_RUN
+        else:
+            keep = KEEP_FOR_BACKWARD
+        groups = {}
+        if layers.shared_input_grad:
+            for module in block.modules():
+                for names in SHARED_INPUT_LINEARS:
+                    members = [getattr(module, n, None) for n in names]
+                    if all(isinstance(m, FusedLoraLinear4bit) for m in members):
+                        group = InputGroup()
+                        groups.update({id(m): group for m in members})
+        for module in block.modules():
+            if isinstance(module, FusedLoraLinear4bit):
+                module.configure(keep, layers.product_first, groups.get(id(module)))

@@ -1,1 +1,0 @@
-"""Model side: tokenizer, the embedded tiny model, the 4-bit base with LoRA, attention backends."""

@@ -1,0 +1,61 @@
+"""The run's plan: every decision taken from the config, the checkpoint's shapes and this machine,
+before a weight is loaded.
+
+`make_plan` is what `train` and `bench` both call: the strategy (plan/strategy.py), the attention
+backend and kernels (plan/backends.py), the LoRA layer, the recompute and kept-weights plan
+(plan/layers.py), each with the reason it is what it is, resting on the memory estimate
+(plan/memory.py). The model is then built from the plan (model/build.py) and nothing downstream
+decides again.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mistral_qlora.config import RunConfig
+from mistral_qlora.plan.backends import select_attention, select_kernels
+from mistral_qlora.plan.layers import LayerPlan, lora_layer, plan_kept_weights, plan_recompute
+from mistral_qlora.plan.strategy import is_zero3, plan_strategy
+from mistral_qlora.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class Plan:
+    strategy: str
+    ds_config: Path | None  # the DeepSpeed config file for a DeepSpeed strategy
+    attention: str  # model.attention resolved: flash_attention_2, varlen, flex, sdpa or eager
+    kernels: str  # model.kernels resolved: liger or none
+    layers: LayerPlan
+    why: dict  # decision -> the reason, for the log
+
+    @property
+    def zero3(self) -> bool:
+        return is_zero3(self.strategy)
+
+    def log_lines(self, cfg: RunConfig) -> list[str]:
+        lines = [f"train.strategy={self.strategy} ({self.why['strategy']})",
+                 f"train.gradient_checkpointing={cfg.train.gradient_checkpointing} ({self.why['recompute']}); "
+                 f"model.kernels={self.kernels}",
+                 f"lora: {self.why['lora_layer']}"]
+        if self.layers.fused:
+            lines.append(f"lora: dequantized weights kept for backward: {self.why['kept_for_run']}")
+        return lines
+
+
+def make_plan(cfg: RunConfig, model_config, rt: Runtime, env=os.environ) -> Plan:
+    """The plan for this run on `rt.world_size` processes, with `rt`'s device and dtype."""
+    attention = select_attention(cfg.model.attention, rt.dtype)
+    kernels = select_kernels(cfg.model.kernels)
+    budget = rt.gpu_budget()
+    dtype_bytes = rt.dtype.itemsize
+    strategy, strategy_why, ds_config = plan_strategy(cfg, rt.world_size, model_config, dtype_bytes, budget, env)
+    layer, layer_why = lora_layer(cfg, strategy)
+    recompute, recompute_why = plan_recompute(cfg, model_config, dtype_bytes, kernels, budget, strategy,
+                                              rt.world_size)
+    kept, kept_why = plan_kept_weights(cfg, model_config, dtype_bytes, kernels, budget, recompute, strategy,
+                                       rt.world_size)
+    layers = LayerPlan(lora_layer=layer, recompute=recompute, kept_for_run=kept, reentrant=is_zero3(strategy))
+    why = {"strategy": strategy_why, "lora_layer": layer_why, "recompute": recompute_why, "kept_for_run": kept_why}
+    return Plan(strategy, ds_config, attention, kernels, layers, why)

@@ -1,0 +1,116 @@
+"""How each decoder layer runs: which LoRA layer, which layers recompute, which keep their weights.
+
+- The LoRA layer (`lora_layer`): on a 4-bit base the fused layer (kernels/fused_lora.py) folds each
+  adapter into its base matmul; PEFT's own layers run under ZeRO-3 (DeepSpeed gathers the
+  partitioned weights through module hooks the fused layer would bypass), on a 16-bit base, and
+  with `lora.fused: false`.
+- Recompute (`plan_recompute`): the first k decoder layers recompute their activations in
+  backward. Recompute costs a third of a step's FLOPs (6N instead of 4N per token), so memory
+  decides how many layers pay it: `auto` as few as fit the GPU, `train.memory: low` all of them.
+- Kept weights (`plan_kept_weights`): a fused layer dequantizes its 4-bit weight in forward and,
+  unless told to keep it, again in backward. Recomputing layers keep it from their recompute to
+  their backward (one layer at a time). Of the others, as many as the memory left over holds keep
+  it for the whole run: dequantized once, not once a step. Such a layer holds its 16-bit weights
+  at the step's peak (the end of forward) whether it keeps them between steps or not.
+
+`auto` keeps a head-room free beyond the estimate in proportion to how far the estimate can be
+off: the fast path's op-by-op count (plan/memory.py) lands a few tenths of a GiB from measured
+peaks, so a small share of the budget with a 1 GiB floor; the rule for PEFT's layers is coarser, so
+a larger share (docs/benchmarks.md compares both with measured peaks). The head-room also covers
+allocator fragmentation, the optimizer's first step and evaluation batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mistral_qlora.config import RunConfig
+from mistral_qlora.plan.memory import (GIB, counts_fast_path, estimate_memory, fused_lora, kept_weight_bytes,
+                                       recompute_layers_for)
+
+FAST_PATH_HEADROOM = 0.04
+FAST_PATH_HEADROOM_MIN = GIB
+HEADROOM = 0.10
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What model/lora.py applies to the decoder layers."""
+
+    lora_layer: str  # "fused" (kernels/fused_lora.py) or "peft"
+    recompute: int  # the first `recompute` decoder layers recompute in backward
+    kept_for_run: int = 0  # the last `kept_for_run` layers keep their dequantized weights for the whole run
+    reentrant: bool = False  # reentrant recompute (ZeRO-3 + PEFT refuses the non-reentrant kind)
+    # The fused layer's levers; each on by default. `mistral-qlora bench --compare` times a plan
+    # with one switched off against the plan itself.
+    keep_weights: bool = True  # off: no layer keeps a dequantized weight, backward dequantizes again
+    keep_across_steps: bool = True  # off: the kept_for_run layers keep theirs from forward to backward only
+    shared_input_grad: bool = True  # q/k/v and gate/up sum their input gradient in one buffer
+    product_first: bool = True  # the adapter's product written first, the base GEMM adding onto it
+
+    @property
+    def fused(self) -> bool:
+        return self.lora_layer == "fused"
+
+
+def lora_layer(cfg: RunConfig, strategy: str) -> tuple[str, str]:
+    """("fused" or "peft", why) for this run."""
+    if fused_lora(cfg, strategy):
+        return "fused", "the fused 4-bit LoRA layer (kernels/fused_lora.py)"
+    if not cfg.lora.fused:
+        return "peft", "lora.fused=false: PEFT's LoRA layers"
+    if cfg.quantization.bits != 4:
+        return "peft", "a 16-bit base: PEFT's LoRA layers (the fused layer is for 4-bit linears)"
+    return "peft", ("ZeRO-3: PEFT's LoRA layers (DeepSpeed gathers the partitioned 4-bit weights through "
+                    "module hooks the fused layer would bypass)")
+
+
+def auto_headroom(cfg: RunConfig, kernels: str, budget: int, strategy: str = "single") -> int:
+    """Bytes of the GPU budget that `auto` leaves free beyond this run's memory estimate."""
+    if counts_fast_path(cfg, kernels == "liger", strategy):
+        return max(int(FAST_PATH_HEADROOM * budget), FAST_PATH_HEADROOM_MIN)
+    return int(HEADROOM * budget)
+
+
+def plan_recompute(cfg: RunConfig, model_config, dtype_bytes: int, kernels: str, budget: int | None,
+                   strategy: str = "single", world_size: int = 1) -> tuple[int, str]:
+    """(layers that recompute in backward, why) for this run."""
+    L = model_config.num_hidden_layers
+    explicit = recompute_layers_for(cfg.train.gradient_checkpointing, L)
+    if explicit is not None:
+        return explicit, "set in the run config"
+    if cfg.train.memory == "low":
+        return L, "auto with train.memory=low: every layer"
+    if budget is None:
+        return L, "auto without a GPU: every layer"
+    headroom = auto_headroom(cfg, kernels, budget, strategy)
+    usable = budget - headroom
+    # The fewest recomputing layers whose estimate fits (all of them if none does). Each layer
+    # recomputed keeps only its input, but the first one also brings the recompute's own buffers
+    # (one layer's activations and weights), so the estimate is not linear in k.
+    for k in range(L + 1):
+        need = estimate_memory(model_config, cfg, dtype_bytes, recompute_layers=k,
+                               fused_loss=kernels == "liger").per_gpu(strategy, world_size)
+        if need <= usable:
+            break
+    return k, (f"auto: {k} of {L} layers recompute; ~{need / GIB:.1f} GiB estimated "
+               f"of {budget / GIB:.1f} GiB usable ({headroom / GIB:.1f} GiB kept free)")
+
+
+def plan_kept_weights(cfg: RunConfig, model_config, dtype_bytes: int, kernels: str, budget: int | None,
+                      recompute: int, strategy: str = "single", world_size: int = 1) -> tuple[int, str]:
+    """(layers, among those that do not recompute, that keep their dequantized weights for the
+    whole run, why): as many as the memory left after `plan_recompute` holds, with the same
+    head-room."""
+    L = model_config.num_hidden_layers
+    if not fused_lora(cfg, strategy):
+        return 0, "PEFT's LoRA layers dequantize in backward"
+    if cfg.train.memory == "low" or budget is None or recompute >= L:
+        why = "train.memory=low" if cfg.train.memory == "low" else "no GPU" if budget is None else "every layer recomputes"
+        return 0, f"{why}: recomputing layers only, from their recompute to their backward"
+    need = estimate_memory(model_config, cfg, dtype_bytes, recompute_layers=recompute, fused_loss=kernels == "liger")
+    per_layer = kept_weight_bytes(model_config, cfg, dtype_bytes)
+    spare = budget - auto_headroom(cfg, kernels, budget, strategy) - need.per_gpu(strategy, world_size)
+    n = max(0, min(L - recompute, int(spare // per_layer)))
+    return n, (f"{n} of {L - recompute} layers that do not recompute keep them for the whole run "
+               f"(+{n * per_layer / GIB:.1f} GiB)")

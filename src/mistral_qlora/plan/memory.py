@@ -1,0 +1,142 @@
+"""What one GPU needs for a run, estimated from the shapes alone (pure arithmetic, no torch).
+
+The estimate behind every memory decision of the plan: `train.strategy=auto` (does the model fit
+one GPU?), how many layers recompute in backward, and how many keep their dequantized weights.
+
+Per token and decoder layer, a layer that recomputes in backward keeps only its input (H values)
+and brings, while it recomputes, one layer's worth of activations. A layer that does not recompute
+keeps, until its backward:
+- on the fast path (the fused LoRA layer, Liger's RMSNorm and SwiGLU, a flash-style attention),
+  what each op saves (`fast_path_layer_bytes`): each RMSNorm's input; attention's q, k, v and
+  output; SwiGLU's gate and up outputs; each adapted linear's dropped input and dropout mask
+  (dtype + 1 bytes a value) or, without dropout, its input, which q/k/v share, gate/up share and
+  o_proj shares with attention's output. This counting matches measured peaks closely;
+- with PEFT's layers, 16H + 4I values, a coarser rule (docs/benchmarks.md compares both with
+  measured peaks).
+Logits cost V values in the model dtype plus an fp32 copy and its gradient, unless the loss is
+fused with the lm_head (Liger), which never materialises them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from mistral_qlora.config import RunConfig
+from mistral_qlora.flops import decoder_linear_shapes, lora_target_names
+
+GIB = 2**30
+ZERO3 = ("zero3", "zero3_offload")
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes one GPU needs, by part, for the whole (unpartitioned) run."""
+
+    base: int  # the 4-bit linears plus the 16-bit embeddings, lm_head and norms
+    largest_layer: int  # one decoder layer's weights (what ZeRO-3 gathers at a time)
+    lora: int  # adapter weights (fp32)
+    lora_grads_and_optimizer: int  # their gradients and AdamW moments (fp32)
+    activations: int  # saved activations, one layer's recompute, logits and their gradient
+    tokens_per_micro_batch: int
+
+    def per_gpu(self, strategy: str, world_size: int = 1) -> int:
+        n = max(1, world_size)
+        trainable = self.lora + self.lora_grads_and_optimizer
+        if strategy in ("single", "ddp"):
+            return self.base + trainable + self.activations
+        if strategy == "zero2":
+            return self.base + self.lora + self.lora_grads_and_optimizer // n + self.activations
+        if strategy == "zero3":
+            return (self.base + trainable) // n + 2 * self.largest_layer + self.activations
+        if strategy == "zero3_offload":
+            return 2 * self.largest_layer + self.activations
+        raise ValueError(strategy)
+
+
+def recompute_layers_for(setting, num_layers: int) -> int | None:
+    """Layers that recompute for an explicit `train.gradient_checkpointing`; None for `auto`."""
+    if setting == "auto":
+        return None
+    if setting is True:
+        return num_layers
+    if setting is False:
+        return 0
+    return max(1, min(num_layers, math.ceil(setting * num_layers)))
+
+
+def fused_lora(cfg: RunConfig, strategy: str = "single") -> bool:
+    """Whether the run's LoRA linears are the fused 4-bit layer (see plan/layers.py for why not)."""
+    return cfg.lora.fused and cfg.quantization.bits == 4 and strategy not in ZERO3
+
+
+def counts_fast_path(cfg: RunConfig, fused_loss: bool, strategy: str = "single") -> bool:
+    """Whether `estimate_memory` counts the fast path op by op (`fast_path_layer_bytes`) rather
+    than by the 16H + 4I rule of PEFT's layers. Under ZeRO-3 the fused layer is not used."""
+    return fused_loss and fused_lora(cfg, strategy)
+
+
+def fast_path_layer_bytes(model_config, targets: set[str], dtype_bytes: int, dropout: bool) -> int:
+    """Bytes one decoder layer keeps for backward per token on the fast path (module docstring)."""
+    shapes = decoder_linear_shapes(model_config)
+    H, I = model_config.hidden_size, model_config.intermediate_size
+    q, kv = shapes["q_proj"][1], shapes["k_proj"][1]
+    kept = dtype_bytes * (2 * H + 2 * q + 2 * kv + 2 * I)
+    if dropout:
+        return kept + (dtype_bytes + 1) * sum(shapes[name][0] for name in targets)
+    read = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"down_proj"})
+    return kept + dtype_bytes * sum(shapes[min(group)][0] for group in read if group & targets)
+
+
+def kept_weight_bytes(model_config, cfg: RunConfig, dtype_bytes: int) -> int:
+    """One decoder layer's adapted linears in 16 bits: what keeping their dequantized weights
+    costs a layer (kernels/fused_lora.py)."""
+    targets = lora_target_names(cfg.lora.target_modules)
+    return dtype_bytes * sum(i * o for name, (i, o) in decoder_linear_shapes(model_config).items() if name in targets)
+
+
+def estimate_memory(model_config, cfg: RunConfig, dtype_bytes: int, recompute_layers: int | None = None,
+                    fused_loss: bool = False, kept_weight_layers: int = 0) -> MemoryEstimate:
+    """The estimate for `recompute_layers` recomputing layers (default: what
+    train.gradient_checkpointing says, auto counting as every layer) and `kept_weight_layers`
+    layers that keep their dequantized weights for the whole run. A run that recomputes any layer
+    on the fused path also keeps one layer's weights from its recompute to its backward."""
+    c = model_config
+    H, L, V = c.hidden_size, c.num_hidden_layers, c.vocab_size
+    shapes = decoder_linear_shapes(c)
+    linear_per_layer = sum(i * o for i, o in shapes.values())
+    if cfg.quantization.bits == 4:
+        # 4 bits a weight, one absmax per 64 (uint8 with double quantization, else fp32)
+        per_weight = 0.5 + (1 / 64 + 4 / (64 * 256) if cfg.quantization.double_quant else 4 / 64)
+        if cfg.quantization.double_quant and cfg.lora.fused:
+            per_weight += 4 / 64  # the fused LoRA layer keeps the block scales in float32 too
+    else:
+        per_weight = dtype_bytes
+    layer_bytes = int(linear_per_layer * per_weight) + 2 * H * dtype_bytes
+    embeddings = V * H * (1 if getattr(c, "tie_word_embeddings", False) else 2)
+    base = L * layer_bytes + (embeddings + H) * dtype_bytes
+
+    targets = lora_target_names(cfg.lora.target_modules)
+    lora_params = L * sum(cfg.lora.r * (i + o) for name, (i, o) in shapes.items() if name in targets)
+
+    row = cfg.data.tokens_per_row if cfg.data.packing else cfg.data.max_seq_len
+    T = cfg.train.micro_batch_size * row
+    if counts_fast_path(cfg, fused_loss):
+        one_layer = T * fast_path_layer_bytes(c, targets, dtype_bytes, cfg.lora.dropout > 0)
+    else:
+        # (16H + 4I) values a token with LoRA dropout on every linear: the inputs of the seven
+        # linears (6H + I values) each kept once more as a dropped copy plus a one-byte mask.
+        one_layer = T * ((16 * H + 4 * c.intermediate_size) * dtype_bytes
+                         - (6 * H + c.intermediate_size) * (dtype_bytes + 1))
+        if cfg.lora.dropout > 0:
+            one_layer += T * (dtype_bytes + 1) * sum(i for name, (i, o) in shapes.items() if name in targets)
+    k = recompute_layers
+    if k is None:
+        k = recompute_layers_for(cfg.train.gradient_checkpointing, L)
+        k = L if k is None else k
+    activations = k * T * H * dtype_bytes + (L - k) * one_layer + (one_layer if k else 0)
+    recomputing_keeps = k > 0 and cfg.lora.fused and cfg.quantization.bits == 4
+    activations += (kept_weight_layers + recomputing_keeps) * kept_weight_bytes(model_config, cfg, dtype_bytes)
+    if not fused_loss:
+        activations += T * V * (dtype_bytes + 8)
+    return MemoryEstimate(base, layer_bytes, 4 * lora_params, 12 * lora_params, activations, T)

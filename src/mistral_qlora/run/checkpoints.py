@@ -1,0 +1,206 @@
+"""Checkpoints that survive kills: staged, fsynced, renamed into place, verified before resume.
+
+The Trainer writes `checkpoint-N` into `checkpoints/.staging/` (its `output_dir`). When every rank
+has finished writing, rank 0 records a manifest (size and SHA-256 of every file) and the run's
+fingerprint, fsyncs every file and folder, and renames the folder to `checkpoints/checkpoint-N`.
+A kill at any moment leaves either the previous complete checkpoints or a staging folder that
+the next start discards; a checkpoint whose files no longer match its manifest is skipped on
+resume with a warning that names it.
+
+Each checkpoint also records the run's fingerprint (`run_fingerprint`): a resume with another
+model, quantization or LoRA shape is refused, one with other data, batch geometry, world size or
+seed only with --force (`find_resume_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from mistral_qlora.config import RunConfig
+from mistral_qlora.errors import UserError
+
+STAGING = ".staging"
+MANIFEST = "manifest.json"
+FINGERPRINT = "run.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+# Fingerprint keys that change what the saved tensors mean: a resume across them cannot work.
+SHAPE_KEYS = ("model", "revision", "quantization", "lora")
+
+
+def checkpoints_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def staging_root(output_dir: str | Path) -> Path:
+    return checkpoints_root(output_dir) / STAGING
+
+
+def step_of(path: Path) -> int:
+    m = _NAME.match(path.name)
+    return int(m.group(1)) if m else -1
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit(staged: Path, fingerprint: dict) -> Path:
+    """Seal a staged checkpoint (fingerprint, manifest, fsync) and rename it into place."""
+    (staged / FINGERPRINT).write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
+    manifest = {str(p.relative_to(staged)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(staged)}
+    (staged / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    for p in _files(staged) + [staged / MANIFEST]:
+        _fsync_path(p)
+    for d in sorted({p.parent for p in _files(staged)} | {staged}, key=lambda d: -len(d.parts)):
+        _fsync_path(d)
+    root = staged.parent.parent
+    final = root / staged.name
+    if final.exists():  # the same step saved again (after a resume): replace it whole
+        trash = root / f"{STAGING}-replaced-{staged.name}"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(final, trash)
+        os.rename(staged, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(staged, final)
+    _fsync_path(root)
+    return final
+
+
+def verify(ckpt: Path) -> str | None:
+    """None when the checkpoint is complete and intact, else why not."""
+    manifest_file = ckpt / MANIFEST
+    if not manifest_file.is_file():
+        return "no manifest (the write did not finish)"
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "manifest is damaged"
+    for rel, meta in manifest.items():
+        p = ckpt / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        if p.stat().st_size != meta["size"]:
+            return f"{rel} has {p.stat().st_size} bytes, expected {meta['size']}"
+        if _sha256(p) != meta["sha256"]:
+            return f"{rel} does not match its checksum"
+    return None
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Committed checkpoint folders, oldest first (not verified)."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) >= 0), key=step_of)
+
+
+def newest_valid(root: Path, warn) -> Path | None:
+    for ckpt in reversed(complete_checkpoints(root)):
+        problem = verify(ckpt)
+        if problem is None:
+            return ckpt
+        warn(f"skipping checkpoint {ckpt}: {problem}")
+    return None
+
+
+def rotate(root: Path, keep: int) -> None:
+    for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def discard_staging(root: Path) -> None:
+    for p in root.glob(f"{STAGING}*") if root.is_dir() else []:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def check_fingerprint(ckpt: Path, current: dict, force: bool, warn) -> None:
+    """Refuse to resume a checkpoint made by a different run (model, LoRA shape, data...)."""
+    try:
+        saved = json.loads((ckpt / FINGERPRINT).read_text())
+    except (OSError, json.JSONDecodeError):
+        raise UserError(f"checkpoint {ckpt} has no readable {FINGERPRINT}; resume from another or pass --overwrite") from None
+    changed = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if not changed:
+        return
+    detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+    shape = [k for k in changed if k in SHAPE_KEYS]
+    if shape:
+        raise UserError(
+            f"cannot resume {ckpt}: it was made with a different {', '.join(shape)} ({detail}); "
+            "use a new output_dir or pass --overwrite"
+        )
+    if not force:
+        raise UserError(
+            f"refusing to resume {ckpt}: the run changed ({detail}); pass --force to resume anyway, "
+            "or --overwrite to start again"
+        )
+    warn(f"resuming {ckpt} although the run changed ({detail}) because of --force")
+
+
+def run_fingerprint(cfg: RunConfig, train_examples: list[dict], world_size: int) -> dict:
+    """What a checkpoint must agree with to be resumed: model and LoRA shape, data, batch geometry."""
+    h = hashlib.sha256()
+    for ex in train_examples:
+        h.update(json.dumps([ex["input_ids"], ex["labels"]]).encode())
+    return {
+        "model": cfg.model.name_or_path,
+        "revision": cfg.model.revision,
+        "quantization": cfg.quantization.model_dump(),
+        "lora": {"r": cfg.lora.r, "target_modules": cfg.lora.target_modules},
+        "data": h.hexdigest(),
+        "packing": cfg.data.tokens_per_row if cfg.data.packing else None,
+        "micro_batch_size": cfg.train.micro_batch_size,
+        "grad_accum": cfg.train.grad_accum,
+        "world_size": world_size,
+        "seed": cfg.train.seed,
+    }
+
+
+def find_resume_checkpoint(cfg: RunConfig, fingerprint: dict, overwrite: bool, force: bool, warn) -> Path | None:
+    """The checkpoint `train.resume` names (auto: the newest complete one), checked against the
+    run's fingerprint; None to start afresh."""
+    root = checkpoints_root(cfg.output_dir)
+    if overwrite:
+        return None
+    resume = cfg.train.resume
+    if resume == "never":
+        if complete_checkpoints(root):
+            raise UserError(
+                f"output_dir={cfg.output_dir!r} has checkpoints of an unfinished run and train.resume=never; "
+                "set train.resume=auto to continue it or pass --overwrite to start again"
+            )
+        return None
+    if resume == "auto":
+        ckpt = newest_valid(root, warn=warn)
+    else:
+        ckpt = Path(resume)
+        if not ckpt.is_dir():
+            raise UserError(f"train.resume={resume!r}: no such checkpoint folder")
+        problem = verify(ckpt)
+        if problem:
+            raise UserError(f"train.resume={resume!r}: checkpoint is incomplete or corrupt: {problem}")
+    if ckpt is not None:
+        check_fingerprint(ckpt, fingerprint, force, warn=warn)
+    return ckpt

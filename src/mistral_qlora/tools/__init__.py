@@ -1,0 +1,1 @@
+"""The commands around training: prepare (check the data), generate, merge, env."""
