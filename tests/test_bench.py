@@ -167,3 +167,23 @@ def test_compare_times_each_lever_off_against_the_plan_in_turns(tmp_path, capsys
                   "--out", str(tmp_path / "x.json"), *argv])
         assert exc.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_strategies_run_train_itself_once_per_strategy(tmp_path, capsys):
+    """`bench --strategies`: each strategy trains through `mistral-qlora train` in its own process;
+    the table gives its tokens/s, peak memory and what `auto`'s estimate assumes."""
+    from mistral_qlora.cli import main
+
+    out = tmp_path / "strategies.json"
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--strategies", "single", "--steps", "2", "--tokens-per-row", "512",
+              "--work-dir", str(tmp_path / "work"), "--out", str(out)])
+    assert exc.value.code == 0
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["strategy"] == "single" and r["steps"] == 2 and r["world_size"] == 1 and r["tokens_per_second_run"] > 0
+    assert "train.strategy=single" in r["strategy_line"] and r["estimated_gib"] > 0
+    assert (tmp_path / "work" / "single" / "summary.json").is_file()
+    assert "| single | n/a |" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--strategies", "zero4", "--out", str(tmp_path / "x.json")])
+    assert exc.value.code == 2 and "strategies from single, ddp, zero2, zero3, zero3_offload" in capsys.readouterr().err
