@@ -14,14 +14,13 @@ import torch
 
 from mistral_qlora.config import TINY_MODEL, ModelSection, QuantizationSection
 from mistral_qlora.errors import UserError
+from mistral_qlora.model import builtin
 from mistral_qlora.model.attention import implementation
 
 
 def resolve_model_path(name_or_path: str, random_dir: str | None = None) -> str:
     """A local folder, a built-in model's cache folder (`random_dir`: where random:mistral-7b is
     built instead), or a hub id left for transformers."""
-    from mistral_qlora.model import builtin
-
     if name_or_path == TINY_MODEL:
         return str(builtin.ensure_tiny_model())
     if name_or_path.startswith("random:"):
