@@ -49,8 +49,9 @@ def run_compare(opts: BenchOptions, levers: list[str]) -> dict:
     unknown = [lever for lever in levers if lever not in LEVERS]
     if unknown or not levers:
         raise UserError(f"--compare {','.join(unknown or levers)}: name levers to switch off, from {', '.join(LEVERS)}")
-    recipe = compare_recipe(opts, Runtime.detect(opts.dtype).dtype)
-    s = setup(opts)
+    rt = Runtime.detect(opts.dtype)
+    recipe = compare_recipe(opts, rt.dtype)
+    s = setup(opts, rt)
     model, plan = build_recipe_model(recipe, opts, s.path, s.model_config, s.rt, PAD_TOKEN_ID)
     for line in plan_lines(recipe, plan):
         print(line, flush=True)

@@ -69,10 +69,9 @@ class Setup:
     peak_flops: float | None
 
 
-def setup(opts: BenchOptions) -> Setup:
+def setup(opts: BenchOptions, rt: Runtime) -> Setup:
     path = resolve_model_path(opts.model, random_dir=opts.model_dir)
     model_config = load_model_config(path, ModelSection(name_or_path=path, sliding_window=opts.sliding_window))
-    rt = Runtime.detect(opts.dtype)
     sample = build_sample(opts, load_tokenizer(path) if opts.data else None, model_config.vocab_size)
     per_token = flops_per_token(model_config, opts.lora_r, lora_target_names("all-linear"), sample.timed_lengths())
     peak = peak_flops(torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
@@ -91,7 +90,7 @@ def run_bench(opts: BenchOptions) -> dict:
     for r in recipes:
         r.check_usable(rt.dtype)
     recipes.sort(key=lambda r: r.kernels == "liger")  # Liger patches classes process-wide: those last
-    s = setup(opts)
+    s = setup(opts, rt)
 
     results: list[RecipeResult] = []
     model, loaded = None, None
