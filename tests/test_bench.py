@@ -77,6 +77,12 @@ def test_recipe_names():
     assert B.Recipe.parse(B.PLAIN_RECIPE).lora == B.Recipe.parse(B.SEED_RECIPE).lora == "peft"
     with pytest.raises(UserError, match="lora=fused\\|peft"):
         B.Recipe.parse("packed+sdpa+lora=magic")
+    fp8 = B.Recipe.parse("packed+varlen+liger+ckpt=auto+fp8")
+    assert fp8.compute == "fp8" and ours.compute == "bf16"
+    assert B.recipe_config(fp8, BenchOptions(), "m").quantization.compute == "fp8"
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="fp8 needs a CUDA GPU"):
+            B.Recipe.parse("packed+sdpa+fp8").check_usable(torch.float32)
 
 
 def test_random_mistral_builder(tmp_path):
