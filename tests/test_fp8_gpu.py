@@ -6,14 +6,10 @@ runs FP8."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from mistral_qlora.plan.backends import fp8_problem
-
-from conftest import ROOT
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available() or fp8_problem(torch.bfloat16) is not None,
@@ -72,19 +68,17 @@ def test_nf4_to_fp8_kernel_is_dequantize_then_quantize(shape):
 @pytest.fixture(scope="module")
 def captured():
     """Inputs and output gradients of every linear of the second decoder layer of
-    random:mistral-7b (the first two layers loaded), on 4096 tokens of dataset/story.json."""
+    random:mistral-7b (the first two layers loaded), on 4096 tokens of random ids (with random
+    weights, which tokens they are does not matter)."""
     from mistral_qlora.config import ModelSection, QuantizationSection
     from mistral_qlora.model.base import load_base_model, load_model_config, resolve_model_path
-    from mistral_qlora.model.tokenizer import load_tokenizer
 
     path = resolve_model_path("random:mistral-7b")
     config = load_model_config(path, ModelSection())
     config.num_hidden_layers = 2
     model = load_base_model(path, config, None, QuantizationSection(), "sdpa", torch.bfloat16,
                             device_map={"": 0})
-    tok = load_tokenizer(path)
-    text = " ".join(r["text"] for r in json.loads((ROOT / "dataset" / "story.json").read_text()))
-    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"][:4096]], device="cuda")
+    ids = torch.randint(3, config.vocab_size, (1, 4096), generator=torch.Generator().manual_seed(0)).cuda()
     layer = model.model.layers[1]
     modules = {name: getattr(layer.self_attn if name in LINEARS[:4] else layer.mlp, name) for name in LINEARS}
     got = {}

@@ -14,9 +14,10 @@ the forward `Y = X W^T` and the input gradient `dX = dY W`. On GPUs with FP8 ten
 
 `torch._scaled_mm` takes its second operand column-major, i.e. K-contiguous for the contraction:
 qw as stored ([out x in], rows contiguous) is that for the forward (contraction over `in`); the
-backward contracts over `out`, so it takes qw transposed in memory, a copy made just before the
+backward contracts over `out`, so it takes qw transposed in memory: a second copy kept beside the
+first where the weight is kept for the run (`Fp8Rows.data_t`), else a copy made just before the
 matmul (one byte a weight read and written). W's per-channel scale is folded into dY before dY is
-quantized, so both matmuls share one FP8 copy of W and one scale vector.
+quantized, so both layouts share one scale vector.
 
 Scales are amax / 448 (e4m3's largest finite value), so each row's largest magnitude maps to 448
 and nothing saturates. The per-row amax makes an outlier channel cost only its own rows' precision:
@@ -54,6 +55,12 @@ class Fp8Rows:
 
     data: torch.Tensor  # [rows x cols], float8_e4m3fn, rows contiguous
     scale: torch.Tensor  # [rows x 1], float32
+    # data transposed in memory ([cols x rows], rows contiguous), where a weight keeps both layouts
+    data_t: torch.Tensor | None = None
+
+    def with_transposed(self) -> "Fp8Rows":
+        """The same matrix also holding its transposed layout (what `fp8_input_grad` reads)."""
+        return Fp8Rows(self.data, self.scale, _transposed(self.data))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.data.float() * self.scale).to(dtype)
@@ -198,6 +205,11 @@ def _scaled_mm(a: Fp8Rows, b_t: torch.Tensor, b_scale: torch.Tensor, out_dtype: 
     return ((a.data.float() @ b_t.float().t()) * a.scale * b_scale).to(out_dtype)
 
 
+def _transposed(data: torch.Tensor) -> torch.Tensor:
+    """An e4m3 matrix transposed in memory (copied as bytes: every device copies those)."""
+    return data.view(torch.uint8).t().contiguous().view(FP8)
+
+
 def fp8_linear(x: Fp8Rows, w: Fp8Rows, out_dtype: torch.dtype) -> torch.Tensor:
     """Y = X W^T [T x out] from X and W in e4m3, each with one scale per row, fp32 accumulation."""
     return _scaled_mm(x, w.data, w.scale.reshape(1, -1), out_dtype)
@@ -207,5 +219,5 @@ def fp8_input_grad(grad_out: torch.Tensor, w: Fp8Rows) -> torch.Tensor:
     """dX = dY W [T x in] for Y = X W^T: dY times W's row scales, quantized by row, against W's
     e4m3 values transposed in memory (the layout the matmul needs for this contraction)."""
     g = quantize_rows(grad_out, col_scale=w.scale)
-    w_t = w.data.view(torch.uint8).t().contiguous().view(FP8)  # [in x out]: rows contiguous
+    w_t = w.data_t if w.data_t is not None else _transposed(w.data)  # [in x out]: rows contiguous
     return _scaled_mm(g, w_t, _ones(w_t.shape[0], w_t.device), grad_out.dtype)

@@ -147,20 +147,20 @@ class LoraLinearFp8Function(torch.autograd.Function):
         ctx.weight, ctx.absmax = weight, absmax
         ctx.scaling, ctx.dropout_p, ctx.dtype, ctx.shared = scaling, dropout_p, dtype, shared
         ctx.x_shape, ctx.x_dtype, ctx.A_dtype, ctx.B_dtype = shape, x_dtype, lora_A.dtype, lora_B.dtype
-        wq, ws = (W8.data, W8.scale) if keep_weight else (None, None)
-        ctx.save_for_backward(dx, mask, xa, A, B, wq, ws)
+        wq, ws, wt = (W8.data, W8.scale, W8.data_t) if keep_weight else (None, None, None)
+        ctx.save_for_backward(dx, mask, xa, A, B, wq, ws, wt)
         return out.reshape(*shape[:-1], out.shape[-1]).to(x_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        dx, mask, xa, A, B, wq, ws = ctx.saved_tensors
+        dx, mask, xa, A, B, wq, ws, wt = ctx.saved_tensors
         need_x, _, _, need_A, need_B = ctx.needs_input_grad[:5]
         grad_x = None
         with torch.autocast(grad_out.device.type, enabled=False):
             g = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.dtype)
             grad_A, grad_B, ga = _adapter_grads(ctx, g, dx, xa, B, need_A, need_B, need_x)
             if need_x:
-                W8 = Fp8Rows(wq, ws) if wq is not None else _fp8_weight(ctx.weight, ctx.absmax)
+                W8 = Fp8Rows(wq, ws, wt) if wq is not None else _fp8_weight(ctx.weight, ctx.absmax)
                 grad_x = fp8_input_grad(g, W8)
                 shared = ctx.shared
                 if shared is not None and shared.buffer is not None:  # another reader's gradient: add to it
@@ -338,15 +338,16 @@ class FusedLoraLinear4bit(_PeftLinear4bit):
         return self._dequantized
 
     def fp8_weight(self, weight=None, absmax=None) -> Fp8Rows:
-        """The frozen weight in e4m3 (one scale per output row), converted on first use and kept
-        (`keep == "run"` under FP8), converted again when the 4-bit weight or its scales change."""
+        """The frozen weight in e4m3 (one scale per output row) in both layouts the two matmuls
+        read (kernels/fp8.py), converted on first use and kept (`keep == "run"` under FP8),
+        converted again when the 4-bit weight or its scales change."""
         weight = self.get_base_layer().weight if weight is None else weight
         absmax = self.block_scales(weight) if absmax is None else absmax
         key = (weight.data_ptr(), weight.device, absmax.data_ptr())
         if getattr(self, "_fp8_key", None) != key:
             self._fp8 = None
             with torch.inference_mode(False):
-                self._fp8 = _fp8_weight(weight, absmax)
+                self._fp8 = _fp8_weight(weight, absmax).with_transposed()
             self._fp8_key = key
         return self._fp8
 

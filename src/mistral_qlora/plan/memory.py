@@ -90,12 +90,13 @@ def fast_path_layer_bytes(model_config, targets: set[str], dtype_bytes: int, dro
 
 def kept_weight_bytes(model_config, cfg: RunConfig, dtype_bytes: int) -> int:
     """What keeping one decoder layer's dequantized weights costs (kernels/fused_lora.py): its
-    adapted linears in 16 bits, or under `quantization.compute=fp8` in e4m3 (1 byte a weight) with
-    a float32 scale per output channel."""
+    adapted linears in 16 bits, or under `quantization.compute=fp8` in e4m3 in the two layouts the
+    forward and the input gradient read (1 byte a weight each) with a float32 scale per output
+    channel."""
     targets = lora_target_names(cfg.lora.target_modules)
     shapes = [(i, o) for name, (i, o) in decoder_linear_shapes(model_config).items() if name in targets]
     if cfg.quantization.compute == "fp8":
-        return sum(i * o + 4 * o for i, o in shapes)
+        return sum(2 * i * o + 4 * o for i, o in shapes)
     return dtype_bytes * sum(i * o for i, o in shapes)
 
 
