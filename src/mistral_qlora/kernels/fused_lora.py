@@ -21,6 +21,10 @@ unless the layer is told to keep it (`configure`, from the plan: plan/layers.py)
 the forward's W until the layer's backward (recomputing layers: from their recompute on),
 `run` keeps it for the whole run, so the frozen weight is dequantized once instead of once per
 forward.
+Under `quantization.compute: fp8` (`configure(compute="fp8")`) `LoraLinearFp8Function` runs the
+base weight's two matmuls in e4m3 instead (kernels/fp8.py): x quantized by row (once for the
+linears that read it), W converted from NF4 in one kernel or kept for the run in e4m3, in both
+layouts the two matmuls read; the adapter's products stay in 16 bits.
 Parameters, names and the saved adapter are PEFT's own: `FusedLoraLinear4bit` subclasses PEFT's
 `Linear4bit` and is registered through `LoraConfig._register_custom_module`, PEFT's extension
 point for custom LoRA layers. Anything the fused path does not cover (several or disabled
