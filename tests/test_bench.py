@@ -37,7 +37,8 @@ def test_bench_on_cpu_times_the_seed_recipe_and_packed_rows_on_the_same_sequence
     assert all(r["tokens_per_second"] > 0 and r["mean_loss"] > 0 for r in results.values())
     assert seed["preparation"] == "prepare_model_for_kbit_training" and packed["preparation"] == "ours"
     assert report["packing_efficiency"] > 0.9
-    assert all(r["repeat_tokens_per_second"] == [pytest.approx(r["tokens_per_second"], rel=1e-3)]
+    # each pass's figure is rounded to 0.1 tokens/s (a loaded CPU runs at tens of tokens/s)
+    assert all(r["repeat_tokens_per_second"] == [pytest.approx(r["tokens_per_second"], rel=1e-3, abs=0.05)]
                for r in results.values())
     assert json.loads((tmp_path / "bench.json").read_text())["results"] == report["results"]
     table = format_report(report)
@@ -77,6 +78,12 @@ def test_recipe_names():
     assert B.Recipe.parse(B.PLAIN_RECIPE).lora == B.Recipe.parse(B.SEED_RECIPE).lora == "peft"
     with pytest.raises(UserError, match="lora=fused\\|peft"):
         B.Recipe.parse("packed+sdpa+lora=magic")
+    fp8 = B.Recipe.parse("packed+varlen+liger+ckpt=auto+fp8")
+    assert fp8.compute == "fp8" and ours.compute == "bf16"
+    assert B.recipe_config(fp8, BenchOptions(), "m").quantization.compute == "fp8"
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="fp8 needs a CUDA GPU"):
+            B.Recipe.parse("packed+sdpa+fp8").check_usable(torch.float32)
 
 
 def test_random_mistral_builder(tmp_path):

@@ -65,6 +65,12 @@ class QuantizationSection(_Section):
                                    "16-bit base.")
     quant_type: Literal["nf4", "fp4"] = _key("nf4", "The 4-bit data type: nf4 (NormalFloat, QLoRA's) or fp4.")
     double_quant: bool = _key(True, "Quantize the 4-bit weights' block scales too (about 0.4 bits a weight less).")
+    compute: Literal["bf16", "fp8"] = _key(
+        "bf16", "What the frozen base weight's matmuls (forward and input gradient) run in. `fp8`: e4m3 with "
+        "one scale per token and per output channel, fp32 accumulation, on the FP8 tensor cores of a GPU of "
+        "compute capability 9.0 or newer (Hopper, Blackwell); the adapters, attention, norms and lm_head "
+        "stay bf16. Opt-in: faster, at e4m3's rounding error on the base's matmuls. Refused where it cannot "
+        "run (CPU, older GPUs, ZeRO-3, PEFT's LoRA layers), never ignored.")
 
 
 class LoraSection(_Section):

@@ -5,9 +5,10 @@
   checkpointing on every layer).
 - `packed+flex (plain)` (`plain`): plain transformers with packing: rows packed by best-fit
   decreasing, FlexAttention, the tutorial's preparation.
-- `packed+BACKEND[+liger][+ckpt=all|none|auto|FRACTION][+lora=fused|peft]`: ours, as `train` runs
-  it with model.attention=BACKEND, model.kernels=liger or none, train.gradient_checkpointing=
-  true|false|auto|FRACTION (default all layers), lora.fused (default the fused layer).
+- `packed+BACKEND[+liger][+ckpt=all|none|auto|FRACTION][+lora=fused|peft][+fp8]`: ours, as `train`
+  runs it with model.attention=BACKEND, model.kernels=liger or none, train.gradient_checkpointing=
+  true|false|auto|FRACTION (default all layers), lora.fused (default the fused layer),
+  quantization.compute=fp8 (default bf16).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from mistral_qlora.model.base import load_base_model
 from mistral_qlora.model.build import build_model
 from mistral_qlora.model.lora import add_lora
 from mistral_qlora.plan import Plan, make_plan
-from mistral_qlora.plan.backends import kernels_usable, usable_backends
+from mistral_qlora.plan.backends import fp8_problem, kernels_usable, usable_backends
 from mistral_qlora.plan.layers import LayerPlan
 from mistral_qlora.runtime import Runtime
 
@@ -41,6 +42,7 @@ class Recipe:
     kernels: str = "none"
     ckpt: str = "all"
     lora: str = "peft"  # peft (PEFT's LoRA layers) | fused (kernels/fused_lora.py)
+    compute: str = "bf16"  # quantization.compute: bf16 | fp8
 
     @classmethod
     def parse(cls, name: str) -> "Recipe":
@@ -53,18 +55,20 @@ class Recipe:
         if parts[0] != "packed" or len(parts) < 2 or parts[1] not in BACKENDS:
             raise UserError(f"--recipes: unknown recipe {name!r} (seed, plain, or packed+BACKEND[+liger][+ckpt=X] "
                             f"with BACKEND one of {', '.join(BACKENDS)})")
-        kernels, ckpt, lora = "none", "all", "fused"
+        kernels, ckpt, lora, compute = "none", "all", "fused", "bf16"
         for extra in parts[2:]:
             if extra == "liger":
                 kernels = "liger"
+            elif extra == "fp8":
+                compute = "fp8"
             elif extra.startswith("ckpt=") and (extra[5:] in CKPT or _fraction(extra[5:])):
                 ckpt = extra[5:]
             elif extra in ("lora=fused", "lora=peft"):
                 lora = extra[5:]
             else:
                 raise UserError(f"--recipes {name}: unknown part {extra!r} "
-                                "(liger, ckpt=all|none|auto|FRACTION, lora=fused|peft)")
-        return cls(name, "packed", parts[1], "ours", kernels, ckpt, lora)
+                                "(liger, ckpt=all|none|auto|FRACTION, lora=fused|peft, fp8)")
+        return cls(name, "packed", parts[1], "ours", kernels, ckpt, lora, compute)
 
     def check_usable(self, dtype) -> None:
         """Refuse, before anything loads, a recipe this machine cannot run."""
@@ -73,6 +77,8 @@ class Recipe:
             raise UserError(f"--recipes {self.name}: {why}")
         if self.kernels == "liger" and kernels_usable() is not None:
             raise UserError(f"--recipes {self.name}: Liger {kernels_usable()}")
+        if self.compute == "fp8" and fp8_problem(dtype) is not None:
+            raise UserError(f"--recipes {self.name}: fp8 {fp8_problem(dtype)}")
 
 
 def _fraction(text: str) -> bool:
@@ -102,6 +108,7 @@ def recipe_config(recipe: Recipe, opts, model_path: str) -> RunConfig:
         "model": {"name_or_path": model_path, "sliding_window": opts.sliding_window, "attention": recipe.attention,
                   "dtype": opts.dtype, "kernels": recipe.kernels},
         "lora": {"r": opts.lora_r, "alpha": 2 * opts.lora_r, "fused": recipe.lora == "fused"},
+        "quantization": {"compute": recipe.compute},
         "data": {"tokens_per_row": opts.tokens_per_row, "max_seq_len": opts.max_len},
         "train": {"micro_batch_size": 1, "seed": opts.seed,
                   "gradient_checkpointing": ckpt if opts.gradient_checkpointing else False},
@@ -131,4 +138,5 @@ def plan_lines(recipe: Recipe, plan: Plan | None) -> list[str]:
     lines = [f"layers recomputing: {plan.layers.recompute} ({plan.why['recompute']})"]
     if plan.layers.fused:
         lines.append(f"dequantized weights kept for the run: {plan.why['kept_for_run']}")
+        lines.append(f"base matmuls: {plan.why['compute']}")
     return [f"bench: {recipe.name}: {line}" for line in lines]

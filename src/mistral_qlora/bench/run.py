@@ -50,6 +50,7 @@ class RecipeResult:
     kernels: str = "none"
     ckpt: str = "all"
     lora: str = "peft"
+    compute: str = "bf16"  # quantization.compute
     profile: dict | None = None
     profile_kernels: list[dict] | None = None
     gpu_clocks: dict | None = None  # SM clock and power over the timed passes (gpu_clocks.summarize)
@@ -97,10 +98,10 @@ def run_bench(opts: BenchOptions) -> dict:
     for recipe in recipes:
         res = RecipeResult(recipe.name, recipe.batching, recipe.attention,
                            "prepare_model_for_kbit_training" if recipe.preparation == "seed" else "ours",
-                           kernels=recipe.kernels, ckpt=recipe.ckpt, lora=recipe.lora)
+                           kernels=recipe.kernels, ckpt=recipe.ckpt, lora=recipe.lora, compute=recipe.compute)
         print(f"bench: {recipe.name} ...", flush=True)
         try:
-            key = (recipe.preparation, recipe.kernels, recipe.ckpt, recipe.lora)
+            key = (recipe.preparation, recipe.kernels, recipe.ckpt, recipe.lora, recipe.compute)
             if loaded != key:
                 model, loaded = None, None
                 free_memory()

@@ -21,6 +21,10 @@ unless the layer is told to keep it (`configure`, from the plan: plan/layers.py)
 the forward's W until the layer's backward (recomputing layers: from their recompute on),
 `run` keeps it for the whole run, so the frozen weight is dequantized once instead of once per
 forward.
+Under `quantization.compute: fp8` (`configure(compute="fp8")`) `LoraLinearFp8Function` runs the
+base weight's two matmuls in e4m3 instead (kernels/fp8.py): x quantized by row (once for the
+linears that read it), W converted from NF4 in one kernel or kept for the run in e4m3, in both
+layouts the two matmuls read; the adapter's products stay in 16 bits.
 Parameters, names and the saved adapter are PEFT's own: `FusedLoraLinear4bit` subclasses PEFT's
 `Linear4bit` and is registered through `LoraConfig._register_custom_module`, PEFT's extension
 point for custom LoRA layers. Anything the fused path does not cover (several or disabled
@@ -37,6 +41,7 @@ import torch
 import bitsandbytes as bnb
 from peft.tuners.lora.bnb import Linear4bit as _PeftLinear4bit
 
+from mistral_qlora.kernels.fp8 import Fp8Rows, fp8_input_grad, fp8_linear, nf4_to_fp8, quantize_rows
 from mistral_qlora.kernels.lora_product import add_lora_product_, add_lora_product_torch_, lora_product_usable
 
 # How long a fused layer keeps the 16-bit weight its forward dequantized (`FusedLoraLinear4bit.configure`).
@@ -44,6 +49,12 @@ KEEP_NONE = "none"  # dequantized again in backward
 KEEP_FOR_BACKWARD = "backward"  # kept from forward (or recompute) until this layer's backward
 KEEP_FOR_RUN = "run"  # kept from one step to the next: dequantized once per run
 KEEP = (KEEP_NONE, KEEP_FOR_BACKWARD, KEEP_FOR_RUN)
+
+# What the base weight's two matmuls run in (`quantization.compute`): the dequantized 16-bit weight,
+# or e4m3 with per-row scales (kernels/fp8.py), the weight kept or converted in its FP8 form.
+COMPUTE_BF16 = "bf16"
+COMPUTE_FP8 = "fp8"
+COMPUTE = (COMPUTE_BF16, COMPUTE_FP8)
 
 
 class LoraLinear4bitFunction(torch.autograd.Function):
@@ -61,11 +72,7 @@ class LoraLinear4bitFunction(torch.autograd.Function):
             x2 = x.reshape(-1, shape[-1]).to(dtype)
             A, B = lora_A.to(dtype), lora_B.to(dtype)
             W = _dequantize(weight, absmax, dtype) if dequantized is None else dequantized
-            if dropout_p > 0:
-                dx, mask = torch.native_dropout(x2, dropout_p, True)
-            else:
-                dx, mask = x2, None
-            xa = dx @ A.t()
+            dx, mask, xa = _adapter_input(x2, A, dropout_p)
             out = _matmul_plus_product(x2, W.t(), xa, B.t(), scaling, None, product_first)
         ctx.weight, ctx.absmax = weight, absmax  # frozen 4-bit parameter: dequantized again in backward, unless kept
         ctx.scaling, ctx.dropout_p, ctx.dtype, ctx.shared = scaling, dropout_p, dtype, shared
@@ -81,12 +88,7 @@ class LoraLinear4bitFunction(torch.autograd.Function):
         grad_x = grad_A = grad_B = None
         with torch.autocast(grad_out.device.type, enabled=False):
             g = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.dtype)
-            if need_B:
-                grad_B = _mm(g.t(), xa, ctx.scaling).to(ctx.B_dtype)
-            if need_A or need_x:
-                ga = _mm(g, B, ctx.scaling)
-            if need_A:
-                grad_A = (ga.t() @ dx).to(ctx.A_dtype)
+            grad_A, grad_B, ga = _adapter_grads(ctx, g, dx, xa, B, need_A, need_B, need_x)
             if need_x:
                 W = W if W is not None else _dequantize(ctx.weight, ctx.absmax, ctx.dtype)
                 shared = ctx.shared
@@ -96,6 +98,78 @@ class LoraLinear4bitFunction(torch.autograd.Function):
                     _add_product(grad_x, ga, A, keep_scale, mask)
                 else:
                     grad_x = _matmul_plus_product(g, W, ga, A, keep_scale, mask, ctx.product_first)
+                if shared is not None:
+                    grad_x = shared.pass_on(grad_x)
+                if grad_x is not None:
+                    grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
+        return grad_x, None, None, grad_A, grad_B, None, None, None, None, None, None, None
+
+
+def _adapter_input(x2: torch.Tensor, A: torch.Tensor, dropout_p: float):
+    """(dropped input, dropout mask or None, xa = dropped input @ A.T [tokens x r])."""
+    if dropout_p > 0:
+        dx, mask = torch.native_dropout(x2, dropout_p, True)
+    else:
+        dx, mask = x2, None
+    return dx, mask, dx @ A.t()
+
+
+def _adapter_grads(ctx, g: torch.Tensor, dx: torch.Tensor, xa: torch.Tensor, B: torch.Tensor,
+                   need_A: bool, need_B: bool, need_x: bool):
+    """(dA, dB, ga = scaling * g @ B) of the adapter branch; each None where not needed."""
+    grad_A = grad_B = ga = None
+    if need_B:
+        grad_B = _mm(g.t(), xa, ctx.scaling).to(ctx.B_dtype)
+    if need_A or need_x:
+        ga = _mm(g, B, ctx.scaling)
+    if need_A:
+        grad_A = (ga.t() @ dx).to(ctx.A_dtype)
+    return grad_A, grad_B, ga
+
+
+class LoraLinearFp8Function(torch.autograd.Function):
+    """The same layer with the base weight's two matmuls in FP8 (kernels/fp8.py):
+
+        forward:  out = fp8(x) @ fp8(W).T + scaling * dropout(x) @ A.T @ B.T
+        backward: dx  = fp8(g * sw) @ fp8(W) + (mask *) keep_scale * (scaling * g @ B) @ A
+
+    The adapter's products and gradients stay in `dtype`. `xq` is x already quantized by row (the
+    linears that read one input share it); `kept` the weight in e4m3 when the layer keeps it for the
+    run, else it is converted from NF4 here and, with `keep_weight`, kept until backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, absmax, lora_A, lora_B, scaling: float, dropout_p: float, dtype: torch.dtype,
+                keep_weight: bool, kept: Fp8Rows | None, shared, xq: Fp8Rows):
+        shape, x_dtype = x.shape, x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, shape[-1]).to(dtype)
+            A, B = lora_A.to(dtype), lora_B.to(dtype)
+            W8 = _fp8_weight(weight, absmax) if kept is None else kept
+            dx, mask, xa = _adapter_input(x2, A, dropout_p)
+            out = fp8_linear(xq, W8, dtype)
+            _add_product(out, xa, B.t(), scaling)
+        ctx.weight, ctx.absmax = weight, absmax
+        ctx.scaling, ctx.dropout_p, ctx.dtype, ctx.shared = scaling, dropout_p, dtype, shared
+        ctx.x_shape, ctx.x_dtype, ctx.A_dtype, ctx.B_dtype = shape, x_dtype, lora_A.dtype, lora_B.dtype
+        wq, ws, wt = (W8.data, W8.scale, W8.data_t) if keep_weight else (None, None, None)
+        ctx.save_for_backward(dx, mask, xa, A, B, wq, ws, wt)
+        return out.reshape(*shape[:-1], out.shape[-1]).to(x_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        dx, mask, xa, A, B, wq, ws, wt = ctx.saved_tensors
+        need_x, _, _, need_A, need_B = ctx.needs_input_grad[:5]
+        grad_x = None
+        with torch.autocast(grad_out.device.type, enabled=False):
+            g = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.dtype)
+            grad_A, grad_B, ga = _adapter_grads(ctx, g, dx, xa, B, need_A, need_B, need_x)
+            if need_x:
+                W8 = Fp8Rows(wq, ws, wt) if wq is not None else _fp8_weight(ctx.weight, ctx.absmax)
+                grad_x = fp8_input_grad(g, W8)
+                shared = ctx.shared
+                if shared is not None and shared.buffer is not None:  # another reader's gradient: add to it
+                    grad_x = shared.buffer.add_(grad_x)
+                _add_product(grad_x, ga, A, 1.0 / (1.0 - ctx.dropout_p), mask)
                 if shared is not None:
                     grad_x = shared.pass_on(grad_x)
                 if grad_x is not None:
@@ -158,6 +232,16 @@ def _dequantize(weight, absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     return out.to(dtype)
 
 
+def _fp8_weight(weight, absmax: torch.Tensor) -> Fp8Rows:
+    """The frozen 4-bit weight in e4m3 with one scale per output row: NF4 converted in one kernel
+    on CUDA (kernels/fp8.py); otherwise dequantized to float32 and quantized by row."""
+    state = weight.quant_state
+    rows, cols = state.shape
+    if (weight.is_cuda and state.quant_type == "nf4" and weight.shape[0] != 1
+            and cols % state.blocksize == 0):
+        return nf4_to_fp8(weight.data, absmax, state.code, (rows, cols), state.blocksize)
+    return quantize_rows(_dequantize(weight, absmax, torch.float32))
+
 class FusedLoraLinear4bit(_PeftLinear4bit):
     """PEFT's LoRA layer for a bitsandbytes `Linear4bit`, with the fused forward and backward.
 
@@ -170,20 +254,27 @@ class FusedLoraLinear4bit(_PeftLinear4bit):
     - `product_first`: the adapter's product written first, the base GEMM adding onto it
       (`_matmul_plus_product`).
     - `input_group`: the fused linears reading the same input share one input-gradient buffer
-      (`InputGroup`), or None.
+      (`InputGroup`), and under FP8 one quantized copy of the input, or None.
+    - `compute`: COMPUTE_BF16, or COMPUTE_FP8 for the base weight's matmuls in e4m3
+      (`LoraLinearFp8Function`); the weight a layer keeps is then its e4m3 copy (1 byte a weight).
     """
 
     keep = KEEP_NONE
     product_first = True
     input_group: "InputGroup | None" = None
+    compute = COMPUTE_BF16
 
     def configure(self, keep: str = KEEP_NONE, product_first: bool = True,
-                  input_group: "InputGroup | None" = None) -> None:
+                  input_group: "InputGroup | None" = None, compute: str = COMPUTE_BF16) -> None:
         if keep not in KEEP:
             raise ValueError(f"keep={keep!r}: one of {KEEP}")
-        self.keep, self.product_first, self.input_group = keep, product_first, input_group
-        if keep != KEEP_FOR_RUN:
+        if compute not in COMPUTE:
+            raise ValueError(f"compute={compute!r}: one of {COMPUTE}")
+        self.keep, self.product_first, self.input_group, self.compute = keep, product_first, input_group, compute
+        if keep != KEEP_FOR_RUN or compute != COMPUTE_BF16:
             self._dequantized = self._dequantized_key = None  # free a copy kept for the run
+        if keep != KEEP_FOR_RUN or compute != COMPUTE_FP8:
+            self._fp8 = self._fp8_key = None
 
     def fused_plan(self, args, kwargs, base=None):
         """(adapter, dropout p) when the fused path computes exactly what PEFT's forward would,
@@ -223,14 +314,19 @@ class FusedLoraLinear4bit(_PeftLinear4bit):
         dtype = base.compute_dtype or x.dtype
         weight = base.weight
         absmax = self.block_scales(weight)
-        cached = self.dequantized_weight(dtype, weight, absmax) if self.keep == KEEP_FOR_RUN else None
         shared = None
-        if self.input_group is not None and torch.is_grad_enabled() and x.requires_grad:
+        if (self.input_group is not None and self.input_group.share_grad and torch.is_grad_enabled()
+                and x.requires_grad):
             shared = self.input_group.join(x)
-        return LoraLinear4bitFunction.apply(x, weight, absmax, self.lora_A[adapter].weight,
-                                            self.lora_B[adapter].weight, self.scaling[adapter], p, dtype,
-                                            self.keep != KEEP_NONE, cached, shared,
-                                            self.product_first)
+        A, B, scaling = self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter]
+        if self.compute == COMPUTE_FP8:
+            kept = self.fp8_weight(weight, absmax) if self.keep == KEEP_FOR_RUN else None
+            xq = self.quantized_input(x, dtype)
+            return LoraLinearFp8Function.apply(x, weight, absmax, A, B, scaling, p, dtype, self.keep != KEEP_NONE,
+                                               kept, shared, xq)
+        cached = self.dequantized_weight(dtype, weight, absmax) if self.keep == KEEP_FOR_RUN else None
+        return LoraLinear4bitFunction.apply(x, weight, absmax, A, B, scaling, p, dtype, self.keep != KEEP_NONE,
+                                            cached, shared, self.product_first)
 
     def dequantized_weight(self, dtype: torch.dtype, weight=None, absmax=None) -> torch.Tensor:
         """The frozen weight in 16 bits, dequantized on first use and kept (`keep == "run"`);
@@ -244,6 +340,30 @@ class FusedLoraLinear4bit(_PeftLinear4bit):
                 self._dequantized = _dequantize(weight, absmax, dtype)
             self._dequantized_key = key
         return self._dequantized
+
+    def fp8_weight(self, weight=None, absmax=None) -> Fp8Rows:
+        """The frozen weight in e4m3 (one scale per output row) in both layouts the two matmuls
+        read (kernels/fp8.py), converted on first use and kept (`keep == "run"` under FP8),
+        converted again when the 4-bit weight or its scales change."""
+        weight = self.get_base_layer().weight if weight is None else weight
+        absmax = self.block_scales(weight) if absmax is None else absmax
+        key = (weight.data_ptr(), weight.device, absmax.data_ptr())
+        if getattr(self, "_fp8_key", None) != key:
+            self._fp8 = None
+            with torch.inference_mode(False):
+                self._fp8 = _fp8_weight(weight, absmax).with_transposed()
+            self._fp8_key = key
+        return self._fp8
+
+    def quantized_input(self, x: torch.Tensor, dtype: torch.dtype) -> Fp8Rows:
+        """x [.. x in] in e4m3 by row: quantized once for all the linears of this layer's input
+        group that read it (q/k/v, gate/up), else for this linear alone."""
+        def quantize():
+            with torch.no_grad():
+                return quantize_rows(x.reshape(-1, x.shape[-1]).to(dtype))
+        if self.input_group is None:
+            return quantize()
+        return self.input_group.quantized(x, quantize)
 
     def block_scales(self, weight=None) -> torch.Tensor:
         """The frozen weight's float32 block scales, dequantized once and kept (4 bytes per 64
@@ -287,10 +407,25 @@ class SharedInputGrad:
 
 
 class InputGroup:
-    """Fused linears of one block that read the same input (`SHARED_INPUT_LINEARS`)."""
+    """Fused linears of one block that read the same input (`SHARED_INPUT_LINEARS`): `size` of
+    them. They share the input's gradient buffer and, under FP8, its quantized copy."""
 
-    def __init__(self):
+    def __init__(self, size: int = 1, share_grad: bool = True):
+        self.size, self.share_grad = size, share_grad
         self._current: SharedInputGrad | None = None
+        self._quantized = None  # (weakref to x, x's version, its quantized copy, readers served)
+
+    def quantized(self, x: torch.Tensor, quantize):
+        """`quantize()` of x, computed by the first reader of this forward pass and handed to the
+        others; dropped after the group's last reader so no copy outlives its pass."""
+        held = self._quantized
+        if held is not None and held[0]() is x and held[1] == x._version:
+            _, version, q, served = held
+        else:
+            version, q, served = x._version, quantize(), 0
+        served += 1
+        self._quantized = None if served >= self.size else (weakref.ref(x), version, q, served)
+        return q
 
     def join(self, x: torch.Tensor) -> SharedInputGrad:
         """The shared gradient of `x` for this forward pass: a reader given another tensor than

@@ -60,7 +60,8 @@ def configure_fused_layers(model, layers: LayerPlan) -> None:
     """Set every fused LoRA linear's options from the plan: the recomputing layers (the first
     `layers.recompute`) keep their dequantized weight from recompute to backward, the last
     `layers.kept_for_run` of the others keep it for the whole run; the linears of each attention
-    (q/k/v) and MLP (gate/up) share one input-gradient buffer."""
+    (q/k/v) and MLP (gate/up) share one input-gradient buffer and, under FP8, one quantized input;
+    every fused linear runs the base's matmuls in `layers.compute`."""
     blocks = decoder_layers(model)
     for i, block in enumerate(blocks):
         recomputes = i < layers.recompute
@@ -72,13 +73,13 @@ def configure_fused_layers(model, layers: LayerPlan) -> None:
         else:
             keep = KEEP_FOR_BACKWARD
         groups = {}
-        if layers.shared_input_grad:
+        if layers.shared_input_grad or layers.compute == "fp8":
             for module in block.modules():
                 for names in SHARED_INPUT_LINEARS:
                     members = [getattr(module, n, None) for n in names]
                     if all(isinstance(m, FusedLoraLinear4bit) for m in members):
-                        group = InputGroup()
+                        group = InputGroup(len(members), share_grad=layers.shared_input_grad)
                         groups.update({id(m): group for m in members})
         for module in block.modules():
             if isinstance(module, FusedLoraLinear4bit):
-                module.configure(keep, layers.product_first, groups.get(id(module)))
+                module.configure(keep, layers.product_first, groups.get(id(module)), layers.compute)

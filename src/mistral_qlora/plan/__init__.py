@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mistral_qlora.config import RunConfig
-from mistral_qlora.plan.backends import select_attention, select_kernels
-from mistral_qlora.plan.layers import LayerPlan, lora_layer, plan_kept_weights, plan_recompute
+from mistral_qlora.plan.backends import fp8_problem, select_attention, select_kernels
+from mistral_qlora.plan.layers import LayerPlan, compute_for, lora_layer, plan_kept_weights, plan_recompute
 from mistral_qlora.plan.strategy import is_zero3, plan_strategy
 from mistral_qlora.runtime import Runtime
 
@@ -41,6 +41,7 @@ class Plan:
                  f"lora: {self.why['lora_layer']}"]
         if self.layers.fused:
             lines.append(f"lora: dequantized weights kept for backward: {self.why['kept_for_run']}")
+            lines.append(f"quantization.compute={self.layers.compute} ({self.why['compute']})")
         return lines
 
 
@@ -52,10 +53,14 @@ def make_plan(cfg: RunConfig, model_config, rt: Runtime, env=os.environ) -> Plan
     dtype_bytes = rt.dtype.itemsize
     strategy, strategy_why, ds_config = plan_strategy(cfg, rt.world_size, model_config, dtype_bytes, budget, env)
     layer, layer_why = lora_layer(cfg, strategy)
+    compute, compute_why = compute_for(cfg, layer, strategy,
+                                       fp8_problem(rt.dtype) if cfg.quantization.compute == "fp8" else None)
     recompute, recompute_why = plan_recompute(cfg, model_config, dtype_bytes, kernels, budget, strategy,
                                               rt.world_size)
     kept, kept_why = plan_kept_weights(cfg, model_config, dtype_bytes, kernels, budget, recompute, strategy,
                                        rt.world_size)
-    layers = LayerPlan(lora_layer=layer, recompute=recompute, kept_for_run=kept, reentrant=is_zero3(strategy))
-    why = {"strategy": strategy_why, "lora_layer": layer_why, "recompute": recompute_why, "kept_for_run": kept_why}
+    layers = LayerPlan(lora_layer=layer, recompute=recompute, kept_for_run=kept, reentrant=is_zero3(strategy),
+                       compute=compute)
+    why = {"strategy": strategy_why, "lora_layer": layer_why, "recompute": recompute_why, "kept_for_run": kept_why,
+           "compute": compute_why}
     return Plan(strategy, ds_config, attention, kernels, layers, why)

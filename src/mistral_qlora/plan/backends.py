@@ -4,7 +4,8 @@
 the package imports and a GPU is present, else PyTorch's own varlen flash kernel (`varlen`,
 model/attention.py), else FlexAttention on CUDA, else SDPA. `model.kernels: auto` takes Liger's
 Triton kernels on a CUDA GPU where liger-kernel is installed. A backend or kernel asked for by
-name that cannot run here is refused with the reason, never swapped for another.
+name that cannot run here is refused with the reason, never swapped for another; so is
+`quantization.compute: fp8` where the GPU has no FP8 tensor cores (`fp8_problem`).
 """
 
 from __future__ import annotations
@@ -111,3 +112,21 @@ def select_kernels(requested: str) -> str:
     if requested == "liger" and why_not is not None:
         raise UserError(f"model.kernels=liger: {why_not}; use model.kernels=auto")
     return requested
+
+
+FP8_CAPABILITY = (9, 0)  # torch._scaled_mm with per-row scales: Hopper and newer
+
+
+def fp8_problem(dtype: torch.dtype | None = None) -> str | None:
+    """None when the base's matmuls can run in FP8 here (kernels/fp8.py), else why not."""
+    if not _cuda():
+        return "needs a CUDA GPU with FP8 tensor cores (compute capability 9.0 or newer); this machine has none"
+    cap = torch.cuda.get_device_capability()
+    if cap < FP8_CAPABILITY:
+        return (f"needs a GPU of compute capability 9.0 or newer (Hopper, Blackwell); "
+                f"{torch.cuda.get_device_name()} is {cap[0]}.{cap[1]}")
+    if not _importable("triton"):
+        return "needs Triton for the FP8 quantization kernels"
+    if dtype is not None and dtype != torch.bfloat16:
+        return f"runs with model.dtype bfloat16 only (it resolves to {str(dtype).removeprefix('torch.')})"
+    return None

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mistral_qlora.config import RunConfig
+from mistral_qlora.errors import UserError
 from mistral_qlora.plan.memory import (GIB, counts_fast_path, estimate_memory, fused_lora, kept_weight_bytes,
                                        recompute_layers_for)
 
@@ -47,6 +48,7 @@ class LayerPlan:
     keep_across_steps: bool = True  # off: the kept_for_run layers keep theirs from forward to backward only
     shared_input_grad: bool = True  # q/k/v and gate/up sum their input gradient in one buffer
     product_first: bool = True  # the adapter's product written first, the base GEMM adding onto it
+    compute: str = "bf16"  # the base weight's matmuls: bf16, or fp8 (e4m3, kernels/fp8.py)
 
     @property
     def fused(self) -> bool:
@@ -63,6 +65,21 @@ def lora_layer(cfg: RunConfig, strategy: str) -> tuple[str, str]:
         return "peft", "a 16-bit base: PEFT's LoRA layers (the fused layer is for 4-bit linears)"
     return "peft", ("ZeRO-3: PEFT's LoRA layers (DeepSpeed gathers the partitioned 4-bit weights through "
                     "module hooks the fused layer would bypass)")
+
+
+def compute_for(cfg: RunConfig, layer: str, strategy: str, fp8_problem: str | None) -> tuple[str, str]:
+    """(`quantization.compute` for this run, why); fp8 where it cannot run is refused, never
+    dropped: it runs in the fused layer only, on a GPU with FP8 tensor cores."""
+    if cfg.quantization.compute == "bf16":
+        return "bf16", "the base's matmuls in bf16"
+    where = "quantization.compute=fp8"
+    if fp8_problem is not None:
+        raise UserError(f"{where} {fp8_problem}; set quantization.compute=bf16")
+    if layer != "fused":
+        _, why = lora_layer(cfg, strategy)
+        raise UserError(f"{where} runs in the fused 4-bit LoRA layer only, and this run has {why}; "
+                        "set quantization.compute=bf16")
+    return "fp8", "the base's matmuls in FP8 e4m3 (per-token and per-channel scales, fp32 accumulation)"
 
 
 def auto_headroom(cfg: RunConfig, kernels: str, budget: int, strategy: str = "single") -> int:

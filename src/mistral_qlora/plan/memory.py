@@ -89,10 +89,22 @@ def fast_path_layer_bytes(model_config, targets: set[str], dtype_bytes: int, dro
 
 
 def kept_weight_bytes(model_config, cfg: RunConfig, dtype_bytes: int) -> int:
-    """One decoder layer's adapted linears in 16 bits: what keeping their dequantized weights
-    costs a layer (kernels/fused_lora.py)."""
+    """What keeping one decoder layer's dequantized weights costs (kernels/fused_lora.py): its
+    adapted linears in 16 bits, or under `quantization.compute=fp8` in e4m3 in the two layouts the
+    forward and the input gradient read (1 byte a weight each) with a float32 scale per output
+    channel."""
     targets = lora_target_names(cfg.lora.target_modules)
-    return dtype_bytes * sum(i * o for name, (i, o) in decoder_linear_shapes(model_config).items() if name in targets)
+    shapes = [(i, o) for name, (i, o) in decoder_linear_shapes(model_config).items() if name in targets]
+    if cfg.quantization.compute == "fp8":
+        return sum(2 * i * o + 4 * o for i, o in shapes)
+    return dtype_bytes * sum(i * o for i, o in shapes)
+
+
+def fp8_transient_bytes(model_config, tokens: int) -> int:
+    """Under FP8, the largest buffers one fused linear adds while it runs: its input or output
+    gradient quantized by row (1 byte a value) and, in backward, its e4m3 weight transposed."""
+    shapes = decoder_linear_shapes(model_config).values()
+    return tokens * max(max(i, o) for i, o in shapes) + max(i * o for i, o in shapes)
 
 
 def estimate_memory(model_config, cfg: RunConfig, dtype_bytes: int, recompute_layers: int | None = None,
@@ -137,6 +149,8 @@ def estimate_memory(model_config, cfg: RunConfig, dtype_bytes: int, recompute_la
     activations = k * T * H * dtype_bytes + (L - k) * one_layer + (one_layer if k else 0)
     recomputing_keeps = k > 0 and cfg.lora.fused and cfg.quantization.bits == 4
     activations += (kept_weight_layers + recomputing_keeps) * kept_weight_bytes(model_config, cfg, dtype_bytes)
+    if cfg.quantization.compute == "fp8":
+        activations += fp8_transient_bytes(model_config, T)
     if not fused_loss:
         activations += T * V * (dtype_bytes + 8)
     return MemoryEstimate(base, layer_bytes, 4 * lora_params, 12 * lora_params, activations, T)
