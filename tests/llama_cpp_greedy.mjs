@@ -3,8 +3,8 @@
 // with transformers does not depend on either side's tokenizer.
 //
 //   node llama_cpp_greedy.mjs NODE_LLAMA_CPP_PREFIX REQUEST.json
-// REQUEST: {"model": PATH, "prompts": [[ids...], ...], "steps": N, "top": K}
-// stdout:  [{"tokens": [N ids], "top": [[[id, logit] x K] per step]}, ...]
+// REQUEST: {"models": [PATH, ...], "prompts": [[ids...], ...], "steps": N, "top": K}
+// stdout:  {PATH: [{"tokens": [N ids], "top": [[[id, logit] x K] per step]} per prompt], ...}
 import path from "node:path";
 import {readFileSync} from "node:fs";
 import {pathToFileURL} from "node:url";
@@ -17,25 +17,29 @@ const {getLlama, LlamaLogLevel} = await import(pathToFileURL(entry).href);
 // The prebuilt CPU binary only: never download or compile llama.cpp at run time.
 const llama = await getLlama({gpu: false, build: "never", skipDownload: true, usePrebuiltBinaries: true,
                               progressLogs: false, logLevel: LlamaLogLevel.error, maxThreads: 2});
-const model = await llama.loadModel({modelPath: request.model, gpuLayers: 0});
-const results = [];
-for (const prompt of request.prompts) {
+const results = {};
+for (const modelPath of request.models) {
+    const model = await llama.loadModel({modelPath, gpuLayers: 0});
     const context = await model.createContext({contextSize: 256, batchSize: 256, sequences: 1});
     const sequence = context.getSequence();
     const next = {logits: {filter: {tokens: [], includeTop: request.top}}};
-    const tokens = [], top = [];
-    let input = prompt.map((id, i) => (i === prompt.length - 1 ? [id, {generateNext: next}] : id));
-    for (let step = 0; step < request.steps; step++) {
-        const out = await sequence.controlledEvaluate(input);
-        const logits = [...out[input.length - 1].next.logits.entries()].sort((a, b) => b[1] - a[1]);
-        const best = logits[0][0];  // greedy: the highest raw logit
-        tokens.push(best);
-        top.push(logits.slice(0, request.top));
-        input = [[best, {generateNext: next}]];
+    results[modelPath] = [];
+    for (const prompt of request.prompts) {
+        await sequence.clearHistory();
+        const tokens = [], top = [];
+        let input = prompt.map((id, i) => (i === prompt.length - 1 ? [id, {generateNext: next}] : id));
+        for (let step = 0; step < request.steps; step++) {
+            const out = await sequence.controlledEvaluate(input);
+            const logits = [...out[input.length - 1].next.logits.entries()].sort((a, b) => b[1] - a[1]);
+            const best = logits[0][0];  // greedy: the highest raw logit
+            tokens.push(best);
+            top.push(logits.slice(0, request.top));
+            input = [[best, {generateNext: next}]];
+        }
+        results[modelPath].push({tokens, top});
     }
-    results.push({tokens, top});
     await context.dispose();
+    await model.dispose();
 }
-await model.dispose();
 await llama.dispose();
 process.stdout.write(JSON.stringify(results));
