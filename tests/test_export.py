@@ -294,11 +294,14 @@ def test_llama_cpp_continues_like_transformers(merged, exported, readers, tmp_pa
 # --- bad input: one line, exit 2, nothing written -----------------------------------------------
 
 def _cli(capsys, *args: str) -> tuple[int, str]:
+    """`mistral-qlora export ARGS` in this process: (exit code, stderr); stdout stays in capsys."""
     from mistral_qlora.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["export", *args])
-    return exit_info.value.code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    print(captured.out, end="")
+    return exit_info.value.code, captured.err
 
 
 def _one_line_error(code: int, err: str, *words: str) -> None:
@@ -365,7 +368,7 @@ def test_export_overwrites_when_asked_and_safetensors_is_merge(adapter, exported
     target = tmp_path / "model.gguf"
     shutil.copy(exported["q8_0"][0], target)  # a q8_0 file, replaced by an f16 one
     code, _ = _cli(capsys, "--adapter", str(adapter), "--output", str(target), "--type", "f16", "--overwrite")
-    assert code == 0 and "ollama create NAME -f" in capsys.readouterr().out or code == 0
+    assert code == 0 and f"ollama create NAME -f {tmp_path / 'model.Modelfile'}" in capsys.readouterr().out
     assert {t.tensor_type.name for t in GGUFReader(target).tensors} == {"F16", "F32"}
     assert (tmp_path / "model.Modelfile").is_file()
 
