@@ -14,9 +14,11 @@ const request = JSON.parse(readFileSync(requestFile, "utf8"));
 const entry = path.join(prefix, "node_modules", "node-llama-cpp", "dist", "index.js");
 const {getLlama, LlamaLogLevel} = await import(pathToFileURL(entry).href);
 
-// The prebuilt CPU binary only: never download or compile llama.cpp at run time.
+// The prebuilt CPU binary only: never download or compile llama.cpp at run time. One thread: the
+// tiny model gains nothing from more, and ggml's threads spin while they wait for each other,
+// which on a shared machine costs several times the work.
 const llama = await getLlama({gpu: false, build: "never", skipDownload: true, usePrebuiltBinaries: true,
-                              progressLogs: false, logLevel: LlamaLogLevel.error, maxThreads: 2});
+                              progressLogs: false, logLevel: LlamaLogLevel.error, maxThreads: 1});
 const results = {};
 for (const modelPath of request.models) {
     const model = await llama.loadModel({modelPath, gpuLayers: 0});
