@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -169,6 +170,36 @@ def test_chat_template_and_modelfile(exported):
     lines = modelfile.read_text().splitlines()
     assert "FROM ./tiny-q8_0.gguf" in lines
     assert 'PARAMETER stop "</s>"' in lines and 'PARAMETER stop "[INST]"' in lines
+
+
+def test_mistral_7b_takes_the_same_path():
+    """Mistral-7B-Instruct-v0.2's shapes (on the meta device: nothing allocated) through the plan,
+    the rotary reordering and the size estimate the disk check uses."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from mistral_qlora.model.builtin import MISTRAL_7B_V02
+    from mistral_qlora.tools import gguf_file
+
+    config = MistralConfig(**MISTRAL_7B_V02)
+    hyper = gguf_file.Hyper.from_config(config)
+    assert (hyper.layers, hyper.heads, hyper.kv_heads, hyper.head_dim, hyper.rope_theta) == (32, 32, 8, 128, 1e6)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    plan = gguf_file.tensor_plan(shapes, hyper)
+    assert len(plan) == 32 * 9 + 3
+    assert all(gguf_file.ggml_type("q8_0", shape).name == ("Q8_0" if len(shape) == 2 else "F32")
+               for _, _, shape in plan)
+    q = model.model.layers[0].self_attn.q_proj.weight
+    k = model.model.layers[0].self_attn.k_proj.weight
+    assert gguf_file.permute_rotary(q, 32).shape == (4096, 4096)
+    assert gguf_file.permute_rotary(k, 8).shape == (1024, 4096)
+    vocab = gguf_file.read_sentencepiece(Path(tiny_path()) / "tokenizer.model", hyper.vocab)
+    params = sum(math.prod(shape) for _, _, shape in plan)
+    assert 7.2e9 < params < 7.3e9
+    for qtype, bytes_per_weight in (("f16", 2), ("bf16", 2), ("q8_0", 34 / 32)):
+        estimate = gguf_file.estimate_bytes(plan, qtype, vocab)
+        assert params * bytes_per_weight < estimate < params * bytes_per_weight * 1.01 + 2e6, qtype
 
 
 # --- a real llama.cpp --------------------------------------------------------------------------

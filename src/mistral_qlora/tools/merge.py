@@ -29,8 +29,9 @@ def resolve_base(adapter: str, model: str | None = None) -> tuple[str, str]:
     try:
         path = resolve_model_path(base_name)
     except UserError as exc:
-        raise UserError(f"adapter {adapter}: its base model is not here ({exc}); pass --model with the base "
-                        "it was trained on") from None
+        reason = str(exc).split(": ", 1)[-1]  # without resolve_model_path's "model.name_or_path=...:"
+        raise UserError(f"adapter {adapter}: its base model {base_name!r} is not here: {reason}; pass --model "
+                        "with the base it was trained on") from None
     return base_name, path
 
 
