@@ -25,12 +25,15 @@ SAFETENSORS_TYPES = {"bf16": "bf16", "f16": "fp16", "fp32": "fp32"}
 # start from the checkpoint's own bf16 (q8_0's step, max|block|/127, dwarfs bf16's rounding)
 MERGE_DTYPE = {"f16": "fp16", "bf16": "bf16", "q8_0": "bf16"}
 
-# The Mistral v1 instruct template (gguf_file.CHAT_TEMPLATE) in Ollama's Go template language.
-OLLAMA_TEMPLATE = """{{- range $i, $m := .Messages }}
-{{- if eq $m.Role "user" }}[INST] {{ if and (eq $i 1) $.System }}{{ $.System }}
+# The Mistral v1 instruct template (gguf_file.CHAT_TEMPLATE) in Ollama's Go template language: a
+# system message goes before the next question.
+OLLAMA_TEMPLATE = """{{- $system := "" }}
+{{- range .Messages }}
+{{- if eq .Role "system" }}{{ $system = .Content }}
+{{- else if eq .Role "user" }}[INST] {{ if $system }}{{ $system }}
 
-{{ end }}{{ $m.Content }} [/INST]
-{{- else if eq $m.Role "assistant" }} {{ $m.Content }}</s>
+{{ $system = "" }}{{ end }}{{ .Content }} [/INST]
+{{- else if eq .Role "assistant" }} {{ .Content }}</s>
 {{- end }}
 {{- end }}"""
 

@@ -245,16 +245,18 @@ def write_gguf(path: Path, name: str, hyper: Hyper, vocab: Vocab, tensors, plan,
         else:  # stored as bytes: the writer takes the byte shape and turns it back into elements
             byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, t)
             writer.add_tensor_info(out_name, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=t)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for hf_name, _, shape in plan:
-        weight = tensors[hf_name]
-        if hf_name.endswith("q_proj.weight"):
-            weight = permute_rotary(weight, hyper.heads)
-        elif hf_name.endswith("k_proj.weight"):
-            weight = permute_rotary(weight, hyper.kv_heads)
-        writer.write_tensor_data(_as_array(weight, ggml_type(qtype, shape)))
-    writer.fout[0].flush()
-    os.fsync(writer.fout[0].fileno())
-    writer.close()
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for hf_name, _, shape in plan:
+            weight = tensors[hf_name]
+            if hf_name.endswith("q_proj.weight"):
+                weight = permute_rotary(weight, hyper.heads)
+            elif hf_name.endswith("k_proj.weight"):
+                weight = permute_rotary(weight, hyper.kv_heads)
+            writer.write_tensor_data(_as_array(weight, ggml_type(qtype, shape)))
+        writer.fout[0].flush()
+        os.fsync(writer.fout[0].fileno())
+    finally:
+        writer.close()
