@@ -204,7 +204,8 @@ def test_mistral_7b_takes_the_same_path():
 
 # --- a real llama.cpp --------------------------------------------------------------------------
 
-def _llama_runtime() -> tuple[str, Path]:
+@pytest.fixture(scope="module")
+def llama_runtime() -> tuple[str, Path]:
     """node (>= 20) and the npm prefix node-llama-cpp is installed under (.ci/run installs both:
     $MISTRAL_QLORA_LLAMA_RUNTIME, else node-llama-cpp/ in the virtual environment)."""
     node = shutil.which("node")
@@ -225,9 +226,10 @@ def _llama_runtime() -> tuple[str, Path]:
     return node, prefix
 
 
-def _llama_cpp_greedy(gguf_paths: list[Path], prompts: list[list[int]], tmp_path: Path) -> list[list[dict]]:
+def _llama_cpp_greedy(runtime: tuple[str, Path], gguf_paths: list[Path], prompts: list[list[int]],
+                      tmp_path: Path) -> list[list[dict]]:
     """Per file, per prompt: llama.cpp's greedy tokens and its top-5 logits at each step."""
-    node, prefix = _llama_runtime()
+    node, prefix = runtime
     request = tmp_path / "request.json"
     request.write_text(json.dumps({"models": [str(p) for p in gguf_paths], "prompts": prompts, "steps": STEPS,
                                    "top": 5}))
@@ -292,10 +294,9 @@ def _with_gguf_weights(model, reader):
     return model
 
 
-def test_llama_cpp_continues_like_transformers(merged, exported, readers, tmp_path):
+def test_llama_cpp_continues_like_transformers(llama_runtime, merged, exported, readers, tmp_path):
     from mistral_qlora.model.tokenizer import load_tokenizer
 
-    _llama_runtime()  # skip before the work when there is none
     tokenizer = load_tokenizer(tiny_path())
     prompts = [[tokenizer.bos_token_id] + tokenizer(f"[INST] {q} [/INST]", add_special_tokens=False)["input_ids"]
                for q, _ in QA[:3]]
@@ -306,7 +307,7 @@ def test_llama_cpp_continues_like_transformers(merged, exported, readers, tmp_pa
 
     # f16: token for token the greedy continuation of transformers; should the two part, only at a
     # tie (transformers' best two within F16_TOLERANCE), where greedy decoding is arbitrary
-    f16, q8_0 = _llama_cpp_greedy([exported["f16"][0], exported["q8_0"][0]], prompts, tmp_path)
+    f16, q8_0 = _llama_cpp_greedy(llama_runtime, [exported["f16"][0], exported["q8_0"][0]], prompts, tmp_path)
     for prompt, got in zip(prompts, f16):
         tokens, logits = _transformers_greedy(reference, prompt)
         if got["tokens"] != tokens:
