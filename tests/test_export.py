@@ -90,9 +90,8 @@ def test_gguf_round_trip_holds_every_tensor_the_metadata_and_the_vocabulary(merg
     from gguf.quants import dequantize
     from sentencepiece import SentencePieceProcessor
 
-    from mistral_qlora.tools.gguf_file import gguf_name, permute_rotary
-
     from mistral_qlora.tools.export import MERGE_DTYPE
+    from mistral_qlora.tools.gguf_file import CHAT_TEMPLATE, gguf_name, permute_rotary
 
     cfg = merged("bf16").config
     sp = SentencePieceProcessor(model_file=str(Path(tiny_path()) / "tokenizer.model"))
@@ -118,7 +117,8 @@ def test_gguf_round_trip_holds_every_tensor_the_metadata_and_the_vocabulary(merg
         assert (_field(reader, "tokenizer.ggml.bos_token_id"), _field(reader, "tokenizer.ggml.eos_token_id"),
                 _field(reader, "tokenizer.ggml.unknown_token_id")) == (1, 2, 0)
         assert _field(reader, "tokenizer.ggml.add_bos_token") is True
-        assert "[INST]" in _field(reader, "tokenizer.chat_template")
+        assert _field(reader, "tokenizer.chat_template") == CHAT_TEMPLATE
+        assert _field(reader, "general.file_type") == {"f16": 1, "bf16": 32, "q8_0": 7}[qtype]  # llama.cpp's ftype
 
         tensors = {t.name: t for t in reader.tensors}
         expected = {"token_embd.weight", "output_norm.weight", "output.weight"} | {
