@@ -3,7 +3,7 @@
 #
 #   train CONFIG [--set KEY=VALUE ...] [--overwrite]   fine-tune: one process per visible GPU
 #                                                      (one on a machine without), via launch/train.sh
-#   prepare CONFIG | bench | merge | generate | env    the mistral-qlora command of that name
+#   prepare CONFIG | bench | merge | export | generate | env   the mistral-qlora command of that name
 #   shell [ARGS]                                       bash
 #   help                                               this text
 #
@@ -36,7 +36,7 @@ case "$command" in
     export MISTRAL_QLORA="${MISTRAL_QLORA:-mistral-qlora}"
     exec "${MISTRAL_QLORA_HOME:-/opt/mistral-qlora}/launch/train.sh" "$@"
     ;;
-  prepare | bench | merge | generate | env)
+  prepare | bench | merge | export | generate | env)
     exec mistral-qlora "$command" "$@"
     ;;
   shell)

@@ -132,7 +132,7 @@ def test_dockerfile_defaults():
 
 def test_entrypoint_commands(image):
     help_ = image("run", "--rm", TAG, check=True).stdout
-    for command in ("train CONFIG", "bench", "merge", "generate", "env", "shell"):
+    for command in ("train CONFIG", "bench", "merge", "export", "generate", "env", "shell"):
         assert command in help_
     env = image("run", "--rm", TAG, "env", check=True).stdout
     assert "torch" in env

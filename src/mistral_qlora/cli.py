@@ -1,4 +1,4 @@
-"""Command line: `mistral-qlora {train,prepare,generate,merge,bench,env}` (also `python -m mistral_qlora`).
+"""Command line: `mistral-qlora {train,prepare,generate,merge,export,bench,env}` (also `python -m mistral_qlora`).
 
 Each subcommand parses its flags and calls one function of the package; nothing else happens
 here. A `UserError` ends the program with one line on stderr and exit code 2; `--debug` shows the
@@ -64,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="merge an adapter and write GGUF (llama.cpp, Ollama) or safetensors")
+    p.add_argument("--adapter", required=True, help="a run's adapter/ folder")
+    p.add_argument("--output", required=True, help="the .gguf file to write (a new folder for safetensors)")
+    p.add_argument("--format", default="gguf", help="gguf (default): one file with the tokenizer and chat template, "
+                                                    "an Ollama NAME.Modelfile beside it; safetensors: as merge")
+    p.add_argument("--type", dest="qtype", metavar="TYPE",
+                   help="gguf: f16 (default), bf16 or q8_0; safetensors: bf16 (default), f16 or fp32")
+    p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(func=cmd_export)
 
     _add_bench_parser(sub)
 
@@ -233,6 +244,22 @@ def cmd_merge(args) -> int:
     out = merge_adapter(args.adapter, args.output, dtype=args.dtype, model=args.model)
     print(f"merged model ({args.dtype}) written to {out}; try: mistral-qlora generate --model {out} --bits 16 "
           "--prompt ...")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from mistral_qlora.tools.export import export_model
+
+    written = export_model(args.adapter, args.output, fmt=args.format, qtype=args.qtype, model=args.model,
+                           overwrite=args.overwrite)
+    if args.format == "safetensors":
+        print(f"merged model written to {written[0]}; try: mistral-qlora generate --model {written[0]} --bits 16 "
+              "--prompt ...")
+        return 0
+    gguf, modelfile = written
+    print(f"wrote {gguf} ({gguf.stat().st_size / 1e9:.2f} GB) and {modelfile}\n"
+          f"llama.cpp: llama-cli -m {gguf} -cnv\n"
+          f"Ollama:    ollama create NAME -f {modelfile}")
     return 0
 
 

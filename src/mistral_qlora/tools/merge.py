@@ -2,7 +2,8 @@
 
 The base is loaded in 16-bit (never merged into 4-bit weights, which would round the merge back
 onto the 4-bit grid), merged with PEFT's `merge_and_unload`, and saved as safetensors shards with
-the tokenizer. The result is written into a staging folder and renamed into place.
+the tokenizer. The result is written into a staging folder and renamed into place. `load_merged` is the step
+`export` shares (tools/export.py).
 """
 
 from __future__ import annotations
@@ -21,17 +22,41 @@ from mistral_qlora.model.tokenizer import load_tokenizer
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def merge_adapter(adapter: str, output: str, dtype: str = "bf16", model: str | None = None,
-                  max_shard_size: str = "5GB") -> Path:
+def resolve_base(adapter: str, model: str | None = None) -> tuple[str, str]:
+    """(base name, local path or hub id) of the base an adapter is merged into: `model`, else the
+    one its adapter_config.json names; one line when that base is not here."""
+    base_name = model or adapter_base(adapter)
+    try:
+        path = resolve_model_path(base_name)
+    except UserError as exc:
+        reason = str(exc).split(": ", 1)[-1]  # without resolve_model_path's "model.name_or_path=...:"
+        raise UserError(f"adapter {adapter}: its base model {base_name!r} is not here: {reason}; pass --model "
+                        "with the base it was trained on") from None
+    return base_name, path
+
+
+def load_merged(adapter: str, dtype: str = "bf16", model: str | None = None):
+    """The base in 16 bits (or fp32) with the adapter folded in, and the folder (or hub id) of the
+    base: (merged model, base path)."""
     from transformers import AutoModelForCausalLM
 
+    base_name, path = resolve_base(adapter, model)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    except OSError as exc:
+        raise UserError(f"adapter {adapter}: cannot load its base model {base_name!r}: "
+                        f"{str(exc).splitlines()[0]}; pass --model with the base it was trained on") from None
+    return attach_adapter(base, adapter, base_name).merge_and_unload(), path
+
+
+def merge_adapter(adapter: str, output: str, dtype: str = "bf16", model: str | None = None,
+                  max_shard_size: str = "5GB", overwrite: bool = False) -> Path:
     out = Path(output)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {output}: exists and is not a folder; choose a new folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--output {output}: folder exists and is not empty; choose a new folder")
-    base_name = model or adapter_base(adapter)
-    path = resolve_model_path(base_name)
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
-    merged = attach_adapter(base, adapter, base_name).merge_and_unload()
+    merged, path = load_merged(adapter, dtype, model)
     tokenizer_src = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else path
     tokenizer = load_tokenizer(str(tokenizer_src))
 
@@ -40,6 +65,6 @@ def merge_adapter(adapter: str, output: str, dtype: str = "bf16", model: str | N
     merged.save_pretrained(str(staging), safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(str(staging))
     if out.exists():
-        out.rmdir()
+        shutil.rmtree(out)
     os.rename(staging, out)
     return out
