@@ -92,6 +92,7 @@ def validate(cfg: RunConfig, rt: Runtime, overwrite: bool, force: bool) -> RunIn
     model_config = load_model_config(model_path, cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.model.revision)
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed, cfg.eval.samples)
+    log(f"chat template: {data.template.describe()}")
     fingerprint = checkpoints.run_fingerprint(cfg, data.train, rt.world_size)
     resume_from = checkpoints.find_resume_checkpoint(cfg, fingerprint, overwrite, force, warn=log)
     return RunInputs(model_path, model_config, tokenizer, data, fingerprint, resume_from)
@@ -148,7 +149,8 @@ def finish(cfg: RunConfig, rt: Runtime, plan: Plan, inputs: RunInputs, trainer, 
         evals = [e for e in trainer.state.log_history if "eval_loss" in e]
     initial_eval_loss = evals[0]["eval_loss"] if evals else None
     final_eval_loss = evals[-1]["eval_loss"] if data.eval else None
-    samples_after = generate_answers(model, inputs.tokenizer, data.sample_prompts, cfg.eval.max_new_tokens)
+    samples_after = generate_answers(model, inputs.tokenizer, data.sample_prompts, cfg.eval.max_new_tokens,
+                                     data.template)
     publish_adapter(model, inputs.tokenizer, out, cfg.model.name_or_path, zero3=plan.zero3, is_main=rt.is_main)
 
     summary = summarize(cfg, rt, plan, inputs, trainer.state, callbacks, per_token, model.config.sliding_window,
