@@ -108,3 +108,44 @@ def test_eval_rows_are_packed_within_the_forward_budget(records_file, tokenizer)
     no_eval = prepare_data(DataSection(train=str(records_file), eval_fraction=0, max_seq_len=256,
                                        tokens_per_row=256), tokenizer, seed=3)
     assert no_eval.eval_dataset(2) is None
+
+
+@pytest.mark.slow
+def test_two_ranks_count_every_answer_token_once(tmp_path, model):
+    """Five packed rows over two ranks: the second rank's last batch repeats a row (accelerate evens
+    the batches out); the eval loss still equals the per-record mean over every answer token."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dist_eval_worker import examples
+
+    worker = Path(__file__).with_name("dist_eval_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    out = tmp_path / "multi.pt"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29637", str(worker), str(out)], env=env, cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = torch.load(out)
+    expected, mean_of_means = _per_record(model, examples())
+    assert result["world_size"] == 2
+    assert abs(expected - mean_of_means) > 1e-3
+    assert result["loss"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_bench_eval_mode_times_both_paths_and_their_losses_agree(tmp_path):
+    from mistral_qlora.bench.eval import format_eval_report, run_eval_bench
+    from mistral_qlora.bench.options import BenchOptions
+
+    out = tmp_path / "eval.json"
+    opts = BenchOptions(model="tiny-random-mistral", median=40, sigma=0.6, max_len=128, min_len=8,
+                        tokens_per_row=512, dtype="float32", out=str(out))
+    report = run_eval_bench(opts, 40)
+    one, packed = report["results"]["one record per forward"], report["results"]["packed rows"]
+    assert one["forwards"] == 40 and packed["forwards"] < 40
+    assert report["loss_difference"] < 1e-4  # the same loss, packed or not (a 4-bit base on the CPU)
+    assert report["speedup"] == pytest.approx(one["seconds"] / packed["seconds"])
+    assert json.loads(out.read_text())["records"] == 40
+    assert "packed rows" in format_eval_report(report)

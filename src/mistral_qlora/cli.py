@@ -110,6 +110,9 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--strategies", metavar="LIST",
                    help="comma-separated strategies (single,zero2,zero3): train --steps steps of each through "
                         "`mistral-qlora train` in a process of its own on one GPU, and compare tokens/s and memory")
+    p.add_argument("--eval", type=int, metavar="N",
+                   help="time the evaluation of N synthetic records (--median, --sigma, --max-len): packed rows of "
+                        "--tokens-per-row against one record per forward, through the run's Trainer")
     p.add_argument("--steps", type=int, default=16, help="optimizer steps per strategy with --strategies (default 16)")
     p.add_argument("--work-dir", default="runs/bench-strategies",
                    help="where --strategies writes its data, configs, logs and runs (default runs/bench-strategies)")
@@ -163,6 +166,13 @@ def cmd_bench(args) -> int:
         sliding_window=window, gradient_checkpointing=not args.no_gradient_checkpointing, lora_r=args.lora_r,
         dtype=args.dtype, seed=args.seed, out=args.out, profile=args.profile,
     )
+    if args.eval is not None:
+        from mistral_qlora.bench.eval import format_eval_report, run_eval_bench
+
+        print(format_eval_report(run_eval_bench(opts, args.eval)))
+        if args.out:
+            print(f"report: {args.out}")
+        return 0
     if args.compare:
         from mistral_qlora.bench.compare import run_compare
 
