@@ -49,7 +49,7 @@ def _evaluate(model, dataset, collator, rt: Runtime, out_dir: str) -> tuple[floa
     return time.perf_counter() - start, loss
 
 
-def run_eval_bench(opts: BenchOptions, records: int) -> dict:
+def run_eval_bench(opts: BenchOptions, records: int, warmup: int = WARMUP_RECORDS) -> dict:
     if records < 1:
         raise UserError(f"--eval {records}: evaluate at least one record")
     if opts.tokens_per_row < opts.max_len:
@@ -72,8 +72,8 @@ def run_eval_bench(opts: BenchOptions, records: int) -> dict:
     paths = {"one record per forward": examples, "packed rows": PackedRows(examples, rows)}
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        warm = examples[:WARMUP_RECORDS]
-        warm_rows = pack_best_fit_decreasing(lengths[:WARMUP_RECORDS], opts.tokens_per_row, opts.seed)
+        warm = examples[:warmup]
+        warm_rows = pack_best_fit_decreasing(lengths[:warmup], opts.tokens_per_row, opts.seed)
         for dataset in (warm, PackedRows(warm, warm_rows)):
             _evaluate(model, dataset, collator, rt, tmp)
         for name, dataset in paths.items():
