@@ -50,6 +50,7 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
     started = time.time()
     rt = Runtime.detect(cfg.model.dtype)
     inputs = validate(cfg, rt, overwrite, force)
+    log(f"chat template: {inputs.data.template.describe()}")
     plan = make_plan(cfg, inputs.model_config, rt)
     for line in plan.log_lines(cfg):
         log(line)
@@ -92,7 +93,6 @@ def validate(cfg: RunConfig, rt: Runtime, overwrite: bool, force: bool) -> RunIn
     model_config = load_model_config(model_path, cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.model.revision)
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed, cfg.eval.samples)
-    log(f"chat template: {data.template.describe()}")
     fingerprint = checkpoints.run_fingerprint(cfg, data.train, rt.world_size)
     resume_from = checkpoints.find_resume_checkpoint(cfg, fingerprint, overwrite, force, warn=log)
     return RunInputs(model_path, model_config, tokenizer, data, fingerprint, resume_from)
