@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mistral_qlora.data.formats import parse_messages, parse_text, records_to_conversations
+from mistral_qlora.data.formats import Conversation, parse_messages, parse_text, records_to_conversations
 from mistral_qlora.data.load import read_records
 from mistral_qlora.data.tokenize import IGNORE_INDEX, tokenize_conversations
 from mistral_qlora.errors import UserError
@@ -99,13 +99,19 @@ def test_every_form_in_every_file_type(tmp_path, form, suffix):
     assert convs == [[("Hi?", "Hello.")]] * 3
 
 
-def test_instruction_input_and_system_message_are_merged():
+def test_instruction_input_is_merged_and_the_system_prompt_kept_apart():
     convs = records_to_conversations([{"instruction": "Translate.", "input": "Bonjour", "output": "Hello"}], "auto", "x")
-    assert convs == [[("Translate.\n\nBonjour", "Hello")]]
+    assert convs == [[("Translate.\n\nBonjour", "Hello")]] and convs[0].system == ""
     turns = parse_messages([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                             {"role": "assistant", "content": "Hey"}, {"role": "user", "content": "Bye"},
                             {"role": "assistant", "content": "Ciao"}], "x")
-    assert turns == [("Be brief.\n\nHi", "Hey"), ("Bye", "Ciao")]
+    assert turns == Conversation([("Hi", "Hey"), ("Bye", "Ciao")], system="Be brief.")
+    assert turns != Conversation([("Hi", "Hey"), ("Bye", "Ciao")])  # the system prompt is part of it
+    convs = records_to_conversations([{"prompt": "Hi?", "response": "Hello.", "system": " Be brief. "},
+                                      {"prompt": "Yo?", "response": "Hey."}], "auto", "x")
+    assert [c.system for c in convs] == ["Be brief.", ""]
+    with pytest.raises(UserError, match=r"x record 0: 'system' must be a string, got int 3"):
+        records_to_conversations([{"prompt": "Hi?", "response": "Hello.", "system": 3}], "auto", "x")
     assert parse_text("<s>[INST] a [/INST] b </s>[INST] c [/INST] d </s>", "x") == [("a", "b"), ("c", "d")]
 
 

@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="a run's adapter/ folder")
     p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
     p.add_argument("--prompt", action="append", required=True, help="the question (repeatable)")
+    p.add_argument("--system", default="", help="a system prompt for every question")
+    p.add_argument("--template", metavar="NAME",
+                   help="the chat template: auto, mistral-v1, mistral-v3 or tokenizer (default: the run's data.template, read from the adapter's run folder; "
+                        "else auto)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--bits", type=int, choices=(4, 16), default=4, help="load the base in 4-bit or 16-bit")
     p.set_defaults(func=cmd_generate)
@@ -117,6 +121,9 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--strategies", metavar="LIST",
                    help="comma-separated strategies (single,zero2,zero3): train --steps steps of each through "
                         "`mistral-qlora train` in a process of its own on one GPU, and compare tokens/s and memory")
+    p.add_argument("--eval", type=int, metavar="N",
+                   help="time the evaluation of N synthetic records (--median, --sigma, --max-len): packed rows of "
+                        "--tokens-per-row against one record per forward, through the run's Trainer")
     p.add_argument("--steps", type=int, default=16, help="optimizer steps per strategy with --strategies (default 16)")
     p.add_argument("--work-dir", default="runs/bench-strategies",
                    help="where --strategies writes its data, configs, logs and runs (default runs/bench-strategies)")
@@ -170,6 +177,13 @@ def cmd_bench(args) -> int:
         sliding_window=window, gradient_checkpointing=not args.no_gradient_checkpointing, lora_r=args.lora_r,
         dtype=args.dtype, seed=args.seed, out=args.out, profile=args.profile,
     )
+    if args.eval is not None:
+        from mistral_qlora.bench.eval import format_eval_report, run_eval_bench
+
+        print(format_eval_report(run_eval_bench(opts, args.eval)))
+        if args.out:
+            print(f"report: {args.out}")
+        return 0
     if args.compare:
         from mistral_qlora.bench.compare import run_compare
 
@@ -229,12 +243,22 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from mistral_qlora.data.formats import Conversation
+    from mistral_qlora.data.templates import TEMPLATES, resolve_template
     from mistral_qlora.model.generate import generate_answers
-    from mistral_qlora.tools.generate import load_for_generation
+    from mistral_qlora.tools.generate import load_for_generation, run_template
+
+    if args.template is not None and args.template not in TEMPLATES:
+        raise UserError(f"--template {args.template}: choose one of {', '.join(TEMPLATES)}")
 
     model, tokenizer = load_for_generation(args.adapter, args.model, bits=args.bits)
-    for prompt, answer in zip(args.prompt, generate_answers(model, tokenizer, args.prompt, args.max_new_tokens)):
-        print(f"[INST] {prompt} [/INST]\n{answer}\n")
+    template = resolve_template(args.template or run_template(args.adapter), tokenizer)
+    prompts = [Conversation([(prompt, "")], args.system) for prompt in args.prompt]
+    for prompt, answer in zip(prompts, generate_answers(model, tokenizer, prompts, args.max_new_tokens, template)):
+        # What the model was given, as the template rendered it (BOS left out).
+        ids = template.generation_ids(prompt)
+        shown = tokenizer.decode(ids[1:] if ids[:1] == [tokenizer.bos_token_id] else ids).strip()
+        print(f"{shown}\n{answer}\n")
     return 0
 
 

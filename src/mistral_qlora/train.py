@@ -50,6 +50,7 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
     started = time.time()
     rt = Runtime.detect(cfg.model.dtype)
     inputs = validate(cfg, rt, overwrite, force)
+    log(f"chat template: {inputs.data.template.describe()}")
     plan = make_plan(cfg, inputs.model_config, rt)
     for line in plan.log_lines(cfg):
         log(line)
@@ -148,7 +149,8 @@ def finish(cfg: RunConfig, rt: Runtime, plan: Plan, inputs: RunInputs, trainer, 
         evals = [e for e in trainer.state.log_history if "eval_loss" in e]
     initial_eval_loss = evals[0]["eval_loss"] if evals else None
     final_eval_loss = evals[-1]["eval_loss"] if data.eval else None
-    samples_after = generate_answers(model, inputs.tokenizer, data.sample_prompts, cfg.eval.max_new_tokens)
+    samples_after = generate_answers(model, inputs.tokenizer, data.sample_prompts, cfg.eval.max_new_tokens,
+                                     data.template)
     publish_adapter(model, inputs.tokenizer, out, cfg.model.name_or_path, zero3=plan.zero3, is_main=rt.is_main)
 
     summary = summarize(cfg, rt, plan, inputs, trainer.state, callbacks, per_token, model.config.sliding_window,

@@ -1,11 +1,13 @@
-"""Turn records of any accepted form into conversations: lists of (prompt, answer) turns.
+"""Turn records of any accepted form into conversations: (prompt, answer) turns and a system prompt.
 
 Forms (`data.format`, detected from the first record's keys when `auto`):
 - `text`: the seed's `<s>[INST] question [/INST] answer </s>` (turns may be chained);
 - `prompt_response`: `prompt` + `response` columns;
 - `instruction`: `instruction` (+ optional `input`) + `output` columns;
-- `messages`: a list of `{"role", "content"}` (system, then alternating user/assistant).
-The Mistral v1 template itself is applied by `tokenize.py`; this module only extracts text.
+- `messages`: a list of `{"role", "content"}` (an optional system message, then alternating
+  user/assistant, ending with the assistant).
+The first three take an optional `system` column; `messages` takes its system message. The chat
+template (`templates.py`) decides where the system prompt goes; this module only extracts text.
 """
 
 from __future__ import annotations
@@ -16,6 +18,26 @@ from mistral_qlora.errors import UserError
 
 Turn = tuple[str, str]  # (user prompt, assistant answer)
 
+
+class Conversation(list):
+    """A list of (user prompt, assistant answer) turns, with the conversation's system prompt as
+    `system` ("" when it has none). A plain list of turns works wherever a Conversation does."""
+
+    def __init__(self, turns=(), system: str = ""):
+        super().__init__(turns)
+        self.system = system
+
+    def __eq__(self, other):
+        return list.__eq__(self, other) and self.system == getattr(other, "system", "")
+
+    def __ne__(self, other):
+        return not self == other
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"Conversation({list.__repr__(self)}, system={self.system!r})"
+
 _TURN = re.compile(r"\[INST\](.*?)\[/INST\](.*?)(?:</s>|(?=\[INST\])|\Z)", re.DOTALL)
 
 FORM_KEYS = {
@@ -23,6 +45,13 @@ FORM_KEYS = {
     "messages": ("messages",),
     "prompt_response": ("prompt", "response"),
     "instruction": ("instruction", "output"),
+}
+# Columns a form reads when present.
+OPTIONAL_KEYS = {
+    "text": ("system",),
+    "messages": (),
+    "prompt_response": ("system",),
+    "instruction": ("input", "system"),
 }
 
 
@@ -73,7 +102,7 @@ def _string_field(record: dict, key: str, where: str, required: bool = True) -> 
     return value.strip()
 
 
-def parse_messages(messages, where: str) -> list[Turn]:
+def parse_messages(messages, where: str) -> Conversation:
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
     system = ""
@@ -88,8 +117,6 @@ def parse_messages(messages, where: str) -> list[Turn]:
         elif role == "user" and pending is None:
             pending = content
         elif role == "assistant" and pending is not None:
-            if system and not turns:
-                pending = f"{system}\n\n{pending}"
             if not pending or not content:
                 raise UserError(f"{where}: message {j} or the one before it has empty content")
             turns.append((pending, content))
@@ -101,16 +128,16 @@ def parse_messages(messages, where: str) -> list[Turn]:
             )
     if pending is not None:
         raise UserError(f"{where}: the last message is from the user; conversations must end with the assistant")
-    return turns
+    if not turns:
+        raise UserError(f"{where}: 'messages' has no user/assistant pair after the system message")
+    return Conversation(turns, system)
 
 
-def to_turns(record: dict, form: str, where: str) -> list[Turn]:
+def _turns(record: dict, form: str, where: str) -> list[Turn]:
     if form == "text":
         if "text" not in record:
             raise UserError(f"{where}: no 'text' key (keys: {sorted(record)})")
         return parse_text(record["text"], where)
-    if form == "messages":
-        return parse_messages(record.get("messages"), where)
     if form == "prompt_response":
         return [(_string_field(record, "prompt", where), _string_field(record, "response", where))]
     if form == "instruction":
@@ -121,7 +148,14 @@ def to_turns(record: dict, form: str, where: str) -> list[Turn]:
     raise ValueError(f"unknown format {form!r}")
 
 
-def records_to_conversations(records: list[dict], form: str, source: str) -> list[list[Turn]]:
+def to_turns(record: dict, form: str, where: str) -> Conversation:
+    """One record as a Conversation; `system` from the record's system message or `system` column."""
+    if form == "messages":
+        return parse_messages(record.get("messages"), where)
+    return Conversation(_turns(record, form, where), _string_field(record, "system", where, required=False))
+
+
+def records_to_conversations(records: list[dict], form: str, source: str) -> list[Conversation]:
     if not records:
         raise UserError(f"{source}: the dataset is empty (no records)")
     if form == "auto":

@@ -1,18 +1,21 @@
-"""Conversations -> token ids and labels, in the Mistral v1 instruct template.
+"""Conversations -> token ids and labels through a chat template (`templates.py`), with over-long
+records truncated or dropped and counted.
 
-`<s>[INST] q1 [/INST] a1</s>[INST] q2 [/INST] a2</s>`, tokenized span by span exactly as
-mistral-common's v1 encoder does (each span with SentencePiece's leading space). Labels are -100
-on BOS and on the `[INST] ... [/INST]` spans unless `train_on_prompt`, so the loss falls on the
-answers (and their EOS) only.
+`tokenize_conversations` is the one entry point the data pipeline calls, on batches of
+conversations: the template sends the text of the whole batch through the tokenizer at once.
+Labels are -100 on BOS and on everything but the assistant turns unless `train_on_prompt`, so the
+loss falls on the answers (and their end tokens) only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from mistral_qlora.data.formats import Turn
+from mistral_qlora.data.templates import IGNORE_INDEX, ChatTemplate, resolve_template
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "TokenizeStats", "tokenize_conversations"]
 
 
 @dataclass
@@ -31,33 +34,20 @@ class TokenizeStats:
         return sum(self.lengths)
 
 
-def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
-    if not texts:
-        return []
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-
 def tokenize_conversations(
-    conversations: list[list[Turn]],
+    conversations: Sequence[Sequence[Turn]],
     tokenizer,
     max_seq_len: int,
     overlong: str = "truncate",
     train_on_prompt: bool = False,
+    template: ChatTemplate | None = None,
 ) -> tuple[list[dict], TokenizeStats]:
-    prompts = [f"[INST] {p} [/INST]" for conv in conversations for p, _ in conv]
-    answers = [a for conv in conversations for _, a in conv]
-    prompt_ids = iter(_encode_many(tokenizer, prompts))
-    answer_ids = iter(_encode_many(tokenizer, answers))
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-
+    """Examples {"input_ids", "labels"} of the conversations that are kept, and the counts.
+    `template` is a resolved `ChatTemplate` (`resolve_template`); None resolves `auto` for `tokenizer`."""
+    template = template or resolve_template("auto", tokenizer)
     stats = TokenizeStats(records=len(conversations))
     examples = []
-    for conv in conversations:
-        ids, labels = [bos], [IGNORE_INDEX]
-        for _ in conv:
-            p, a = next(prompt_ids), next(answer_ids) + [eos]
-            ids += p + a
-            labels += (p if train_on_prompt else [IGNORE_INDEX] * len(p)) + a
+    for ids, labels in template.encode(conversations, train_on_prompt):
         if len(ids) > max_seq_len:
             if overlong == "drop":
                 stats.dropped += 1

@@ -1,5 +1,6 @@
-"""The tokenizer: the checkpoint's own, or the real Mistral v1 SentencePiece model that ships
-inside the `mistral-common` package (no network needed).
+"""The tokenizer: the checkpoint's own, or a real Mistral SentencePiece model that ships inside the
+`mistral-common` package (no network needed): v1 (Mistral-7B v0.1/v0.2, 32000 pieces) for the
+built-in models, v3 (Mistral-7B v0.3, 32768 pieces with control tokens) for tests of its template.
 
 The file is located with `importlib.util.find_spec` rather than by importing mistral-common,
 whose imports pull in more than a minimal GPU image carries.
@@ -14,8 +15,9 @@ from pathlib import Path
 
 from mistral_qlora.errors import UserError
 
-# The Mistral-7B v0.1/v0.2 SentencePiece model (32000 tokens), as mistral-common names it.
+# The Mistral SentencePiece models, as mistral-common names them.
 MISTRAL_V1_FILE = "tokenizer.model.v1"
+MISTRAL_FILES = {"v1": MISTRAL_V1_FILE, "v3": "mistral_instruct_tokenizer_240323.model.v3"}
 
 TOKENIZER_CONFIG = {
     "tokenizer_class": "LlamaTokenizer",
@@ -30,21 +32,30 @@ TOKENIZER_CONFIG = {
 }
 
 
-def mistral_v1_tokenizer_file() -> Path:
+def mistral_tokenizer_file(version: str = "v1") -> Path:
+    name = MISTRAL_FILES[version]
     spec = importlib.util.find_spec("mistral_common")
     if spec is None or spec.origin is None:
         raise UserError("the embedded tokenizer needs the 'mistral-common' package: pip install mistral-common")
-    path = Path(spec.origin).parent / "data" / MISTRAL_V1_FILE
+    path = Path(spec.origin).parent / "data" / name
     if not path.is_file():
-        raise UserError(f"mistral-common is installed but has no {MISTRAL_V1_FILE} (looked in {path.parent})")
+        raise UserError(f"mistral-common is installed but has no {name} (looked in {path.parent})")
     return path
 
 
-def write_mistral_v1_tokenizer(directory: Path) -> None:
-    """Write tokenizer.model + tokenizer_config.json so AutoTokenizer loads the real v1 tokenizer."""
+def mistral_v1_tokenizer_file() -> Path:
+    return mistral_tokenizer_file("v1")
+
+
+def write_mistral_tokenizer(directory: Path, version: str = "v1") -> None:
+    """Write tokenizer.model + tokenizer_config.json so AutoTokenizer loads the real Mistral tokenizer."""
     directory.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(mistral_v1_tokenizer_file(), directory / "tokenizer.model")
+    shutil.copyfile(mistral_tokenizer_file(version), directory / "tokenizer.model")
     (directory / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2))
+
+
+def write_mistral_v1_tokenizer(directory: Path) -> None:
+    write_mistral_tokenizer(directory, "v1")
 
 
 def load_tokenizer(path: str, revision: str | None = None):

@@ -86,17 +86,25 @@ def plot_loss(path: Path, log_history: list[dict], title: str) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def samples_markdown(prompts: list[str], before: list[str], after: list[str]) -> str:
+def _prompt_text(prompt) -> str:
+    """A prompt string, or a Conversation shown as its system prompt and last question."""
+    if isinstance(prompt, str):
+        return prompt
+    system = getattr(prompt, "system", "")
+    return (f"*System:* {system}\n\n" if system else "") + prompt[-1][0]
+
+
+def samples_markdown(prompts: list, before: list[str], after: list[str]) -> str:
     lines = ["# Samples", "", "Greedy answers to held-out prompts, before and after training.", ""]
     for i, (p, b, a) in enumerate(zip(prompts, before, after), start=1):
-        lines += [f"## {i}. Prompt", "", p, "", "**Before:**", "", b or "_(empty)_", "", "**After:**", "",
-                  a or "_(empty)_", ""]
+        lines += [f"## {i}. Prompt", "", _prompt_text(p), "", "**Before:**", "", b or "_(empty)_", "", "**After:**",
+                  "", a or "_(empty)_", ""]
     if not prompts:
         lines.append("_No held-out prompts (no eval split)._")
     return "\n".join(lines) + "\n"
 
 
-def write_final_artifacts(out: Path, history: list[dict], title: str, prompts: list[str], before: list[str],
+def write_final_artifacts(out: Path, history: list[dict], title: str, prompts: list, before: list[str],
                           after: list[str], summary: dict) -> None:
     """history.json, loss.png, samples.md, then summary.json: its presence marks a finished run."""
     write_json(out / "history.json", history)

@@ -182,12 +182,13 @@ class SamplesCallback(TrainerCallback):
     its engine: under ZeRO-3 the layers are gathered collectively, so every rank generates (in
     lockstep) and rank 0 writes them. Put it before ThroughputCallback so its time is not counted."""
 
-    def __init__(self, model, tokenizer, prompts: list[str], max_new_tokens: int):
+    def __init__(self, model, tokenizer, prompts: list, max_new_tokens: int, template=None):
         self.model, self.tokenizer, self.prompts, self.max_new_tokens = model, tokenizer, prompts, max_new_tokens
+        self.template = template  # the run's chat template (PreparedData.template)
         self.before: list[str] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.before = generate_answers(self.model, self.tokenizer, self.prompts, self.max_new_tokens)
+        self.before = generate_answers(self.model, self.tokenizer, self.prompts, self.max_new_tokens, self.template)
 
 
 class RunAlreadyComplete(Exception):

@@ -15,6 +15,21 @@ from mistral_qlora.model.tokenizer import load_tokenizer
 from mistral_qlora.runtime import resolve_dtype
 
 
+def run_template(adapter: str | None) -> str:
+    """The data.template of the run an adapter came from (its run folder's config.yaml), else auto."""
+    import yaml
+
+    config = Path(adapter).parent / "config.yaml" if adapter else None
+    if config is None or not config.is_file():
+        return "auto"
+    try:
+        raw = yaml.safe_load(config.read_text()) or {}
+    except yaml.YAMLError:
+        return "auto"
+    data = raw.get("data") if isinstance(raw, dict) else None
+    return data.get("template", "auto") if isinstance(data, dict) else "auto"
+
+
 def load_for_generation(adapter: str | None, model: str | None, bits: int = 4):
     """(model, tokenizer): the base in 4 or 16 bits, with the adapter attached if one is given."""
     if adapter is None and model is None:

@@ -50,6 +50,7 @@ def describe_data(cfg: RunConfig, world_size: int = 1) -> str:
     lines = [
         f"data: {cfg.data.train}" + (f"  (eval: {cfg.data.eval})" if cfg.data.eval else
                                      f"  (eval: {cfg.data.eval_fraction:.0%} held out)"),
+        f"chat template: {data.template.describe()}",
         f"records: {ts.records} train, {es.records} eval",
         f"kept: {ts.kept} train, {es.kept} eval; truncated: {ts.truncated + es.truncated}; "
         f"dropped: {ts.dropped + es.dropped} (data.max_seq_len={cfg.data.max_seq_len}, "

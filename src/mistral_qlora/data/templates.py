@@ -1,0 +1,350 @@
+"""Chat templates: conversations -> token ids and labels, and the prompt a model answers.
+
+`data.template`:
+- `mistral-v1`: `<s>[INST] q1 [/INST] a1</s>[INST] q2 [/INST] a2</s>` as text, each span tokenized
+  on its own (SentencePiece's leading space on each), exactly as mistral-common's v1 encoder; a
+  system prompt opens the FIRST user message, followed by a blank line.
+- `mistral-v3`: `<s>[INST]q1[/INST]a1</s>[INST]q2[/INST]a2</s>` with `[INST]`/`[/INST]` as the
+  control tokens 3 and 4, exactly as mistral-common's v3 encoder; a system prompt opens the LAST
+  user message, followed by a blank line (mistral-common's convention for v2/v3).
+- `tokenizer`: the checkpoint's own Jinja chat template, through `apply_chat_template`.
+- `auto`: `mistral-v3` or `mistral-v1` when the tokenizer's vocabulary is Mistral's of that
+  version (`mistral_version`) and its chat template, if it has one, is Mistral's `[INST]` one;
+  otherwise the checkpoint's chat template; a tokenizer with neither gets `mistral-v1`.
+
+Labels are -100 everywhere except on the assistant turns (their content and the end token after
+it), unless train_on_prompt; the first token (BOS) is never a target. Text spans of a whole batch
+of conversations go through the tokenizer in one call, with special-token strings inside the text
+read as text (as SentencePiece and mistral-common read them).
+
+How a Jinja template's assistant turns are found: a template with `{% generation %}` blocks marks
+them itself (`apply_chat_template(return_assistant_tokens_mask=True)`). Without them a template
+is *separable* when rendering the conversation up to each user turn with the generation prompt,
+then up to the assistant's answer, then the whole, gives strings that each extend the previous one
+and the answer's text is in what the answer added; the learned characters are the answer's
+content and a special token right after it (`<|im_end|>`, `</s>`, `<|eot_id|>`...). A template
+that is neither is refused when the template is resolved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Sequence
+
+from mistral_qlora.data.formats import Conversation, Turn
+from mistral_qlora.errors import UserError
+
+IGNORE_INDEX = -100
+
+TEMPLATES = ("auto", "mistral-v1", "mistral-v3", "tokenizer")
+
+# "[INST]" in the Mistral v1 (Mistral-7B v0.1/v0.2, Mixtral-8x7B) 32000-token vocabulary: no
+# control tokens, three text pieces. Llama-2 shares the size and BOS/EOS ids but not these pieces.
+_V1_VOCAB_SIZE = 32000
+_V1_INST = ([733, 16289, 28793], ["▁[", "INST", "]"])
+# The v3 (Mistral-7B v0.3) vocabulary: 32768 pieces, [INST] and [/INST] control tokens 3 and 4.
+_V3_VOCAB_SIZE = 32768
+_V3_CONTROL = ([3, 4], ["[INST]", "[/INST]"])
+
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+# A conversation rendered to find out whether (and how) a Jinja template marks assistant turns.
+_PROBE = Conversation([("What is two plus two?", "Two plus two is four."), ("And times three?", "Twelve.")])
+
+
+def mistral_version(tokenizer) -> str | None:
+    """'v3', 'v1' or None, from the vocabulary alone: v3 has 32768 pieces with [INST]/[/INST] as
+    the special tokens 3/4; v1 has 32000 pieces with "[INST]" as the text pieces 733 16289 28793."""
+    size = getattr(tokenizer, "vocab_size", None)
+    if size == _V3_VOCAB_SIZE:
+        ids, names = _V3_CONTROL
+        special = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values()
+                                                       if t.special}
+        if tokenizer.convert_tokens_to_ids(names) == ids and set(names) <= special:
+            return "v3"
+    if size == _V1_VOCAB_SIZE:
+        ids, pieces = _V1_INST
+        if tokenizer.convert_ids_to_tokens(ids) == pieces:
+            return "v1"
+    return None
+
+
+def chat_template_source(tokenizer) -> str | None:
+    """The tokenizer's own (default) Jinja chat template, or None."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        return tokenizer.get_chat_template()
+    except ValueError:  # several named templates and no "default" among them
+        return None
+
+
+def _name(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+
+
+def resolve_template(name: str, tokenizer) -> "ChatTemplate":
+    """The template `data.template=name` means for this tokenizer (see the module docstring)."""
+    if name not in TEMPLATES:
+        raise UserError(f"data.template: unknown template {name!r}; choose one of {', '.join(TEMPLATES)}")
+    version = mistral_version(tokenizer)
+    own = chat_template_source(tokenizer)
+    if name == "auto":
+        if version is not None and (own is None or "[INST]" in own):
+            why = "its own chat template is Mistral's [INST] one" if own else "it has no chat template"
+            name, reason = f"mistral-{version}", f"auto: a Mistral {version} vocabulary and {why}"
+        elif own is not None:
+            name, reason = "tokenizer", "auto: the checkpoint's own chat template"
+        else:
+            name, reason = "mistral-v1", "auto: not a Mistral vocabulary and no chat template; the v1 text template"
+    else:
+        reason = f"data.template={name}"
+    if name == "mistral-v1":
+        return MistralV1Template(tokenizer, reason)
+    if name == "mistral-v3":
+        if version != "v3":
+            raise UserError(f"data.template=mistral-v3 needs Mistral's v3 vocabulary ([INST] and [/INST] as control "
+                            f"tokens 3 and 4); {_name(tokenizer)} does not have it: set data.template to auto or "
+                            "mistral-v1")
+        return MistralV3Template(tokenizer, reason)
+    if own is None:
+        raise UserError(f"data.template=tokenizer: {_name(tokenizer)} has no chat template; set data.template to "
+                        "auto, mistral-v1 or mistral-v3")
+    return JinjaTemplate(tokenizer, own, reason)
+
+
+def _as_conversation(conversation) -> Conversation:
+    if isinstance(conversation, str):
+        return Conversation([(conversation, "")])
+    return conversation if isinstance(conversation, Conversation) else Conversation(conversation)
+
+
+class ChatTemplate:
+    """What every template offers the data pipeline and generation."""
+
+    name: str
+
+    def __init__(self, tokenizer, reason: str = ""):
+        self.tokenizer = tokenizer
+        self.reason = reason
+
+    def fingerprint(self) -> str:
+        """What identifies the rendering (for caches of tokenized data, with the tokenizer's own)."""
+        return self.name
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.reason})" if self.reason else self.name
+
+    def encode(self, conversations: Sequence[Sequence[Turn]], train_on_prompt: bool = False
+               ) -> list[tuple[list[int], list[int]]]:
+        """(input_ids, labels) for each conversation, in order."""
+        raise NotImplementedError
+
+    def generation_ids(self, conversation: str | Sequence[Turn]) -> list[int]:
+        """The ids a model continues to answer the last turn's prompt (the last answer is ignored):
+        the system prompt, the earlier turns, the last prompt and the generation prompt."""
+        raise NotImplementedError
+
+    def stop_token_ids(self) -> list[int]:
+        """The tokens that end an assistant turn."""
+        return [self.tokenizer.eos_token_id]
+
+
+def _labels(ids: list[int], learned: list[bool], train_on_prompt: bool) -> list[int]:
+    labels = [t if (keep or train_on_prompt) else IGNORE_INDEX for t, keep in zip(ids, learned)]
+    if labels:
+        labels[0] = IGNORE_INDEX  # the first token (BOS) is never predicted from anything
+    return labels
+
+
+class _MistralTemplate(ChatTemplate):
+    """A conversation as pieces: token ids placed as they are, or text tokenized on its own."""
+
+    def _pieces(self, conv: Conversation, answer_last: bool) -> list[tuple[list[int] | str, bool]]:
+        raise NotImplementedError
+
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def _assemble(self, pieces_per_conv: list[list[tuple[list[int] | str, bool]]]):
+        texts = [p for pieces in pieces_per_conv for p, _ in pieces if isinstance(p, str)]
+        encoded = iter(self._tokenize(texts))
+        for pieces in pieces_per_conv:
+            ids, learned = [], []
+            for piece, keep in pieces:
+                tokens = next(encoded) if isinstance(piece, str) else piece
+                ids += tokens
+                learned += [keep] * len(tokens)
+            yield ids, learned
+
+    def encode(self, conversations, train_on_prompt=False):
+        pieces = [self._pieces(_as_conversation(c), answer_last=True) for c in conversations]
+        return [(ids, _labels(ids, learned, train_on_prompt)) for ids, learned in self._assemble(pieces)]
+
+    def generation_ids(self, conversation):
+        (ids, _), = self._assemble([self._pieces(_as_conversation(conversation), answer_last=False)])
+        return ids
+
+
+class MistralV1Template(_MistralTemplate):
+    name = "mistral-v1"
+
+    def _pieces(self, conv, answer_last):
+        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        pieces: list[tuple[list[int] | str, bool]] = [([bos], False)]
+        for i, (prompt, answer) in enumerate(conv):
+            if i == 0 and conv.system:
+                prompt = f"{conv.system}\n\n{prompt}"
+            pieces.append((f"[INST] {prompt} [/INST]", False))
+            if answer_last or i < len(conv) - 1:
+                pieces += [(answer, True), ([eos], True)]
+        return pieces
+
+
+class MistralV3Template(_MistralTemplate):
+    name = "mistral-v3"
+
+    def __init__(self, tokenizer, reason: str = ""):
+        super().__init__(tokenizer, reason)
+        self.begin_inst, self.end_inst = tokenizer.convert_tokens_to_ids(_V3_CONTROL[1])
+
+    def _pieces(self, conv, answer_last):
+        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        pieces: list[tuple[list[int] | str, bool]] = [([bos], False)]
+        last = len(conv) - 1
+        for i, (prompt, answer) in enumerate(conv):
+            if i == last and conv.system:
+                prompt = f"{conv.system}\n\n{prompt}"
+            pieces += [([self.begin_inst], False), (prompt, False), ([self.end_inst], False)]
+            if answer_last or i < last:
+                pieces += [(answer.rstrip(" "), True), ([eos], True)]
+        return pieces
+
+
+class JinjaTemplate(ChatTemplate):
+    """The checkpoint's chat template, through `apply_chat_template`."""
+
+    name = "tokenizer"
+
+    def __init__(self, tokenizer, source: str, reason: str = ""):
+        super().__init__(tokenizer, reason)
+        self.source = source
+        self.marked = bool(_GENERATION_BLOCK.search(source))
+        if not getattr(tokenizer, "is_fast", False):
+            raise UserError(f"data.template=tokenizer needs a fast tokenizer (tokenizer.json) to map its chat "
+                            f"template's text to tokens; {_name(tokenizer)} is not one")
+        specials = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values()
+                                                        if t.special}
+        self._end_tokens = sorted((s for s in specials if s), key=len, reverse=True)
+        self._end_ids: list[int] = []
+        self._check_marks()
+
+    def fingerprint(self) -> str:
+        return f"tokenizer:{hashlib.sha256(self.source.encode()).hexdigest()[:16]}"
+
+    def _refuse(self, detail: str) -> UserError:
+        return UserError(
+            f"data.template=tokenizer: the chat template of {_name(self.tokenizer)} cannot mark the assistant "
+            f"turns ({detail}); wrap each assistant message's content in {{% generation %}}...{{% endgeneration %}} "
+            "or set data.template to mistral-v1 or mistral-v3")
+
+    @staticmethod
+    def _messages(conv: Conversation, answer_last: bool = True) -> list[dict]:
+        messages = [{"role": "system", "content": conv.system}] if conv.system else []
+        for i, (prompt, answer) in enumerate(conv):
+            messages.append({"role": "user", "content": prompt})
+            if answer_last or i < len(conv) - 1:
+                messages.append({"role": "assistant", "content": answer})
+        return messages
+
+    def _render(self, conversations: list[list[dict]], add_generation_prompt: bool, **kwargs):
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(conversations, add_generation_prompt=add_generation_prompt,
+                                                      **kwargs)
+        except TemplateError as exc:
+            raise UserError(f"data.template=tokenizer: the chat template of {_name(self.tokenizer)} refused a "
+                            f"conversation: {exc}") from None
+
+    def _check_marks(self) -> None:
+        """Refuse now, before any data, a template whose assistant turns cannot be told apart."""
+        ids, learned = self._encode_marked([_PROBE]) if self.marked else self._encode_separable([_PROBE])
+        if not any(learned[0]):
+            raise self._refuse("its {% generation %} blocks mark no token")
+        # The end-of-turn token: the special token right after an answer, if the template puts one there.
+        last = max(i for i, keep in enumerate(learned[0]) if keep)
+        end = ids[0][last]
+        if end in self.tokenizer.all_special_ids and end != self.tokenizer.eos_token_id:
+            self._end_ids = [end]
+
+    def stop_token_ids(self) -> list[int]:
+        return [self.tokenizer.eos_token_id, *self._end_ids]
+
+    def _encode_marked(self, convs: list[Conversation]) -> tuple[list[list[int]], list[list[bool]]]:
+        out = self._render([self._messages(c) for c in convs], False, tokenize=True, return_dict=True,
+                           return_assistant_tokens_mask=True)
+        return list(out["input_ids"]), [[bool(m) for m in mask] for mask in out["assistant_masks"]]
+
+    def _separate(self, conv: Conversation, before: list[str], upto: list[str]) -> list[tuple[int, int]]:
+        """Character spans of the learned text in the last of `upto` (the whole conversation)."""
+        full = upto[-1]
+        spans = []
+        for (_, answer), head, text in zip(conv, before, upto):
+            if not text.startswith(head) or not full.startswith(text):
+                raise self._refuse("rendering a conversation turn by turn does not extend the previous rendering, "
+                                   "and there is no {% generation %} block")
+            start = text.find(answer, len(head)) if answer else -1
+            if start < 0:
+                raise self._refuse("an answer's text is not where the next rendering adds it, and there is no "
+                                   "{% generation %} block")
+            end = start + len(answer)
+            for token in self._end_tokens:
+                if text.startswith(token, end):
+                    end += len(token)
+                    break
+            spans.append((start, end))
+        return spans
+
+    def _encode_separable(self, convs: list[Conversation]) -> tuple[list[list[int]], list[list[bool]]]:
+        heads, upto = [], []
+        for conv in convs:
+            messages = self._messages(conv)
+            offset = 1 if conv.system else 0
+            for i in range(len(conv)):
+                heads.append(messages[:offset + 2 * i + 1])
+                upto.append(messages[:offset + 2 * i + 2])
+        heads_text = self._render(heads, True, tokenize=False)
+        upto_text = self._render(upto, False, tokenize=False)
+        texts, spans, k = [], [], 0
+        for conv in convs:
+            n = len(conv)
+            spans.append(self._separate(conv, heads_text[k:k + n], upto_text[k:k + n]))
+            texts.append(upto_text[k + n - 1])
+            k += n
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        learned = [_overlap(offsets, s) for offsets, s in zip(enc["offset_mapping"], spans)]
+        return list(enc["input_ids"]), learned
+
+    def encode(self, conversations, train_on_prompt=False):
+        convs = [_as_conversation(c) for c in conversations]
+        if not convs:
+            return []
+        ids, learned = self._encode_marked(convs) if self.marked else self._encode_separable(convs)
+        return [(i, _labels(i, keep, train_on_prompt)) for i, keep in zip(ids, learned)]
+
+    def generation_ids(self, conversation):
+        messages = self._messages(_as_conversation(conversation), answer_last=False)
+        return list(self._render([messages], True, tokenize=True, return_dict=False)[0])
+
+
+def _overlap(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
+    """Tokens whose characters overlap a span (the rule of apply_chat_template's assistant mask)."""
+    learned, k = [], 0
+    for start, end in offsets:
+        while k < len(spans) and start >= spans[k][1]:
+            k += 1
+        learned.append(k < len(spans) and end > spans[k][0])
+    return learned
