@@ -49,7 +49,7 @@ def test_bench_repeats_report_the_median_pass(tmp_path):
     report = run_bench(_small_opts(tmp_path, recipes=["packed+sdpa"], repeats=3))
     (r,) = report["results"]
     assert len(r["repeat_tokens_per_second"]) == 3
-    assert r["tokens_per_second"] == pytest.approx(sorted(r["repeat_tokens_per_second"])[1], rel=1e-3)
+    assert r["tokens_per_second"] == pytest.approx(sorted(r["repeat_tokens_per_second"])[1], rel=1e-3, abs=0.05)
     assert "timed 3 times (median)" in format_report(report)
 
 
