@@ -130,8 +130,8 @@ class DataSection(_Section):
     num_proc: Union[Literal["auto"], int] = _key(
         "auto", "Processes that tokenize (datasets' map); `auto` is one per CPU core.")
     cache_dir: str | None = _key(
-        None, "Where tokenized data is cached; null is $MISTRAL_QLORA_CACHE/data (else "
-        "~/.cache/mistral-qlora/data).")
+        None, "Where tokenized data is cached; null is $MISTRAL_QLORA_DATA_CACHE, else "
+        "$MISTRAL_QLORA_CACHE/data, else ~/.cache/mistral-qlora/data.")
 
     @field_validator("train", "eval")
     @classmethod

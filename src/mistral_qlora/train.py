@@ -92,7 +92,7 @@ def validate(cfg: RunConfig, rt: Runtime, overwrite: bool, force: bool) -> RunIn
     model_config = load_model_config(model_path, cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.model.revision)
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed, cfg.eval.samples)
-    fingerprint = checkpoints.run_fingerprint(cfg, data.train, rt.world_size)
+    fingerprint = checkpoints.run_fingerprint(cfg, data.digest, rt.world_size)
     resume_from = checkpoints.find_resume_checkpoint(cfg, fingerprint, overwrite, force, warn=log)
     return RunInputs(model_path, model_config, tokenizer, data, fingerprint, resume_from)
 

@@ -68,6 +68,18 @@ class PreparedData:
             return None
         return packing_efficiency(self.train_stats.lengths, self.packed_rows, self.tokens_per_row)
 
+    def answer_tokens(self) -> int:
+        """Tokens of the training set that carry a label (the first of each record never does)."""
+        if self.train is None:
+            return 0
+        import pyarrow.compute as pc
+
+        total = 0
+        for batch in self.train.with_format("arrow", columns=["labels"]).iter(batch_size=65536):
+            flat = pc.list_flatten(pc.list_slice(batch["labels"], 1))
+            total += len(flat) - int(pc.sum(pc.equal(flat, -100)).as_py() or 0)
+        return total
+
     def train_dataset(self):
         if self.stream is not None:
             return self.stream
@@ -183,12 +195,6 @@ def prepare_data(cfg: DataSection, tokenizer, seed: int, n_samples: int = 0) -> 
         train_parts.append(tok)
         sources.append(SourceStats(opened.name, spec.weight, tok.records, tok.kept, int(_lengths(tok.dataset).sum()),
                                    _truncated(tok.dataset), tok.dropped, from_cache=tok.from_cache))
-    for i, spec in enumerate(eval_specs):
-        opened = open_source(spec, cfg, i, "eval")
-        eval_raw.append((opened, opened.table))
-        tok, _ = _tokenize_part(opened, opened.table, {"part": "eval"}, cfg, tokenizer, tok_sig, f"{opened.name} (eval)")
-        eval_parts.append(tok)
-
     weights = [s.weight for s in sources]
     train, source_of_row = mix_tables([p.dataset for p in train_parts], weights, seed)
     lengths = _lengths(train)
@@ -199,23 +205,36 @@ def prepare_data(cfg: DataSection, tokenizer, seed: int, n_samples: int = 0) -> 
     train_stats = _stats(sum(p.records for p in train_parts), sum(s.truncated for s in sources), lengths)
     train_stats.dropped = sum(s.dropped for s in sources)
 
-    if eval_parts:
-        from datasets import concatenate_datasets
-
-        eval_set = concatenate_datasets([p.dataset for p in eval_parts]) if len(eval_parts) > 1 else eval_parts[0].dataset
-        eval_stats = _stats(sum(p.records for p in eval_parts), _truncated(eval_set), _lengths(eval_set))
-        eval_set = eval_set.select_columns(["input_ids", "labels", "length"])
-    else:
-        eval_set, eval_stats = [], TokenizeStats()
+    eval_data, eval_stats, prompts, _ = eval_set(eval_specs, cfg, tokenizer, tok_sig, n_samples, eval_raw, eval_parts)
 
     rows = None
     if cfg.packing:
         check_row_budget(cfg)
         rows = pack_best_fit_decreasing(train_stats.lengths, cfg.tokens_per_row, seed)
     digest = hashlib.sha256(json.dumps({"tokens": keys, "weights": weights, "seed": seed}).encode()).hexdigest()
-    prompts = _first_prompts(eval_raw, tokenizer, cfg, n_samples) if n_samples else []
-    return PreparedData(train.select_columns(["input_ids", "labels", "length"]), eval_set, train_stats, eval_stats,
+    return PreparedData(train.select_columns(["input_ids", "labels", "length"]), eval_data, train_stats, eval_stats,
                         prompts, rows, cfg.tokens_per_row, digest, sources)
+
+
+def eval_set(eval_specs, cfg: DataSection, tokenizer, tok_sig: str, n_samples: int, raw=(), parts=()):
+    """(eval table, its stats, the first n_samples prompts, cache keys): the held-out parts of the
+    training sources (`raw`, `parts`) followed by every record of every data.eval source."""
+    raw, parts, keys = list(raw), list(parts), []
+    for i, spec in enumerate(eval_specs):
+        opened = open_source(spec, cfg, i, "eval")
+        raw.append((opened, opened.table))
+        tok, key = _tokenize_part(opened, opened.table, {"part": "eval"}, cfg, tokenizer, tok_sig,
+                                  f"{opened.name} (eval)")
+        parts.append(tok)
+        keys.append(key)
+    prompts = _first_prompts(raw, tokenizer, cfg, n_samples) if n_samples else []
+    if not parts:
+        return [], TokenizeStats(), prompts, keys
+    from datasets import concatenate_datasets
+
+    table = concatenate_datasets([p.dataset for p in parts]) if len(parts) > 1 else parts[0].dataset
+    stats = _stats(sum(p.records for p in parts), _truncated(table), _lengths(table))
+    return table.select_columns(["input_ids", "labels", "length"]), stats, prompts, keys
 
 
 def check_row_budget(cfg: DataSection) -> None:

@@ -41,6 +41,8 @@ NOT_TOKEN_SETTINGS = {"train", "eval", "eval_fraction", "packing", "tokens_per_r
 def cache_root(data_cfg) -> Path:
     if data_cfg.cache_dir:
         return Path(data_cfg.cache_dir).expanduser()
+    if os.environ.get("MISTRAL_QLORA_DATA_CACHE"):
+        return Path(os.environ["MISTRAL_QLORA_DATA_CACHE"])
     return Path(os.environ.get("MISTRAL_QLORA_CACHE", Path.home() / ".cache" / "mistral-qlora")) / "data"
 
 

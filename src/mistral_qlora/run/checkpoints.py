@@ -159,17 +159,15 @@ def check_fingerprint(ckpt: Path, current: dict, force: bool, warn) -> None:
     warn(f"resuming {ckpt} although the run changed ({detail}) because of --force")
 
 
-def run_fingerprint(cfg: RunConfig, train_examples: list[dict], world_size: int) -> dict:
-    """What a checkpoint must agree with to be resumed: model and LoRA shape, data, batch geometry."""
-    h = hashlib.sha256()
-    for ex in train_examples:
-        h.update(json.dumps([ex["input_ids"], ex["labels"]]).encode())
+def run_fingerprint(cfg: RunConfig, data_digest: str, world_size: int) -> dict:
+    """What a checkpoint must agree with to be resumed: model and LoRA shape, data (the digest of
+    its tokens: data.PreparedData.digest), batch geometry."""
     return {
         "model": cfg.model.name_or_path,
         "revision": cfg.model.revision,
         "quantization": cfg.quantization.model_dump(),
         "lora": {"r": cfg.lora.r, "target_modules": cfg.lora.target_modules},
-        "data": h.hexdigest(),
+        "data": data_digest,
         "packing": cfg.data.tokens_per_row if cfg.data.packing else None,
         "micro_batch_size": cfg.train.micro_batch_size,
         "grad_accum": cfg.train.grad_accum,
