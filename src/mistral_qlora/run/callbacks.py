@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import threading
@@ -20,6 +21,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from mistral_qlora.data.stream import POSITION_FILE as STREAM_POSITION
+from mistral_qlora.files import atomic_write_text
 from mistral_qlora.flops import mfu
 from mistral_qlora.model.adapter import check_adapter
 from mistral_qlora.model.generate import generate_answers
@@ -107,6 +110,22 @@ class CheckpointCommitCallback(TrainerCallback):
         else:
             self.last_committed = Path(args.output_dir).parent / staged.name
         barrier()  # nobody moves on (or exits) before the checkpoint is in place
+
+
+class StreamPositionCallback(TrainerCallback):
+    """Streaming: each checkpoint records where the stream is (data/stream.py), as `stream.json`,
+    before the commit seals it. Every optimizer step consumes `rows_per_step` rows of the stream
+    (micro-batch x accumulation x processes), whatever the data loader has read ahead."""
+
+    def __init__(self, stream, rows_per_step: int):
+        self.stream = stream
+        self.rows_per_step = rows_per_step
+
+    def on_save(self, args, state, control, **kwargs):
+        staged = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and staged.is_dir():
+            position = self.stream.position_at(state.global_step * self.rows_per_step)
+            atomic_write_text(staged / STREAM_POSITION, json.dumps(position))
 
 
 class PreemptionCallback(TrainerCallback):

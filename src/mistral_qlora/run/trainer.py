@@ -12,7 +12,8 @@ from mistral_qlora.config import RunConfig
 from mistral_qlora.data import PreparedData
 from mistral_qlora.model.attention import TAKES_CU_SEQLENS
 from mistral_qlora.run.callbacks import (AdapterCheckCallback, CheckpointCommitCallback, CompletedCheckpointCallback,
-                                         DivergenceCallback, PreemptionCallback, SamplesCallback, ThroughputCallback)
+                                         DivergenceCallback, PreemptionCallback, SamplesCallback, StreamPositionCallback,
+                                         ThroughputCallback)
 from mistral_qlora.run.checkpoints import staging_root
 from mistral_qlora.runtime import Runtime, log
 
@@ -62,6 +63,11 @@ def training_arguments(cfg: RunConfig, rt: Runtime, has_eval: bool, deepspeed: P
         deepspeed=str(deepspeed) if deepspeed is not None else None,
         ddp_find_unused_parameters=False,  # every LoRA parameter takes part in every step
         log_on_each_node=False,  # one log, from global rank 0
+        # Streaming: the stream itself resumes at the checkpoint's position (data/stream.py), so
+        # the Trainer must not skip batches again; every process reads the stream and keeps its own
+        # share of the batches (rows of different lengths cannot be dispatched from one process).
+        ignore_data_skip=cfg.data.streaming,
+        accelerator_config={"dispatch_batches": False} if cfg.data.streaming else None,
     )
 
 
@@ -74,14 +80,17 @@ class RunCallbacks:
     preemption: PreemptionCallback
     divergence: DivergenceCallback
     commit: CheckpointCommitCallback
+    stream: StreamPositionCallback | None = None
 
     def ordered(self) -> list:
         # Order matters: a resumed run that is already complete stops after the samples and before
         # anything else starts (signal handlers, timers); the samples' time is not counted as
         # training; divergence runs after preemption so a NaN can veto the save it asks for; the
         # adapter check runs before the commit seals the checkpoint.
+        # The stream's position is written into the checkpoint before the commit seals it.
+        stream = [self.stream] if self.stream is not None else []
         return [self.samples, CompletedCheckpointCallback(), self.throughput, self.preemption, self.divergence,
-                AdapterCheckCallback(), self.commit]
+                AdapterCheckCallback(), *stream, self.commit]
 
 
 def build_trainer(cfg: RunConfig, rt: Runtime, args, model, tokenizer, data: PreparedData, attention: str,
@@ -97,6 +106,8 @@ def build_trainer(cfg: RunConfig, rt: Runtime, args, model, tokenizer, data: Pre
         preemption=PreemptionCallback(log=log),
         divergence=DivergenceCallback(),
         commit=CheckpointCommitCallback(fingerprint, cfg.train.keep_checkpoints),
+        stream=StreamPositionCallback(data.stream, cfg.train.micro_batch_size * cfg.train.grad_accum * rt.world_size)
+        if data.stream is not None else None,
     )
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(cfg.output_dir) / "tensorboard")
     trainer = Trainer(
