@@ -25,6 +25,7 @@ from mistral_qlora.config import DataSection
 from mistral_qlora.data.collator import PackedCollator, PackedRows, PaddedCollator
 from mistral_qlora.data.mix import mix_tables
 from mistral_qlora.data.packing import pack_best_fit_decreasing, packing_efficiency
+from mistral_qlora.data.stream import open_streams
 from mistral_qlora.data.sources import (needed_columns, open_table, resolve, source_form, source_list,
                                         table_signature)
 from mistral_qlora.data.tokenize import TokenizeStats
@@ -162,8 +163,6 @@ def _first_prompts(parts: list[tuple[_Opened, object]], tokenizer, cfg: DataSect
 def prepare_data(cfg: DataSection, tokenizer, seed: int, n_samples: int = 0) -> PreparedData:
     train_specs, eval_specs = source_list(cfg.train), source_list(cfg.eval)
     if cfg.streaming:
-        from mistral_qlora.data.stream import prepare_stream
-
         return prepare_stream(cfg, tokenizer, seed, n_samples, train_specs, eval_specs)
     tok_sig = tokenizer_signature(tokenizer)
     hold_out = not eval_specs and cfg.eval_fraction > 0
@@ -243,3 +242,25 @@ def check_row_budget(cfg: DataSection) -> None:
             f"data.tokens_per_row ({cfg.tokens_per_row}) must be >= data.max_seq_len ({cfg.max_seq_len}) "
             "so every sequence fits in a row"
         )
+
+
+def prepare_stream(cfg: DataSection, tokenizer, seed: int, n_samples: int, train_specs, eval_specs) -> PreparedData:
+    """PreparedData whose training rows come from a stream.PackedStream; the eval set is a cached table."""
+    if not cfg.packing:
+        raise UserError("data.streaming packs rows as it reads; data.packing=false is not available with it")
+    if not eval_specs and cfg.eval_fraction > 0:
+        raise UserError("data.streaming cannot hold out data.eval_fraction of a stream; set data.eval to evaluation "
+                        "data, or data.eval_fraction=0 for none")
+    check_row_budget(cfg)
+    stream, identities = open_streams(train_specs, cfg, tokenizer, seed)
+    sample, _, _ = stream.scan(max_chunks=1)  # the first chunk: lengths for FLOPs and the summary
+    if not sample.lengths:
+        raise UserError(f"{train_specs[0].path}: no record of the stream's first {cfg.stream_buffer} fits "
+                        f"data.max_seq_len={cfg.max_seq_len}; raise data.max_seq_len or set data.overlong=truncate")
+    tok_sig = tokenizer_signature(tokenizer)
+    evals, eval_stats, prompts, _ = eval_set(eval_specs, cfg, tokenizer, tok_sig, n_samples)
+    key = cache_key({"stream": identities}, cfg, tok_sig)
+    digest = hashlib.sha256(json.dumps({"stream": key, "weights": stream.weights, "seed": seed,
+                                        "buffer": cfg.stream_buffer, "row": cfg.tokens_per_row}).encode()).hexdigest()
+    sources = [SourceStats(spec.path, spec.weight) for spec in train_specs]
+    return PreparedData(None, evals, sample, eval_stats, prompts, None, cfg.tokens_per_row, digest, sources, stream)

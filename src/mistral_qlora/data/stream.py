@@ -17,8 +17,6 @@ chunk and skip its used rows, so a resumed run sees exactly the rows an uninterr
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import random
 from array import array
 from collections import deque
@@ -30,7 +28,7 @@ from mistral_qlora.data.mix import Chooser
 from mistral_qlora.data.packing import pack_best_fit_decreasing
 from mistral_qlora.data.sources import needed_columns, open_stream, resolve, source_form
 from mistral_qlora.data.tokenize import TokenizeStats
-from mistral_qlora.data.tokenized import TokenizeBatch, cache_key, tokenizer_signature
+from mistral_qlora.data.tokenized import TokenizeBatch
 from mistral_qlora.errors import UserError
 
 POSITION_FILE = "stream.json"  # the stream position, inside a checkpoint
@@ -147,16 +145,8 @@ class PackedStream(torch.utils.data.IterableDataset):
         return stats, [tuple(c) for c in per_source], n_rows
 
 
-def prepare_stream(cfg: DataSection, tokenizer, seed: int, n_samples: int, train_specs, eval_specs):
-    """PreparedData whose training rows come from a PackedStream; the eval set is a cached table."""
-    from mistral_qlora.data.dataset import PreparedData, SourceStats, check_row_budget, eval_set
-
-    if not cfg.packing:
-        raise UserError("data.streaming packs rows as it reads; data.packing=false is not available with it")
-    if not eval_specs and cfg.eval_fraction > 0:
-        raise UserError("data.streaming cannot hold out data.eval_fraction of a stream; set data.eval to evaluation "
-                        "data, or data.eval_fraction=0 for none")
-    check_row_budget(cfg)
+def open_streams(train_specs, cfg: DataSection, tokenizer, seed: int) -> tuple[PackedStream, list[dict]]:
+    """The packed stream of the training sources, and what identifies each source."""
     streams, batchers, columns, identities = [], [], [], []
     for i, spec in enumerate(train_specs):
         res = resolve(spec)
@@ -172,14 +162,4 @@ def prepare_stream(cfg: DataSection, tokenizer, seed: int, n_samples: int, train
                            "columns": spec.columns, "split": spec.split, "subset": spec.subset,
                            "max_records": spec.max_records, "form": form})
     weights = [s.weight for s in train_specs]
-    stream = PackedStream(streams, batchers, columns, weights, seed, cfg.stream_buffer, cfg.tokens_per_row)
-    sample, counts, _ = stream.scan(max_chunks=1)  # the first chunk: lengths for FLOPs and the summary
-    if not sample.lengths:
-        raise UserError(f"{train_specs[0].path}: no record of the stream's first {cfg.stream_buffer} fits "
-                        f"data.max_seq_len={cfg.max_seq_len}; raise data.max_seq_len or set data.overlong=truncate")
-    evals, eval_stats, prompts, _ = eval_set(eval_specs, cfg, tokenizer, tokenizer_signature(tokenizer), n_samples)
-    key = cache_key({"stream": identities}, cfg, tokenizer_signature(tokenizer))
-    digest = hashlib.sha256(json.dumps({"stream": key, "weights": weights, "seed": seed,
-                                        "buffer": cfg.stream_buffer, "row": cfg.tokens_per_row}).encode()).hexdigest()
-    sources = [SourceStats(spec.path, spec.weight) for spec in train_specs]
-    return PreparedData(None, evals, sample, eval_stats, prompts, None, cfg.tokens_per_row, digest, sources, stream)
+    return PackedStream(streams, batchers, columns, weights, seed, cfg.stream_buffer, cfg.tokens_per_row), identities

@@ -58,8 +58,12 @@ def source_lines(data) -> list[str]:
 def describe_data(cfg: RunConfig, world_size: int = 1) -> str:
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.revision)
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed, n_samples=0)
-    if data.stream is not None:
-        data.stream.scan()  # one pass over the stream: what the mix draws and how it packs
+    stream_rows = None
+    if data.stream is not None:  # one pass over the stream: what the mix draws and how it packs
+        data.train_stats, per_source, stream_rows = data.stream.scan()
+        for s, (records, kept, tokens, truncated) in zip(data.sources, per_source):
+            s.records, s.kept, s.tokens, s.truncated, s.dropped = records, kept, tokens, truncated, records - kept
+            s.drawn, s.drawn_tokens = records, tokens
     ts, es = data.train_stats, data.eval_stats
     lengths = sorted(ts.lengths)
     answer_tokens = data.answer_tokens()
@@ -73,16 +77,17 @@ def describe_data(cfg: RunConfig, world_size: int = 1) -> str:
         f"kept: {ts.kept} train, {es.kept} eval; truncated: {ts.truncated + es.truncated}; "
         f"dropped: {ts.dropped + es.dropped} (data.max_seq_len={cfg.data.max_seq_len}, "
         f"data.overlong={cfg.data.overlong})",
-        f"train tokens: {ts.tokens:,} ({answer_tokens:,} in the loss, "
-        f"{'prompt and answer' if cfg.data.train_on_prompt else 'answers only'})",
+        f"train tokens: {ts.tokens:,} ("
+        + (f"{answer_tokens:,} in the loss, " if data.stream is None else "")
+        + f"{'prompt and answer' if cfg.data.train_on_prompt else 'answers only'})",
         f"length: min {lengths[0]}, median {_percentile(lengths, 0.5)}, p90 {_percentile(lengths, 0.9)}, "
         f"p99 {_percentile(lengths, 0.99)}, max {lengths[-1]}, mean {ts.tokens / len(lengths):.1f}",
         "length distribution (tokens: records):",
         *length_histogram(lengths),
     ]
-    if data.stream is not None:
-        lines.append(f"streaming: {data.stream.rows_seen:,} rows of {cfg.data.tokens_per_row} tokens per pass, "
-                     f"efficiency {ts.tokens / max(1, data.stream.rows_seen * cfg.data.tokens_per_row):.1%}; "
+    if stream_rows is not None:
+        lines.append(f"streaming: {stream_rows:,} rows of {cfg.data.tokens_per_row} tokens per pass, "
+                     f"efficiency {ts.tokens / max(1, stream_rows * cfg.data.tokens_per_row):.1%}; "
                      f"train.max_steps={cfg.train.max_steps}")
         return "\n".join(lines)
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
