@@ -70,7 +70,7 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
     peak = peak_flops(torch.cuda.get_device_name(rt.local_rank) if rt.device == "cuda" else None,
                       cfg.train.peak_tflops)
     trainer, callbacks = build_trainer(cfg, rt, args, model, inputs.tokenizer, inputs.data, plan.attention,
-                                       inputs.fingerprint, per_token, peak)
+                                       inputs.fingerprint, per_token, peak, inputs.resume_from)
     train(trainer, inputs.resume_from, rt)
     return finish(cfg, rt, plan, inputs, trainer, callbacks, model, per_token, started)
 

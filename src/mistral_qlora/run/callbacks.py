@@ -26,7 +26,7 @@ from mistral_qlora.files import atomic_write_text
 from mistral_qlora.flops import mfu
 from mistral_qlora.model.adapter import check_adapter
 from mistral_qlora.model.generate import generate_answers
-from mistral_qlora.run.checkpoints import commit, rotate
+from mistral_qlora.run.checkpoints import commit, restore_rng_state, rotate
 from mistral_qlora.runtime import any_rank, barrier
 
 
@@ -117,9 +117,17 @@ class StreamPositionCallback(TrainerCallback):
     before the commit seals it. Every optimizer step consumes `rows_per_step` rows of the stream
     (micro-batch x accumulation x processes), whatever the data loader has read ahead."""
 
-    def __init__(self, stream, rows_per_step: int):
+    def __init__(self, stream, rows_per_step: int, resume_from: Path | None = None):
         self.stream = stream
         self.rows_per_step = rows_per_step
+        self.resume_from = resume_from  # its random generators are restored before the first step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        # Where the Trainer restores them when it resumes by skipping batches: after the first
+        # batches of the resumed run are fetched, before the forward pass.
+        if self.resume_from is not None:
+            restore_rng_state(self.resume_from, args.world_size, args.process_index)
+            self.resume_from = None
 
     def on_save(self, args, state, control, **kwargs):
         staged = Path(args.output_dir) / f"checkpoint-{state.global_step}"

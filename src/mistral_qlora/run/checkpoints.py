@@ -202,3 +202,30 @@ def find_resume_checkpoint(cfg: RunConfig, fingerprint: dict, overwrite: bool, f
     if ckpt is not None:
         check_fingerprint(ckpt, fingerprint, force, warn=warn)
     return ckpt
+
+
+def restore_rng_state(ckpt: Path, world_size: int, process_index: int) -> bool:
+    """Set the Python, NumPy, torch and CUDA generators to a checkpoint's (the Trainer's own
+    `rng_state[_<rank>].pth`), as the Trainer does when it resumes by skipping batches. A
+    streaming run resumes without that skip (the stream starts at its position), so it restores
+    them itself before its first step. False when the checkpoint has no such file."""
+    import random
+
+    import numpy as np
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    path = ckpt / (f"rng_state_{process_index}.pth" if world_size > 1 else "rng_state.pth")
+    if not path.is_file():
+        return False
+    with safe_globals():
+        state = torch.load(path, weights_only=True)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.random.set_rng_state(state["cpu"])
+    if torch.cuda.is_available() and "cuda" in state:
+        if world_size > 1:
+            torch.cuda.random.set_rng_state_all(state["cuda"])
+        else:
+            torch.cuda.random.set_rng_state(state["cuda"])
+    return True
