@@ -126,8 +126,9 @@ def open_source(spec, cfg: DataSection, index: int, role: str) -> _Opened:
     return _Opened(table, form, res.name, spec.weight, identity)
 
 
-def _tokenize_part(opened: _Opened, table, part: dict, cfg: DataSection, tokenizer, tok_sig: str, what: str):
-    fn = TokenizeBatch(tokenizer, opened.form, opened.name, cfg)
+def _tokenize_part(opened: _Opened, table, part: dict, cfg: DataSection, tokenizer, tok_sig: str, what: str,
+                   record_ids=None):
+    fn = TokenizeBatch(tokenizer, opened.form, opened.name, cfg, record_ids)
     key = cache_key({**opened.identity, **part}, cfg, tok_sig)
     return tokenize_table(table, fn, key, cache_root(cfg), worker_count(cfg, len(table)), what), key
 
@@ -155,7 +156,7 @@ def _first_prompts(parts: list[tuple[_Opened, object]], tokenizer, cfg: DataSect
         if len(prompts) >= n:
             break
         take = table.select(range(min(n - len(prompts), len(table))))
-        convs = TokenizeBatch(tokenizer, opened.form, opened.name, cfg).conversations(take[:], 0)
+        convs = TokenizeBatch(tokenizer, opened.form, opened.name, cfg).conversations(take[:], list(range(len(take))))
         prompts += [conv[0][0] for conv in convs]
     return prompts
 
@@ -178,12 +179,13 @@ def prepare_data(cfg: DataSection, tokenizer, seed: int, n_samples: int = 0) -> 
                 eval_table = table.select(eval_idx)
                 eval_raw.append((opened, eval_table))
                 tok, key = _tokenize_part(opened, eval_table, {**split, "part": "eval"}, cfg, tokenizer, tok_sig,
-                                          f"{opened.name} (held out)")
+                                          f"{opened.name} (held out)", eval_idx)
                 eval_parts.append(tok)
             table = table.select(train_idx)
         else:
-            split = {}
-        tok, key = _tokenize_part(opened, table, {**split, "part": "train"}, cfg, tokenizer, tok_sig, opened.name)
+            split, train_idx = {}, None
+        tok, key = _tokenize_part(opened, table, {**split, "part": "train"}, cfg, tokenizer, tok_sig, opened.name,
+                                  train_idx)
         keys.append(key)
         if tok.kept == 0:
             raise UserError(

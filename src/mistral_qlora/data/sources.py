@@ -21,10 +21,12 @@ from pathlib import Path
 from mistral_qlora.config import DataSource
 from mistral_qlora.data.formats import FORM_KEYS, detect_format
 from mistral_qlora.data.load import _looks_like_jsonl, read_records
+from mistral_qlora.data.tokenized import datasets_quiet
 from mistral_qlora.errors import UserError
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 OPTIONAL_KEYS = {"instruction": ("input",)}  # read when present
+PROGRESS_BYTES = 64 * 2**20  # files at least this large show datasets' progress bar while converted
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -142,18 +144,19 @@ def open_table(res: Resolved, form: str, cache_dir: Path):
         except Exception as exc:  # pyarrow: a field with values of several types
             raise _diagnose(res, exc, form) from None
     elif res.kind == "files":
+        big = sum(os.path.getsize(f) for f in res.files) >= PROGRESS_BYTES
         try:
-            ds = datasets.load_dataset(res.builder, data_files=list(res.files), split="train",
-                                       cache_dir=str(cache_dir / "tables"))
+            with datasets_quiet(progress=big):
+                ds = datasets.load_dataset(res.builder, data_files=list(res.files), split="train",
+                                           cache_dir=str(cache_dir / "tables"))
         except Exception as exc:
             raise _diagnose(res, exc, form) from None
     elif res.kind == "folder":
         ds = _load_folder(res)
     else:
         try:
-            ds = datasets.load_dataset(spec.path, spec.subset, split=spec.split or "train")
-        except UserError:
-            raise
+            with datasets_quiet(progress=True):
+                ds = datasets.load_dataset(spec.path, spec.subset, split=spec.split or "train")
         except Exception as exc:
             raise _hub_error(res.name, exc) from None
     ds = _rename(ds, res)
@@ -170,12 +173,14 @@ def open_stream(res: Resolved, form: str):
 
     spec = res.spec
     if res.kind == "files":
-        ds = datasets.load_dataset(res.builder, data_files=list(res.files), split="train", streaming=True)
+        with datasets_quiet(progress=False):
+            ds = datasets.load_dataset(res.builder, data_files=list(res.files), split="train", streaming=True)
     elif res.kind == "folder":
         ds = _load_folder(res).to_iterable_dataset()
     else:
         try:
-            ds = datasets.load_dataset(spec.path, spec.subset, split=spec.split or "train", streaming=True)
+            with datasets_quiet(progress=False):
+                ds = datasets.load_dataset(spec.path, spec.subset, split=spec.split or "train", streaming=True)
         except Exception as exc:
             raise _hub_error(res.name, exc) from None
     names = ds.column_names

@@ -87,6 +87,7 @@ class PackedStream(torch.utils.data.IterableDataset):
                 src.load_state_dict(copy.deepcopy(state))
         iters = [iter(src) for src in sources]
         chunk_no = start["chunk"]
+        read = [0] * len(self.sources)  # records read from each source in this iteration (for error messages)
         states = start["sources"]  # before the first record is read, a source's state_dict is stale
         while True:
             mark = {"pass": pass_no, "chunk": chunk_no, "chooser": chooser.state(), "sources": copy.deepcopy(states)}
@@ -105,7 +106,8 @@ class PackedStream(torch.utils.data.IterableDataset):
                     counts.append((0, 0, 0, 0))
                     continue
                 batch = {c: [r.get(c) for r in records] for c in self.columns[s]}
-                out = self.batchers[s](batch, [0] * len(records))
+                out = self.batchers[s](batch, list(range(read[s], read[s] + len(records))))
+                read[s] += len(records)
                 examples += [{"input_ids": i, "labels": lab} for i, lab in zip(out["input_ids"], out["labels"])]
                 counts.append((len(records), len(out["length"]), sum(out["length"]), sum(out["truncated"])))
             tag = f"{self.seed}/{pass_no}/{chunk_no}"

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +33,30 @@ from mistral_qlora.files import atomic_write_text
 from mistral_qlora.runtime import log
 
 BATCH = 1000  # records per tokenizer call: large enough for the fast tokenizer's batch path
+PROGRESS_RECORDS = 50_000  # tables at least this large show datasets' progress bars
 CACHE_VERSION = 1
 # data settings that never change a record's tokens (everything else in DataSection does)
 NOT_TOKEN_SETTINGS = {"train", "eval", "eval_fraction", "packing", "tokens_per_row", "streaming", "stream_buffer",
                       "num_proc", "cache_dir"}
+
+
+@contextmanager
+def datasets_quiet(progress: bool):
+    """datasets' own logging off (its errors are reported as our one line), and its progress
+    bars only where the work is long enough to watch."""
+    import datasets
+
+    bars = datasets.utils.logging.is_progress_bar_enabled()
+    verbosity = datasets.utils.logging.get_verbosity()
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
+    if not progress:
+        datasets.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        datasets.utils.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.utils.logging.enable_progress_bar()
 
 
 def cache_root(data_cfg) -> Path:
@@ -59,15 +80,16 @@ class TokenizeBatch:
     column counts the truncated ones (its sum over a table is exact).
     """
 
-    def __init__(self, tokenizer, form: str, source: str, data_cfg):
+    def __init__(self, tokenizer, form: str, source: str, data_cfg, record_ids=None):
         self.tokenizer = tokenizer
         self.form = form
         self.source = source
         self.max_seq_len = data_cfg.max_seq_len
         self.overlong = data_cfg.overlong
         self.train_on_prompt = data_cfg.train_on_prompt
+        self.record_ids = record_ids  # the source's index of each row of a selected table (held-out split)
 
-    def conversations(self, batch: dict, first_index: int) -> list:
+    def conversations(self, batch: dict, indices: list[int]) -> list:
         keys = list(batch)
         records = [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
         try:
@@ -76,15 +98,17 @@ class TokenizeBatch:
             prefix = f"{self.source} record "
             text = str(exc)
             m = re.match(re.escape(prefix) + r"(\d+)", text)
-            if m:
-                text = f"{prefix}{first_index + int(m.group(1))}" + text[m.end():]
+            if m and int(m.group(1)) < len(indices):
+                row = indices[int(m.group(1))]
+                record = self.record_ids[row] if self.record_ids is not None else row
+                text = f"{prefix}{record}" + text[m.end():]
             raise UserError(text) from None
 
     def _tokenize(self, convs):
         return tokenize_conversations(convs, self.tokenizer, self.max_seq_len, self.overlong, self.train_on_prompt)
 
     def __call__(self, batch: dict, indices: list[int]) -> dict:
-        convs = self.conversations(batch, indices[0] if indices else 0)
+        convs = self.conversations(batch, indices)
         examples, stats = self._tokenize(convs)
         lengths = list(stats.lengths)
         # Truncated records are data.max_seq_len long; when a batch also holds records exactly
@@ -200,10 +224,11 @@ def _build(table, fn: TokenizeBatch, folder: Path, num_proc: int, what: str):
         # only compete with the other workers for the same cores.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
-        ds = table.map(fn, batched=True, batch_size=BATCH, with_indices=True,
-                       num_proc=num_proc if num_proc > 1 else None, remove_columns=table.column_names,
-                       features=features(), cache_file_name=str(staging / "part.arrow"),
-                       new_fingerprint=folder.name, desc=f"tokenizing {what}")
+        with datasets_quiet(progress=len(table) >= PROGRESS_RECORDS):
+            ds = table.map(fn, batched=True, batch_size=BATCH, with_indices=True,
+                           num_proc=num_proc if num_proc > 1 else None, remove_columns=table.column_names,
+                           features=features(), cache_file_name=str(staging / "part.arrow"),
+                           new_fingerprint=folder.name, desc=f"tokenizing {what}")
         files = [Path(c["filename"]) for c in ds.cache_files]
         manifest = {"records": len(table), "rows": len(ds),
                     "tokens": pc.sum(ds.data.column("length")).as_py() or 0,
