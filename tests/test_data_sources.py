@@ -259,3 +259,19 @@ def test_bench_data_on_a_tiny_size(tmp_path):
     assert all(r["peak_rss_gib"] > 0 and r["wall_s"] > 0 for r in results)
     assert sum(1 for _ in open(tmp_path / "qa-400.jsonl")) == 400
     assert "| first | qa-400.jsonl |" in table(results)
+
+
+@pytest.mark.slow
+def test_processes_starting_together_tokenize_once(tmp_path):
+    """Ranks (or runs) that prepare the same data at once: one builds the cache, the others read it."""
+    data = _jsonl(tmp_path / "a.jsonl", qa_records(1500, seed=9))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-m", "mistral_qlora", "prepare", str(ROOT / "configs/tiny.yaml"), "--set",
+           f"data.train={data}", "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.eval_fraction=0"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert sum("[cached]" in out for out, _ in outs) == 2  # the two that waited read what the first built
+    assert len([p for p in (tmp_path / "cache").glob("tokens-*") if p.is_dir()]) == 1
+    assert len({out.replace("  [cached]", "") for out, _ in outs}) == 1  # and all saw the same data
