@@ -25,12 +25,17 @@ from mistral_qlora.config import DataSection
 from mistral_qlora.data.collator import PackedCollator, PackedRows, PaddedCollator
 from mistral_qlora.data.mix import mix_tables
 from mistral_qlora.data.packing import pack_best_fit_decreasing, packing_efficiency
+from mistral_qlora.data.sources import needed_columns, open_table, resolve, source_form, source_list, table_signature
 from mistral_qlora.data.stream import open_streams
-from mistral_qlora.data.sources import (needed_columns, open_table, resolve, source_form, source_list,
-                                        table_signature)
 from mistral_qlora.data.tokenize import TokenizeStats
-from mistral_qlora.data.tokenized import TokenizeBatch, cache_key, cache_root, tokenize_table, tokenizer_signature, \
-    worker_count
+from mistral_qlora.data.tokenized import (
+    TokenizeBatch,
+    cache_key,
+    cache_root,
+    tokenize_table,
+    tokenizer_signature,
+    worker_count,
+)
 from mistral_qlora.errors import UserError
 
 

@@ -63,8 +63,8 @@ def baseline_prepare(path: str, tokenizer, data_cfg, seed: int) -> int:
     eval_convs = [convs[i] for i in sorted(order[:n_eval])]
     train_convs = [convs[i] for i in sorted(order[n_eval:])]
     args = (tokenizer, data_cfg.max_seq_len, data_cfg.overlong, data_cfg.train_on_prompt)
-    train, ts = tokenize_conversations(train_convs, *args)
-    eval_, es = tokenize_conversations(eval_convs, *args)
+    _, ts = tokenize_conversations(train_convs, *args)
+    _, es = tokenize_conversations(eval_convs, *args)
     pack_best_fit_decreasing(ts.lengths, data_cfg.tokens_per_row, seed)
     return ts.tokens + es.tokens
 
