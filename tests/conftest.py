@@ -31,6 +31,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _data_cache(tmp_path_factory):
+    """Tokenized data is cached in a folder of the test session (children inherit it), not in ~/.cache."""
+    if "MISTRAL_QLORA_DATA_CACHE" not in os.environ:
+        os.environ["MISTRAL_QLORA_DATA_CACHE"] = str(tmp_path_factory.mktemp("data-cache"))
+    yield
+
+
 QA = [
     ("What do plants need to make food?", "Plants need sunlight, water and carbon dioxide to make food in their leaves."),
     ("Which planet is closest to the Sun?", "Mercury is the planet closest to the Sun."),

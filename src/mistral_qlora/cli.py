@@ -8,6 +8,7 @@ traceback instead. Heavy imports (torch, transformers) happen inside the subcomm
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="its rendezvous port (default: $MASTER_PORT, else 29500 on several nodes, a free one on one)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("prepare", help="validate the data and print its statistics (writes nothing)")
+    p = sub.add_parser("prepare", help="validate and tokenize the data into its cache; print its statistics")
     _add_config_args(p)
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="training processes per node the run will use: steps per epoch count them (default 1)")
@@ -81,6 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     _add_bench_parser(sub)
+
+    p = sub.add_parser("bench-data", help="the data step's tokens/s and peak memory: list baseline, first "
+                       "prepare, cached, streaming (tools/bench_data.py)")
+    p.add_argument("--records", type=int, default=1_000_000, help="records of the generated file (default 1,000,000)")
+    p.add_argument("--baseline-records", type=int, default=200_000,
+                   help="its first N records for the list-based baseline (default 200,000)")
+    p.add_argument("--workdir", default="bench-data", help="where the files and the cache go (default ./bench-data)")
+    p.add_argument("--phases", default=",".join(("baseline", "first", "cached", "streaming")),
+                   help="comma-separated phases to run (default all)")
+    p.add_argument("--max-seq-len", type=int, default=4096, help="data.max_seq_len and data.tokens_per_row")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_bench_data)
 
     p = sub.add_parser("env", help="versions, GPUs, usable attention backends and kernels")
     p.set_defaults(func=cmd_env)
@@ -239,6 +252,26 @@ def cmd_prepare(args) -> int:
         raise UserError("--nproc and --nnodes must be at least 1")
     cfg = load_config(args.config, args.overrides)
     print(describe_data(cfg, world_size=args.nproc * args.nnodes))
+    return 0
+
+
+def cmd_bench_data(args) -> int:
+    from pathlib import Path
+
+    from mistral_qlora.files import atomic_write_text
+    from mistral_qlora.tools.bench_data import PHASES, bench_data, table
+
+    phases = _comma_list(args.phases)
+    unknown = [p for p in phases if p not in PHASES]
+    if unknown:
+        raise UserError(f"--phases: unknown phase '{unknown[0]}' (use {', '.join(PHASES)})")
+    if args.records < 1 or args.baseline_records < 1:
+        raise UserError("--records and --baseline-records must be at least 1")
+    results = bench_data(args.records, min(args.baseline_records, args.records), Path(args.workdir), phases,
+                         args.max_seq_len, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(table(results))
+    if args.json:
+        atomic_write_text(Path(args.json), json.dumps(results, indent=1))
     return 0
 
 

@@ -88,13 +88,30 @@ class LoraSection(_Section):
         "which ZeRO-3 always uses.")
 
 
+class DataSource(_Section):
+    """One source of records in a list under data.train or data.eval."""
+
+    path: str = _key(..., "A local JSON, JSONL, Parquet or CSV file, a glob of them, a folder written by "
+                     "`datasets`, or a hub dataset id (read through `datasets.load_dataset`).")
+    weight: float = _key(1.0, "Sampling ratio of this source in the training mix (relative to the other "
+                         "sources' weights).", gt=0, allow_inf_nan=False)
+    split: str | None = _key(None, "The split of a hub dataset or `datasets` folder; null takes `train`.")
+    subset: str | None = _key(None, "The configuration (subset) name of a hub dataset.")
+    columns: dict[str, str] = _key({}, "Our field names mapped to this source's columns, e.g. "
+                                   "`{prompt: question, response: answer}`.")
+    max_records: int | None = _key(None, "Read at most this many records of the source (its first ones).", ge=1)
+
+
 class DataSection(_Section):
     """What the run trains and evaluates on, and how it becomes rows."""
 
-    train: str = _key("dataset/story.json", "Training data: a JSON array, JSON Lines, Parquet file or a saved "
-                      "`datasets` folder (dataset/README.md shows the record forms).")
-    eval: str | None = _key(None, "Evaluation data in the same forms; null holds out `data.eval_fraction` of "
-                            "the training records.")
+    train: Union[str, list[DataSource]] = _key(
+        "dataset/story.json", "Training data: a path (JSON, JSONL, Parquet, CSV, a glob of them, a `datasets` "
+        "folder or a hub dataset id; dataset/README.md shows the record forms) or a list of sources "
+        "`{path, weight, split, subset, columns, max_records}` mixed by weight (docs/data.md).")
+    eval: Union[None, str, list[DataSource]] = _key(
+        None, "Evaluation data in the same forms (every record of every source, no weights); null holds out "
+        "`data.eval_fraction` of each training source.")
     eval_fraction: float = _key(0.1, "Share of the training records held out for evaluation when `data.eval` "
                                 "is null (chosen with train.seed); 0 for none.", ge=0, lt=1)
     format: Literal["auto", "text", "prompt_response", "instruction", "messages"] = _key(
@@ -116,6 +133,30 @@ class DataSection(_Section):
         "pads batches of train.micro_batch_size records instead (the baseline).")
     tokens_per_row: int = _key(512, "Tokens per packed row; at least data.max_seq_len. With packing, "
                                "train.micro_batch_size counts rows.", ge=16, le=1_048_576)
+    streaming: bool = _key(
+        False, "Read the training sources as streams (for data larger than RAM or disk): mixed, tokenized and "
+        "packed on the fly in a bounded buffer; needs train.max_steps, and data.eval or data.eval_fraction=0.")
+    stream_buffer: int = _key(2000, "Streaming: records tokenized and packed together; memory stays bounded by "
+                              "this many records.", ge=1, le=10_000_000)
+    num_proc: Union[Literal["auto"], int] = _key(
+        "auto", "Processes that tokenize (datasets' map); `auto` is one per CPU core.")
+    cache_dir: str | None = _key(
+        None, "Where tokenized data is cached; null is $MISTRAL_QLORA_DATA_CACHE, else "
+        "$MISTRAL_QLORA_CACHE/data, else ~/.cache/mistral-qlora/data.")
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _sources_not_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("a list of sources must name at least one source")
+        return v
+
+    @field_validator("num_proc")
+    @classmethod
+    def _num_proc_positive(cls, v):
+        if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+            raise ValueError("must be 'auto' or an integer >= 1")
+        return v
 
 
 class TrainSection(_Section):
@@ -282,6 +323,8 @@ def validate_config(raw: dict, source: str = "config") -> RunConfig:
         # Union types report one error per branch; keep the first per key so the line stays short.
         seen, parts = set(), []
         for err in errors:
+            if err["loc"][-1] == "str" and isinstance(err.get("input"), list):
+                continue  # a list of sources: the plain-path branch of the union says nothing useful
             text = _describe(err, known)
             key = text.split(":")[0]
             if key not in seen:

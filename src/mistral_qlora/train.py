@@ -14,6 +14,7 @@ train -> finish.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 
 from mistral_qlora.config import RunConfig
 from mistral_qlora.data import PreparedData, prepare_data
+from mistral_qlora.data.stream import POSITION_FILE as STREAM_POSITION
 from mistral_qlora.errors import Preempted, UserError
 from mistral_qlora.files import atomic_write_text
 from mistral_qlora.flops import flops_per_token, lora_target_names, peak_flops
@@ -69,7 +71,7 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
     peak = peak_flops(torch.cuda.get_device_name(rt.local_rank) if rt.device == "cuda" else None,
                       cfg.train.peak_tflops)
     trainer, callbacks = build_trainer(cfg, rt, args, model, inputs.tokenizer, inputs.data, plan.attention,
-                                       inputs.fingerprint, per_token, peak)
+                                       inputs.fingerprint, per_token, peak, inputs.resume_from)
     train(trainer, inputs.resume_from, rt)
     return finish(cfg, rt, plan, inputs, trainer, callbacks, model, per_token, started)
 
@@ -92,9 +94,17 @@ def validate(cfg: RunConfig, rt: Runtime, overwrite: bool, force: bool) -> RunIn
     model_path = resolve_model_path(cfg.model.name_or_path)
     model_config = load_model_config(model_path, cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.model.revision)
+    if cfg.data.streaming and cfg.train.max_steps <= 0:
+        raise UserError("data.streaming needs train.max_steps: a stream has no length to count epochs by")
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed, cfg.eval.samples)
-    fingerprint = checkpoints.run_fingerprint(cfg, data.train, rt.world_size)
+    fingerprint = checkpoints.run_fingerprint(cfg, data.digest, rt.world_size)
     resume_from = checkpoints.find_resume_checkpoint(cfg, fingerprint, overwrite, force, warn=log)
+    if data.stream is not None and resume_from is not None:
+        position = resume_from / STREAM_POSITION
+        if not position.is_file():
+            raise UserError(f"{resume_from}: no {STREAM_POSITION} (not saved by a streaming run); "
+                            "--overwrite starts again")
+        data.stream.resume(json.loads(position.read_text()))
     return RunInputs(model_path, model_config, tokenizer, data, fingerprint, resume_from)
 
 

@@ -16,9 +16,10 @@ from mistral_qlora.data.tokenize import IGNORE_INDEX
 
 
 class PackedRows(Dataset):
-    """Item i is the list of examples packed into row i."""
+    """Item i is the list of examples packed into row i. `examples` is a list of dicts or a
+    `datasets.Dataset` (memory-mapped Arrow), from which a row's examples are read in one take."""
 
-    def __init__(self, examples: list[dict], rows: list[list[int]]):
+    def __init__(self, examples, rows: list[list[int]]):
         self.examples = examples
         self.rows = rows
 
@@ -26,7 +27,10 @@ class PackedRows(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> list[dict]:
-        return [self.examples[j] for j in self.rows[i]]
+        if isinstance(self.examples, list):
+            return [self.examples[j] for j in self.rows[i]]
+        batch = self.examples[self.rows[i]]
+        return [{"input_ids": ids, "labels": labels} for ids, labels in zip(batch["input_ids"], batch["labels"])]
 
 
 class PackedCollator:

@@ -1,34 +1,75 @@
-"""The data step of a run: files -> validated conversations -> tokens -> train/eval sets.
+"""The data step of a run: sources -> validated, tokenized tables -> the train mix and the eval set.
 
-Everything here runs before anything is written, so a bad record stops the run with nothing
-half-done. `prepare_data` is what `train` and `prepare` both call.
+Everything here runs before anything is written to output_dir (only the data cache is written),
+so a bad record stops the run with nothing half-done. `prepare_data` is what `train` and
+`prepare` both call.
+
+Each source is opened as an Arrow table (sources.py), split into its train and held-out part when
+`data.eval` is null (the same seeded shuffle of record indices as a list would get), tokenized
+once into the cache (tokenized.py), and the train parts are mixed by weight (mix.py). The rows
+packed for training are lists of indices into the mixed table; nothing holds the records or
+tokens as Python lists, only the lengths. With `data.streaming` the train sources are streams
+instead (stream.py) and only the eval set is a table.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from mistral_qlora.config import DataSection
 from mistral_qlora.data.collator import PackedCollator, PackedRows, PaddedCollator
-from mistral_qlora.data.formats import Conversation, records_to_conversations
-from mistral_qlora.data.load import read_records
+from mistral_qlora.data.formats import Conversation
+from mistral_qlora.data.mix import mix_tables
 from mistral_qlora.data.packing import pack_best_fit_decreasing, packing_efficiency
+from mistral_qlora.data.sources import needed_columns, open_table, resolve, source_form, source_list, table_signature
+from mistral_qlora.data.stream import open_streams
 from mistral_qlora.data.templates import ChatTemplate, resolve_template
-from mistral_qlora.data.tokenize import TokenizeStats, tokenize_conversations
+from mistral_qlora.data.tokenize import TokenizeStats
+from mistral_qlora.data.tokenized import (
+    TokenizeBatch,
+    cache_key,
+    cache_root,
+    tokenize_table,
+    tokenizer_signature,
+    worker_count,
+)
 from mistral_qlora.errors import UserError
 
 
 @dataclass
+class SourceStats:
+    """One source as `prepare` reports it: records read, kept after tokenizing, drawn into the mix."""
+
+    name: str
+    weight: float
+    records: int = 0
+    kept: int = 0
+    tokens: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    drawn: int = 0
+    drawn_tokens: int = 0
+    from_cache: bool = False
+
+
+@dataclass
 class PreparedData:
-    train: list[dict]
-    eval: list[dict]
+    train: object  # datasets.Dataset (input_ids, labels, length) or None when streaming
+    eval: object  # datasets.Dataset (input_ids, labels, length); empty list when there is none
     train_stats: TokenizeStats
     eval_stats: TokenizeStats
     sample_prompts: list[Conversation]  # held-out first turns (system + prompt), for samples.md
     packed_rows: list[list[int]] | None  # rows of train example indices, when packing
     tokens_per_row: int
-    template: ChatTemplate  # what tokenized the data, and renders the prompts of samples
+    digest: str = ""  # what the tokens are: the cache keys and the mix (checkpoints compare it)
+    sources: list[SourceStats] = field(default_factory=list)
+    stream: object = None  # stream.PackedStream when data.streaming
+    template: ChatTemplate | None = None  # what tokenized the data, and renders the prompts of samples
 
     @property
     def packing_efficiency(self) -> float | None:
@@ -36,7 +77,21 @@ class PreparedData:
             return None
         return packing_efficiency(self.train_stats.lengths, self.packed_rows, self.tokens_per_row)
 
+    def answer_tokens(self) -> int:
+        """Tokens of the training set that carry a label (the first of each record never does)."""
+        if self.train is None:
+            return 0
+        import pyarrow.compute as pc
+
+        total = 0
+        for batch in self.train.with_format("arrow", columns=["labels"]).iter(batch_size=65536):
+            flat = pc.list_flatten(pc.list_slice(batch["labels"], 1))
+            total += len(flat) - int(pc.sum(pc.equal(flat, -100)).as_py() or 0)
+        return total
+
     def train_dataset(self):
+        if self.stream is not None:
+            return self.stream
         return PackedRows(self.train, self.packed_rows) if self.packed_rows is not None else self.train
 
     def eval_dataset(self, micro_batch_size: int = 1, seed: int = 0):
@@ -50,48 +105,185 @@ class PreparedData:
         return PackedRows(self.eval, rows)
 
     def collator(self, pad_token_id: int, with_cu_seqlens: bool = False):
-        if self.packed_rows is not None:
+        if self.packed_rows is not None or self.stream is not None:
             return PackedCollator(with_cu_seqlens=with_cu_seqlens)
         return PaddedCollator(pad_token_id)
 
 
-def _load_conversations(path: str, form: str) -> list[Conversation]:
-    return records_to_conversations(read_records(path), form, path)
+def held_out(n: int, fraction: float, seed) -> tuple[list[int], list[int]]:
+    """(train indices, eval indices), both sorted: a seeded shuffle, the first share held out."""
+    if fraction <= 0 or n < 2:
+        return list(range(n)), []
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(n * fraction))
+    return sorted(order[n_eval:]), sorted(order[:n_eval])
+
+
+@dataclass
+class _Opened:
+    """A source's table with its form and identity, before tokenizing."""
+
+    table: object
+    form: str
+    name: str
+    weight: float
+    identity: dict
+
+
+def open_source(spec, cfg: DataSection, index: int, role: str) -> _Opened:
+    res = resolve(spec)
+    table = open_table(res, cfg.format, cache_root(cfg))
+    first = table[0]
+    form = source_form(table.column_names, cfg.format, first, res.name)
+    table = table.select_columns(needed_columns(form, table.column_names))
+    signature = res.signature() if res.kind != "hub" else table_signature(table)
+    identity = {"role": role, "index": index, "source": signature, "hub": res.spec.path if res.kind == "hub" else None,
+                "split": spec.split, "subset": spec.subset, "columns": spec.columns, "max_records": spec.max_records,
+                "form": form, "records": len(table)}
+    return _Opened(table, form, res.name, spec.weight, identity)
+
+
+def _tokenize_part(opened: _Opened, table, part: dict, cfg: DataSection, tokenizer, tok_sig: str, what: str,
+                   record_ids=None):
+    fn = TokenizeBatch(tokenizer, opened.form, opened.name, cfg, record_ids)
+    key = cache_key({**opened.identity, **part}, cfg, tok_sig)
+    return tokenize_table(table, fn, key, cache_root(cfg), worker_count(cfg, len(table)), what), key
+
+
+def _lengths(table) -> np.ndarray:
+    if len(table) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.asarray(table.with_format("numpy", columns=["length"])["length"][:], dtype=np.int64)
+
+
+def _stats(records: int, truncated: int, lengths: np.ndarray) -> TokenizeStats:
+    return TokenizeStats(records=records, truncated=truncated, dropped=records - len(lengths),
+                         lengths=lengths.tolist())
+
+
+def _truncated(table) -> int:
+    if len(table) == 0:
+        return 0
+    return int(np.count_nonzero(table.with_format("numpy", columns=["truncated"])["truncated"][:]))
+
+
+def _first_prompts(parts: list[tuple[_Opened, object]], tokenizer, cfg: DataSection, n: int) -> list[Conversation]:
+    prompts: list[Conversation] = []
+    for opened, table in parts:
+        if len(prompts) >= n:
+            break
+        take = table.select(range(min(n - len(prompts), len(table))))
+        convs = TokenizeBatch(tokenizer, opened.form, opened.name, cfg).conversations(take[:], list(range(len(take))))
+        prompts += [Conversation(conv[:1], getattr(conv, "system", "")) for conv in convs]
+    return prompts
 
 
 def prepare_data(cfg: DataSection, tokenizer, seed: int, n_samples: int = 0) -> PreparedData:
-    template = resolve_template(cfg.template, tokenizer)
-    train_convs = _load_conversations(cfg.train, cfg.format)
-    if cfg.eval:
-        eval_convs = _load_conversations(cfg.eval, cfg.format)
-    elif cfg.eval_fraction > 0 and len(train_convs) > 1:
-        order = list(range(len(train_convs)))
-        random.Random(seed).shuffle(order)
-        n_eval = max(1, round(len(order) * cfg.eval_fraction))
-        eval_convs = [train_convs[i] for i in sorted(order[:n_eval])]
-        train_convs = [train_convs[i] for i in sorted(order[n_eval:])]
-    else:
-        eval_convs = []
+    template = resolve_template(cfg.template, tokenizer)  # a template that cannot work is refused before any data is read
+    train_specs, eval_specs = source_list(cfg.train), source_list(cfg.eval)
+    if cfg.streaming:
+        return prepare_stream(cfg, tokenizer, seed, n_samples, train_specs, eval_specs, template)
+    tok_sig = tokenizer_signature(tokenizer)
+    hold_out = not eval_specs and cfg.eval_fraction > 0
 
-    def tok(convs):
-        return tokenize_conversations(convs, tokenizer, cfg.max_seq_len, cfg.overlong, cfg.train_on_prompt,
-                                      template)
+    train_parts, eval_raw, eval_parts, sources, keys = [], [], [], [], []
+    for i, spec in enumerate(train_specs):
+        opened = open_source(spec, cfg, i, "train")
+        table = opened.table
+        if hold_out:
+            train_idx, eval_idx = held_out(len(table), cfg.eval_fraction, seed if i == 0 else f"{seed}/{i}")
+            split = {"held_out": [cfg.eval_fraction, seed, i]}
+            if eval_idx:
+                eval_table = table.select(eval_idx)
+                eval_raw.append((opened, eval_table))
+                tok, key = _tokenize_part(opened, eval_table, {**split, "part": "eval"}, cfg, tokenizer, tok_sig,
+                                          f"{opened.name} (held out)", eval_idx)
+                eval_parts.append(tok)
+            table = table.select(train_idx)
+        else:
+            split, train_idx = {}, None
+        tok, key = _tokenize_part(opened, table, {**split, "part": "train"}, cfg, tokenizer, tok_sig, opened.name,
+                                  train_idx)
+        keys.append(key)
+        if tok.kept == 0:
+            raise UserError(
+                f"{opened.name}: every one of {tok.records} training records is longer than "
+                f"data.max_seq_len={cfg.max_seq_len} tokens and was dropped; raise data.max_seq_len "
+                "or set data.overlong=truncate"
+            )
+        train_parts.append(tok)
+        sources.append(SourceStats(opened.name, spec.weight, tok.records, tok.kept, int(_lengths(tok.dataset).sum()),
+                                   _truncated(tok.dataset), tok.dropped, from_cache=tok.from_cache))
+    weights = [s.weight for s in sources]
+    train, source_of_row = mix_tables([p.dataset for p in train_parts], weights, seed)
+    lengths = _lengths(train)
+    drawn = np.bincount(source_of_row, minlength=len(sources))
+    drawn_tokens = np.bincount(source_of_row, weights=lengths, minlength=len(sources))
+    for s, d, t in zip(sources, drawn, drawn_tokens):
+        s.drawn, s.drawn_tokens = int(d), int(t)
+    train_stats = _stats(sum(p.records for p in train_parts), sum(s.truncated for s in sources), lengths)
+    train_stats.dropped = sum(s.dropped for s in sources)
 
-    train, train_stats = tok(train_convs)
-    eval_, eval_stats = tok(eval_convs)
-    if not train:
-        raise UserError(
-            f"{cfg.train}: every one of {train_stats.records} training records is longer than "
-            f"data.max_seq_len={cfg.max_seq_len} tokens and was dropped; raise data.max_seq_len "
-            "or set data.overlong=truncate"
-        )
+    eval_data, eval_stats, prompts, _ = eval_set(eval_specs, cfg, tokenizer, tok_sig, n_samples, eval_raw, eval_parts)
+
     rows = None
     if cfg.packing:
-        if cfg.tokens_per_row < cfg.max_seq_len:
-            raise UserError(
-                f"data.tokens_per_row ({cfg.tokens_per_row}) must be >= data.max_seq_len ({cfg.max_seq_len}) "
-                "so every sequence fits in a row"
-            )
+        check_row_budget(cfg)
         rows = pack_best_fit_decreasing(train_stats.lengths, cfg.tokens_per_row, seed)
-    prompts = [Conversation(conv[:1], getattr(conv, "system", "")) for conv in eval_convs[:n_samples]]
-    return PreparedData(train, eval_, train_stats, eval_stats, prompts, rows, cfg.tokens_per_row, template)
+    digest = hashlib.sha256(json.dumps({"tokens": keys, "weights": weights, "seed": seed}).encode()).hexdigest()
+    return PreparedData(train.select_columns(["input_ids", "labels", "length"]), eval_data, train_stats, eval_stats,
+                        prompts, rows, cfg.tokens_per_row, digest, sources, template=template)
+
+
+def eval_set(eval_specs, cfg: DataSection, tokenizer, tok_sig: str, n_samples: int, raw=(), parts=()):
+    """(eval table, its stats, the first n_samples prompts, cache keys): the held-out parts of the
+    training sources (`raw`, `parts`) followed by every record of every data.eval source."""
+    raw, parts, keys = list(raw), list(parts), []
+    for i, spec in enumerate(eval_specs):
+        opened = open_source(spec, cfg, i, "eval")
+        raw.append((opened, opened.table))
+        tok, key = _tokenize_part(opened, opened.table, {"part": "eval"}, cfg, tokenizer, tok_sig,
+                                  f"{opened.name} (eval)")
+        parts.append(tok)
+        keys.append(key)
+    prompts = _first_prompts(raw, tokenizer, cfg, n_samples) if n_samples else []
+    if not parts:
+        return [], TokenizeStats(), prompts, keys
+    from datasets import concatenate_datasets
+
+    table = concatenate_datasets([p.dataset for p in parts]) if len(parts) > 1 else parts[0].dataset
+    stats = _stats(sum(p.records for p in parts), _truncated(table), _lengths(table))
+    return table.select_columns(["input_ids", "labels", "length"]), stats, prompts, keys
+
+
+def check_row_budget(cfg: DataSection) -> None:
+    if cfg.tokens_per_row < cfg.max_seq_len:
+        raise UserError(
+            f"data.tokens_per_row ({cfg.tokens_per_row}) must be >= data.max_seq_len ({cfg.max_seq_len}) "
+            "so every sequence fits in a row"
+        )
+
+
+def prepare_stream(cfg: DataSection, tokenizer, seed: int, n_samples: int, train_specs, eval_specs,
+                   template: ChatTemplate | None = None) -> PreparedData:
+    """PreparedData whose training rows come from a stream.PackedStream; the eval set is a cached table."""
+    if not cfg.packing:
+        raise UserError("data.streaming packs rows as it reads; data.packing=false is not available with it")
+    if not eval_specs and cfg.eval_fraction > 0:
+        raise UserError("data.streaming cannot hold out data.eval_fraction of a stream; set data.eval to evaluation "
+                        "data, or data.eval_fraction=0 for none")
+    check_row_budget(cfg)
+    stream, identities = open_streams(train_specs, cfg, tokenizer, seed)
+    sample, _, _ = stream.scan(max_chunks=1)  # the first chunk: lengths for FLOPs and the summary
+    if not sample.lengths:
+        raise UserError(f"{train_specs[0].path}: no record of the stream's first {cfg.stream_buffer} fits "
+                        f"data.max_seq_len={cfg.max_seq_len}; raise data.max_seq_len or set data.overlong=truncate")
+    tok_sig = tokenizer_signature(tokenizer)
+    evals, eval_stats, prompts, _ = eval_set(eval_specs, cfg, tokenizer, tok_sig, n_samples)
+    key = cache_key({"stream": identities}, cfg, tok_sig)
+    digest = hashlib.sha256(json.dumps({"stream": key, "weights": stream.weights, "seed": seed,
+                                        "buffer": cfg.stream_buffer, "row": cfg.tokens_per_row}).encode()).hexdigest()
+    sources = [SourceStats(spec.path, spec.weight) for spec in train_specs]
+    return PreparedData(None, evals, sample, eval_stats, prompts, None, cfg.tokens_per_row, digest, sources, stream,
+                        template)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import threading
@@ -20,10 +21,12 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from mistral_qlora.data.stream import POSITION_FILE as STREAM_POSITION
+from mistral_qlora.files import atomic_write_text
 from mistral_qlora.flops import mfu
 from mistral_qlora.model.adapter import check_adapter
 from mistral_qlora.model.generate import generate_answers
-from mistral_qlora.run.checkpoints import commit, rotate
+from mistral_qlora.run.checkpoints import commit, restore_rng_state, rotate
 from mistral_qlora.runtime import any_rank, barrier
 
 
@@ -107,6 +110,30 @@ class CheckpointCommitCallback(TrainerCallback):
         else:
             self.last_committed = Path(args.output_dir).parent / staged.name
         barrier()  # nobody moves on (or exits) before the checkpoint is in place
+
+
+class StreamPositionCallback(TrainerCallback):
+    """Streaming: each checkpoint records where the stream is (data/stream.py), as `stream.json`,
+    before the commit seals it. Every optimizer step consumes `rows_per_step` rows of the stream
+    (micro-batch x accumulation x processes), whatever the data loader has read ahead."""
+
+    def __init__(self, stream, rows_per_step: int, resume_from: Path | None = None):
+        self.stream = stream
+        self.rows_per_step = rows_per_step
+        self.resume_from = resume_from  # its random generators are restored before the first step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        # Where the Trainer restores them when it resumes by skipping batches: after the first
+        # batches of the resumed run are fetched, before the forward pass.
+        if self.resume_from is not None:
+            restore_rng_state(self.resume_from, args.world_size, args.process_index)
+            self.resume_from = None
+
+    def on_save(self, args, state, control, **kwargs):
+        staged = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and staged.is_dir():
+            position = self.stream.position_at(state.global_step * self.rows_per_step)
+            atomic_write_text(staged / STREAM_POSITION, json.dumps(position))
 
 
 class PreemptionCallback(TrainerCallback):

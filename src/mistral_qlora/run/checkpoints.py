@@ -159,17 +159,15 @@ def check_fingerprint(ckpt: Path, current: dict, force: bool, warn) -> None:
     warn(f"resuming {ckpt} although the run changed ({detail}) because of --force")
 
 
-def run_fingerprint(cfg: RunConfig, train_examples: list[dict], world_size: int) -> dict:
-    """What a checkpoint must agree with to be resumed: model and LoRA shape, data, batch geometry."""
-    h = hashlib.sha256()
-    for ex in train_examples:
-        h.update(json.dumps([ex["input_ids"], ex["labels"]]).encode())
+def run_fingerprint(cfg: RunConfig, data_digest: str, world_size: int) -> dict:
+    """What a checkpoint must agree with to be resumed: model and LoRA shape, data (the digest of
+    its tokens: data.PreparedData.digest), batch geometry."""
     return {
         "model": cfg.model.name_or_path,
         "revision": cfg.model.revision,
         "quantization": cfg.quantization.model_dump(),
         "lora": {"r": cfg.lora.r, "target_modules": cfg.lora.target_modules},
-        "data": h.hexdigest(),
+        "data": data_digest,
         "packing": cfg.data.tokens_per_row if cfg.data.packing else None,
         "micro_batch_size": cfg.train.micro_batch_size,
         "grad_accum": cfg.train.grad_accum,
@@ -204,3 +202,30 @@ def find_resume_checkpoint(cfg: RunConfig, fingerprint: dict, overwrite: bool, f
     if ckpt is not None:
         check_fingerprint(ckpt, fingerprint, force, warn=warn)
     return ckpt
+
+
+def restore_rng_state(ckpt: Path, world_size: int, process_index: int) -> bool:
+    """Set the Python, NumPy, torch and CUDA generators to a checkpoint's (the Trainer's own
+    `rng_state[_<rank>].pth`), as the Trainer does when it resumes by skipping batches. A
+    streaming run resumes without that skip (the stream starts at its position), so it restores
+    them itself before its first step. False when the checkpoint has no such file."""
+    import random
+
+    import numpy as np
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    path = ckpt / (f"rng_state_{process_index}.pth" if world_size > 1 else "rng_state.pth")
+    if not path.is_file():
+        return False
+    with safe_globals():
+        state = torch.load(path, weights_only=True)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.random.set_rng_state(state["cpu"])
+    if torch.cuda.is_available() and "cuda" in state:
+        if world_size > 1:
+            torch.cuda.random.set_rng_state_all(state["cuda"])
+        else:
+            torch.cuda.random.set_rng_state(state["cuda"])
+    return True

@@ -35,8 +35,12 @@ def type_text(annotation) -> str:
         return " \\| ".join(type_text(a) for a in typing.get_args(annotation))
     if origin is list:
         return f"list of {type_text(typing.get_args(annotation)[0])}s"
+    if origin is dict:
+        return "mapping"
     if annotation is type(None):
         return "`null`"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "source"
     return {bool: "boolean", int: "integer", float: "number", str: "string"}.get(annotation, str(annotation))
 
 
@@ -55,6 +59,28 @@ def default_text(value) -> str:
     return f"`{yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}`"
 
 
+def _source_tables(name: str, section) -> list[str]:
+    """The keys of the items of keys that take a list of sub-sections (data.train's sources)."""
+    users: dict = {}
+    for key, sub in section.model_fields.items():
+        for arg in typing.get_args(sub.annotation):
+            for item in typing.get_args(arg) if typing.get_origin(arg) is list else ():
+                if isinstance(item, type) and issubclass(item, BaseModel):
+                    users.setdefault(item, []).append(f"`{name}.{key}`")
+    lines = []
+    for item, keys in users.items():
+        lines += [f"### A source (an item of {' or '.join(keys)})", "", (item.__doc__ or "").strip(), "",
+                  "| key | type | default | what it does |", "|---|---|---|---|"]
+        for leaf, f in item.model_fields.items():
+            kind = type_text(f.annotation)
+            bounds = range_text(f)
+            kind += f" ({bounds})" if bounds else ""
+            default = "required" if f.is_required() else default_text(f.default)
+            lines.append(f"| `{leaf}` | {kind} | {default} | {f.description} |")
+        lines.append("")
+    return lines
+
+
 def reference_markdown() -> str:
     lines = [HEADER]
     for name, field in RunConfig.model_fields.items():
@@ -68,6 +94,7 @@ def reference_markdown() -> str:
                 kind += f" ({bounds})" if bounds else ""
                 lines.append(f"| `{name}.{key}` | {kind} | {default_text(sub.default)} | {sub.description} |")
             lines.append("")
+            lines += _source_tables(name, section)
         else:
             lines += [f"## `{name}`", "", "| key | type | default | what it does |", "|---|---|---|---|",
                       f"| `{name}` | {type_text(field.annotation)} | {default_text(field.default)} | "

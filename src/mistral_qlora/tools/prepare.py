@@ -10,7 +10,6 @@ import math
 
 from mistral_qlora.config import RunConfig
 from mistral_qlora.data import prepare_data
-from mistral_qlora.data.tokenize import IGNORE_INDEX
 from mistral_qlora.model.base import resolve_model_path
 from mistral_qlora.model.tokenizer import load_tokenizer
 
@@ -41,27 +40,57 @@ def length_histogram(lengths: list[int], bins: int = 8, width: int = 40) -> list
     return lines
 
 
+def source_lines(data) -> list[str]:
+    """One line per training source: records read, kept, tokens, and what the mix drew of them."""
+    if not data.sources:
+        return []
+    total_drawn = sum(s.drawn for s in data.sources) or 1
+    total_weight = sum(s.weight for s in data.sources)
+    lines = ["sources (records read / kept, tokens kept, drawn into the mix: records, tokens, share of the mix "
+             "vs weight share):"]
+    for s in data.sources:
+        lines.append(f"  {s.name}: {s.records:,} / {s.kept:,} records, {s.tokens:,} tokens; drawn {s.drawn:,} "
+                     f"records, {s.drawn_tokens:,} tokens, {s.drawn / total_drawn:.1%} of the mix "
+                     f"(weight {s.weight / total_weight:.1%})" + ("  [cached]" if s.from_cache else ""))
+    return lines
+
+
 def describe_data(cfg: RunConfig, world_size: int = 1) -> str:
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.revision)
     data = prepare_data(cfg.data, tokenizer, cfg.train.seed, n_samples=0)
+    stream_rows = None
+    if data.stream is not None:  # one pass over the stream: what the mix draws and how it packs
+        data.train_stats, per_source, stream_rows = data.stream.scan()
+        for s, (records, kept, tokens, truncated) in zip(data.sources, per_source):
+            s.records, s.kept, s.tokens, s.truncated, s.dropped = records, kept, tokens, truncated, records - kept
+            s.drawn, s.drawn_tokens = records, tokens
     ts, es = data.train_stats, data.eval_stats
     lengths = sorted(ts.lengths)
-    answer_tokens = sum(sum(1 for label in ex["labels"][1:] if label != IGNORE_INDEX) for ex in data.train)
+    answer_tokens = data.answer_tokens()
+    train_text = cfg.data.train if isinstance(cfg.data.train, str) else f"{len(cfg.data.train)} sources"
+    eval_text = (cfg.data.eval if isinstance(cfg.data.eval, str) else f"{len(cfg.data.eval)} sources") \
+        if cfg.data.eval else f"{cfg.data.eval_fraction:.0%} held out"
     lines = [
-        f"data: {cfg.data.train}" + (f"  (eval: {cfg.data.eval})" if cfg.data.eval else
-                                     f"  (eval: {cfg.data.eval_fraction:.0%} held out)"),
+        f"data: {train_text}  (eval: {eval_text})" + ("  [streaming]" if cfg.data.streaming else ""),
         f"chat template: {data.template.describe()}",
+        *source_lines(data),
         f"records: {ts.records} train, {es.records} eval",
         f"kept: {ts.kept} train, {es.kept} eval; truncated: {ts.truncated + es.truncated}; "
         f"dropped: {ts.dropped + es.dropped} (data.max_seq_len={cfg.data.max_seq_len}, "
         f"data.overlong={cfg.data.overlong})",
-        f"train tokens: {ts.tokens:,} ({answer_tokens:,} in the loss, "
-        f"{'prompt and answer' if cfg.data.train_on_prompt else 'answers only'})",
+        f"train tokens: {ts.tokens:,} ("
+        + (f"{answer_tokens:,} in the loss, " if data.stream is None else "")
+        + f"{'prompt and answer' if cfg.data.train_on_prompt else 'answers only'})",
         f"length: min {lengths[0]}, median {_percentile(lengths, 0.5)}, p90 {_percentile(lengths, 0.9)}, "
         f"p99 {_percentile(lengths, 0.99)}, max {lengths[-1]}, mean {ts.tokens / len(lengths):.1f}",
         "length distribution (tokens: records):",
         *length_histogram(lengths),
     ]
+    if stream_rows is not None:
+        lines.append(f"streaming: {stream_rows:,} rows of {cfg.data.tokens_per_row} tokens per pass, "
+                     f"efficiency {ts.tokens / max(1, stream_rows * cfg.data.tokens_per_row):.1%}; "
+                     f"train.max_steps={cfg.train.max_steps}")
+        return "\n".join(lines)
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
     if data.packed_rows is not None:
         rows = len(data.packed_rows)

@@ -1,0 +1,176 @@
+"""`mistral-qlora bench-data`: how fast and how lean the data step is, phase by phase.
+
+It writes a prompt/response JSON Lines file of `--records` records (data/synthetic.py's
+lognormal lengths) and a file of its first `--baseline-records`, then runs each phase in a child
+process of its own and reports tokens, wall time, tokens/s and the peak resident memory of the
+child and its worker processes together (sampled with psutil):
+- `baseline`: the list-based data step the package had before the Arrow pipeline (read every record
+  into a list, convert, tokenize all at once, hold out, pack), on the baseline file;
+- `first`: `prepare_data` on the full file with an empty cache (tables, tokenizing map, packing);
+- `cached`: the same again, reading the cache;
+- `streaming`: one pass of the packed stream over the full file (`data.streaming`).
+Nothing here is a test: the numbers go in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+PHASES = ("baseline", "first", "cached", "streaming")
+CHUNK = 10_000  # records generated at a time
+
+
+def write_records(path: Path, n: int, seed: int = 0) -> None:
+    """n prompt/response records as JSON Lines, generated CHUNK at a time (bounded memory)."""
+    from mistral_qlora.data.synthetic import qa_records
+
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for k, start in enumerate(range(0, n, CHUNK)):
+            for rec in qa_records(min(CHUNK, n - start), seed=seed * 1_000_003 + k):
+                f.write(json.dumps(rec) + "\n")
+    os.replace(tmp, path)
+
+
+def head_lines(src: Path, dst: Path, n: int) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    with open(src, encoding="utf-8") as f, open(tmp, "w", encoding="utf-8") as out:
+        for i, line in enumerate(f):
+            if i >= n:
+                break
+            out.write(line)
+    os.replace(tmp, dst)
+
+
+def baseline_prepare(path: str, tokenizer, data_cfg, seed: int) -> int:
+    """The list-based data step as it was before the Arrow pipeline; returns the tokens kept."""
+    from mistral_qlora.data.formats import records_to_conversations
+    from mistral_qlora.data.load import read_records
+    from mistral_qlora.data.packing import pack_best_fit_decreasing
+    from mistral_qlora.data.tokenize import tokenize_conversations
+
+    convs = records_to_conversations(read_records(path), data_cfg.format, path)
+    order = list(range(len(convs)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(order) * data_cfg.eval_fraction))
+    eval_convs = [convs[i] for i in sorted(order[:n_eval])]
+    train_convs = [convs[i] for i in sorted(order[n_eval:])]
+    args = (tokenizer, data_cfg.max_seq_len, data_cfg.overlong, data_cfg.train_on_prompt)
+    _, ts = tokenize_conversations(train_convs, *args)
+    _, es = tokenize_conversations(eval_convs, *args)
+    pack_best_fit_decreasing(ts.lengths, data_cfg.tokens_per_row, seed)
+    return ts.tokens + es.tokens
+
+
+def run_phase(phase: str, path: str, cache: str, max_seq_len: int) -> dict:
+    """One phase, in this process (the child): {'tokens': ..., 'records': ...}."""
+    from mistral_qlora.config import load_config
+    from mistral_qlora.data import prepare_data
+    from mistral_qlora.model.base import resolve_model_path
+    from mistral_qlora.model.tokenizer import load_tokenizer
+
+    sets = [f"data.train={path}", f"data.max_seq_len={max_seq_len}", f"data.tokens_per_row={max_seq_len}",
+            f"data.cache_dir={cache}"]
+    if phase == "streaming":
+        sets += ["data.streaming=true", "data.eval_fraction=0"]
+    cfg = load_config(None, sets)
+    tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.revision)
+    if phase == "baseline":
+        return {"tokens": baseline_prepare(path, tokenizer, cfg.data, cfg.train.seed)}
+    data = prepare_data(cfg.data, tokenizer, cfg.train.seed)
+    if phase == "streaming":
+        tokens = rows = 0
+        for row in data.stream:
+            rows += 1
+            tokens += sum(len(ex["input_ids"]) for ex in row)
+        return {"tokens": tokens, "rows": rows}
+    return {"tokens": data.train_stats.tokens + data.eval_stats.tokens, "rows": len(data.packed_rows),
+            "from_cache": all(s.from_cache for s in data.sources)}
+
+
+def measure(phase: str, path: Path, cache: Path, max_seq_len: int) -> dict:
+    """Run a phase in a child process; its wall time and the peak of its process tree's RSS."""
+    import psutil
+
+    cmd = [sys.executable, "-m", "mistral_qlora.tools.bench_data", "--phase", phase, "--file", str(path),
+           "--cache", str(cache), "--max-seq-len", str(max_seq_len)]
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+
+    def sample():
+        parent = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                total = sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)])
+                peak[0] = max(peak[0], total)
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    out, err = proc.communicate()
+    wall = time.perf_counter() - started
+    watcher.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench-data phase {phase} failed ({proc.returncode}):\n{err[-3000:]}")
+    result = json.loads(out.strip().splitlines()[-1])
+    return {"phase": phase, "file": path.name, "wall_s": round(wall, 2), **result,
+            "tokens_per_s": round(result["tokens"] / wall), "peak_rss_gib": round(peak[0] / 2**30, 3)}
+
+
+def bench_data(records: int, baseline_records: int, workdir: Path, phases=PHASES, max_seq_len: int = 4096,
+               log=print) -> list[dict]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    full = workdir / f"qa-{records}.jsonl"
+    base = workdir / f"qa-{baseline_records}.jsonl"
+    if not full.exists():
+        log(f"writing {records:,} records to {full}")
+        write_records(full, records)
+    if "baseline" in phases and not base.exists():
+        head_lines(full, base, baseline_records)
+    cache = workdir / "cache"
+    if "first" in phases and cache.exists():
+        import shutil
+
+        shutil.rmtree(cache)
+    results = []
+    for phase in phases:
+        log(f"phase {phase} ...")
+        r = measure(phase, base if phase == "baseline" else full, cache, max_seq_len)
+        log(f"  {json.dumps(r)}")
+        results.append(r)
+    return results
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| phase | file | tokens | wall (s) | tokens/s | peak RSS (GiB) |", "|---|---|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['phase']} | {r['file']} | {r['tokens']:,} | {r['wall_s']:.1f} | {r['tokens_per_s']:,} | "
+                     f"{r['peak_rss_gib']:.2f} |")
+    return "\n".join(lines)
+
+
+def _child_main(argv: list[str]) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--phase", required=True, choices=PHASES)
+    p.add_argument("--file", required=True)
+    p.add_argument("--cache", required=True)
+    p.add_argument("--max-seq-len", type=int, default=4096)
+    a = p.parse_args(argv)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    print(json.dumps(run_phase(a.phase, a.file, a.cache, a.max_seq_len)))
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1:])
