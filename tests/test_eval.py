@@ -48,6 +48,7 @@ _PER_RECORD: dict = {}
 
 def _per_record(model, examples) -> tuple[float, float]:
     """(sum of answer-token losses / answer tokens, mean of per-record means), each record alone."""
+    examples = [{"input_ids": list(ex["input_ids"]), "labels": list(ex["labels"])} for ex in examples]  # table rows
     key = json.dumps(examples)
     if key in _PER_RECORD:  # the packed and unpacked cases share their eval records
         return _PER_RECORD[key]
