@@ -187,3 +187,21 @@ def test_strategies_run_train_itself_once_per_strategy(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--strategies", "zero4", "--out", str(tmp_path / "x.json")])
     assert exc.value.code == 2 and "strategies from single, ddp, zero2, zero3, zero3_offload" in capsys.readouterr().err
+
+
+def test_fast_path_variant_recipes(tmp_path):
+    """`fast`, `fast-rslora`, `fast-dora`: the fastest default recipe with each LoRA variant, in one
+    bench run (on the CPU the fastest is packed+sdpa); DoRA runs on PEFT's layer."""
+    from mistral_qlora.errors import UserError
+
+    assert B.expand_recipes(["fast", "fast-rslora", "fast-dora", "seed"], torch.float32) == \
+        ["packed+sdpa", "packed+sdpa+rslora", "packed+sdpa+dora", "seed"]
+    assert B.expand_recipes(["fast-dora"], torch.bfloat16)[0].endswith("+dora")
+    assert B.Recipe.parse("packed+varlen+liger+ckpt=auto+rslora").variant == "rslora"
+    with pytest.raises(UserError, match="rslora or dora"):
+        B.Recipe.parse("packed+sdpa+rslora+dora")
+    report = run_bench(_small_opts(tmp_path, recipes=["fast", "fast-rslora", "fast-dora"], repeats=1, timed_rows=1))
+    results = {r["variant"]: r for r in report["results"]}
+    assert [r["recipe"] for r in report["results"]] == ["packed+sdpa", "packed+sdpa+rslora", "packed+sdpa+dora"]
+    assert (results["lora"]["lora"], results["rslora"]["lora"], results["dora"]["lora"]) == ("fused", "fused", "peft")
+    assert all(r["tokens_per_second"] and r["error"] is None for r in results.values())
