@@ -198,8 +198,8 @@ def dora_run(tmp_path_factory):
     data = tmp / "qa.json"
     data.write_text(json.dumps(story_records(24)))
     cfg = load_config(ROOT / "configs/tiny.yaml", [
-        f"data.train={data}", "data.max_seq_len=64", "data.tokens_per_row=128", "train.max_steps=3",
-        "train.eval_steps=100", "eval.samples=0", "train.report_to=[none]", "lora.dora=true",
+        f"data.train={data}", "data.max_seq_len=64", "data.tokens_per_row=128", "train.max_steps=2",
+        "data.eval_fraction=0", "eval.samples=0", "train.report_to=[none]", "lora.dora=true",
         "lora.modules_to_save=[embed_tokens]", f"output_dir={tmp / 'run'}"])
     return run_training(cfg), tmp / "run" / "adapter"
 
@@ -254,3 +254,41 @@ def test_variant_adapters_load_merge_and_generate(which, request, tmp_path):
     model, tokenizer = load_for_generation(str(adapter), None, bits=4)
     (answer,) = generate_answers(model, tokenizer, ["What is a noun?"], max_new_tokens=4)
     assert isinstance(answer, str)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("keys,trained", [
+    (["lora.rslora=true", "lora.plus_lr_ratio=16", "train.neftune_alpha=5", "lora.modules_to_save=[lm_head]"],
+     "base_model.model.lm_head.weight"),
+    (["lora.dora=true", "lora.modules_to_save=[embed_tokens]"], "base_model.model.model.embed_tokens.weight"),
+])
+def test_variants_train_on_the_gpu_with_liger(keys, trained, tmp_path):
+    """On the GPU in bf16 with Liger's kernels where installed (its fused loss reads lm_head's weight:
+    the trained copy must be the one it reads): the loss falls and the module trained in full moved."""
+    from safetensors.torch import load_file
+
+    from mistral_qlora.config import load_config
+    from mistral_qlora.plan.backends import kernels_usable
+    from mistral_qlora.train import run_training
+
+    data = tmp_path / "qa.json"
+    data.write_text(json.dumps(story_records(60)))
+    cfg = load_config(ROOT / "configs/tiny.yaml", [
+        f"data.train={data}", "data.max_seq_len=128", "data.tokens_per_row=256", "train.max_steps=30",
+        "train.eval_steps=30", "eval.samples=0", "train.report_to=[none]", *keys, f"output_dir={tmp_path / 'run'}"])
+    summary = run_training(cfg)
+    assert summary["kernels"] == ("liger" if kernels_usable() is None else "none")
+    assert summary["final_eval_loss"] < summary["initial_eval_loss"] - 0.5
+    base = base_tensor(trained)
+    saved = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))[trained]
+    assert not torch.allclose(saved.float(), base.float())
+
+
+def base_tensor(saved_key: str) -> torch.Tensor:
+    """The base's tensor that the adapter's `saved_key` (a module trained in full) replaces."""
+    from transformers import AutoModelForCausalLM
+
+    from mistral_qlora.model.base import resolve_model_path
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-random-mistral"), dtype=torch.float32)
+    return model.state_dict()[saved_key.removeprefix("base_model.model.")]

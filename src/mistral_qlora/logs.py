@@ -53,7 +53,8 @@ class RunLogHandler(logging.Handler):
             self.handleError(record)
 
     def open(self, path: Path) -> None:
-        self.close_file()
+        if self._file is not None:
+            self._file.close()
         self.path = Path(path)
         self._file = open(self.path, "a", encoding="utf-8")
         for record in self.records:
@@ -61,9 +62,11 @@ class RunLogHandler(logging.Handler):
         self.records.clear()
 
     def close_file(self) -> None:
+        """Back to holding records in memory (a next run in this process starts with a clean slate)."""
         if self._file is not None:
             self._file.close()
             self._file = None
+        self.records.clear()
 
     def close(self) -> None:
         self.close_file()
@@ -142,9 +145,15 @@ def setup_logging(debug: bool = False) -> RunLogHandler:
 
 
 def open_run_log(output_dir: str | Path) -> Path | None:
-    """Start writing output_dir/run.log (global rank 0), with what was recorded so far."""
-    if _handler is None or int(os.environ.get("RANK", "0")) != 0:
+    """Start writing output_dir/run.log (global rank 0), with what was recorded so far. A run
+    started without `setup_logging` (run_training called from Python) gets our lines in it."""
+    global _handler
+    if int(os.environ.get("RANK", "0")) != 0:
         return None
+    if _handler is None:
+        _handler = RunLogHandler()
+        logging.getLogger().addHandler(_handler)
+        logging.getLogger(OURS).setLevel(logging.INFO)
     path = Path(output_dir) / RUN_LOG
     _handler.open(path)
     return path
