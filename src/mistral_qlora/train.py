@@ -78,12 +78,12 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
     try:
         train(trainer, inputs.resume_from, rt)
         summary = finish(cfg, rt, plan, inputs, trainer, callbacks, model, per_token, started)
+        finish_trackers(callbacks.trackers, Path(cfg.output_dir), ok=True)
     except BaseException:
         finish_trackers(callbacks.trackers, None, ok=False)
         raise
     finally:
         close_run_log()
-    finish_trackers(callbacks.trackers, Path(cfg.output_dir), ok=True)
     return summary
 
 

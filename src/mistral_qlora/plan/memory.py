@@ -135,6 +135,10 @@ def estimate_memory(model_config, cfg: RunConfig, dtype_bytes: int, recompute_la
                          - (6 * H + c.intermediate_size) * (dtype_bytes + 1))
         if cfg.lora.dropout > 0:
             one_layer += T * (dtype_bytes + 1) * sum(i for name, (i, o) in shapes.items() if name in targets)
+        if cfg.lora.dora:
+            # PEFT's DoRA keeps two more outputs of each adapted linear for backward: the base
+            # output and the scaled adapter output, each times the magnitude over the column norms
+            one_layer += 2 * T * dtype_bytes * sum(o for name, (i, o) in shapes.items() if name in targets)
     k = recompute_layers
     if k is None:
         k = recompute_layers_for(cfg.train.gradient_checkpointing, L)

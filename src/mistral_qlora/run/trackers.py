@@ -29,6 +29,7 @@ from pathlib import Path
 
 from mistral_qlora.config import RunConfig
 from mistral_qlora.errors import UserError
+from mistral_qlora.runtime import log
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 ARTIFACTS = ("summary.json", "loss.png", "samples.md")
@@ -93,6 +94,7 @@ def tracker_callbacks(cfg: RunConfig) -> list:
     """The callbacks of train.report_to, for global rank 0 (run/trainer.py installs them)."""
     trackers = active_trackers(cfg)
     callbacks = []
+    # on other ranks nothing is installed (run/trainer.py), so only global rank 0 logs
     if "tensorboard" in trackers:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(cfg.output_dir) / "tensorboard")
         callbacks.append(_tensorboard(cfg))
@@ -104,11 +106,16 @@ def tracker_callbacks(cfg: RunConfig) -> list:
 
 
 def finish_trackers(callbacks: list, out: Path | None, ok: bool) -> None:
-    """Upload the final artifacts from `out` (None: the run failed before them) and close each run."""
+    """Upload the final artifacts from `out` (None: the run failed before them) and close each run.
+    A tracker that fails here (a server gone) is logged: the run itself is done."""
     for cb in callbacks:
         finish = getattr(cb, "finish_run", None)
-        if finish is not None:
+        if finish is None:
+            continue
+        try:
             finish(out, ok)
+        except Exception as exc:
+            log(f"{type(cb).__name__}: could not finish the tracker's run: {type(exc).__name__}: {exc}")
 
 
 def _artifacts(out: Path | None) -> list[Path]:
