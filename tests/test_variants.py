@@ -199,8 +199,9 @@ def dora_run(tmp_path_factory):
     data.write_text(json.dumps(story_records(24)))
     cfg = load_config(ROOT / "configs/tiny.yaml", [
         f"data.train={data}", "data.max_seq_len=64", "data.tokens_per_row=128", "train.max_steps=2",
-        "data.eval_fraction=0", "eval.samples=0", "train.report_to=[none]", "lora.dora=true",
-        "lora.modules_to_save=[embed_tokens]", f"output_dir={tmp / 'run'}"])
+        "data.eval_fraction=0", "eval.samples=0", "train.report_to=[none]", "train.gradient_checkpointing=false",
+        "lora.dora=true", "lora.target_modules=[q_proj, v_proj]", "lora.modules_to_save=[embed_tokens]",
+        f"output_dir={tmp / 'run'}"])
     return run_training(cfg), tmp / "run" / "adapter"
 
 

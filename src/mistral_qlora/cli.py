@@ -179,9 +179,11 @@ def _comma_list(text: str | None) -> list[str]:
 def cmd_train(args) -> int:
     from mistral_qlora.config import load_config
     from mistral_qlora.launch import relaunch
+    from mistral_qlora.run.trackers import check_trackers
     from mistral_qlora.train import run_training
 
     cfg = load_config(args.config, args.overrides)
+    check_trackers(cfg)  # before --nproc starts processes that would each refuse it
     code = relaunch(cfg, args.config, args.overrides, nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
                     main_addr=args.main_addr, main_port=args.main_port, overwrite=args.overwrite, force=args.force,
                     debug=args.debug)
