@@ -163,7 +163,8 @@ def tracked_run(tmp_path_factory):
              *[f"--set={s}" for s in (
                  f"data.train={data}", "data.max_seq_len=64", "data.tokens_per_row=128", "train.max_steps=3",
                  "train.gradient_checkpointing=false", "train.logging_steps=1", "train.eval_steps=2",
-                 "train.save_steps=100", "eval.samples=1", "eval.max_new_tokens=4", "train.peak_tflops=0.001", "train.report_to=[tensorboard, wandb, mlflow]",
+                 "train.save_steps=100", "eval.samples=1", "eval.max_new_tokens=4", "train.peak_tflops=0.001",
+                 "train.report_to=[tensorboard, wandb, mlflow]",
                  "train.run_name=tracked-tiny", "train.project=qlora-ci", "train.tags=[ci, tiny]",
                  "lora.rslora=true", "lora.plus_lr_ratio=16", "train.neftune_alpha=5",
                  "lora.target_modules=[q_proj, v_proj, down_proj]", "lora.modules_to_save=[lm_head]",
