@@ -96,3 +96,91 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "mistral_qlora", *args], cwd=cwd or ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` on loopback: SQLite backend, artifacts in a local folder. Started in a
+    session of its own (so it and its workers end together), stopped by `stop`."""
+
+    def __init__(self, root: Path):
+        import shutil
+
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = open(root / "mlflow-server.log", "w")
+        mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+        self.proc = subprocess.Popen(
+            [mlflow, "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1"],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, timeout: float = 180) -> None:
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"mlflow server exited: see {self.log.name}"
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise AssertionError(f"mlflow server not answering after {timeout} s: see {self.log.name}")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def tracked_run(tmp_path_factory):
+    """One tiny `train` in a subprocess with stdout and stderr to pipes: every tracker (W&B offline,
+    a real local MLflow server, TensorBoard) and the LoRA variants that run on the fused path
+    (rsLoRA, LoRA+, NEFTune, a target_modules list, lm_head trained in full). The server starts
+    first and answers while the run sets up (MLflow's client retries until it does)."""
+    tmp = tmp_path_factory.mktemp("tracked")
+    data = tmp / "qa.json"
+    data.write_text(json.dumps(story_records(24)))
+    out = tmp / "run"
+    server = MlflowServer(tmp)
+    try:
+        env = {**os.environ, "WANDB_MODE": "offline", "MLFLOW_TRACKING_URI": server.uri, "PYTHONUNBUFFERED": "1"}
+        for var in ("WANDB_PROJECT", "WANDB_TAGS", "WANDB_DIR", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TAGS"):
+            env.pop(var, None)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mistral_qlora", "train", str(ROOT / "configs/tiny.yaml"),
+             *[f"--set={s}" for s in (
+                 f"data.train={data}", "data.max_seq_len=64", "data.tokens_per_row=128", "train.max_steps=3",
+                 "train.gradient_checkpointing=false", "train.logging_steps=1", "train.eval_steps=2",
+                 "train.save_steps=100", "eval.samples=1", "eval.max_new_tokens=4", "train.peak_tflops=0.001",
+                 "train.report_to=[tensorboard, wandb, mlflow]",
+                 "train.run_name=tracked-tiny", "train.project=qlora-ci", "train.tags=[ci, tiny]",
+                 "lora.rslora=true", "lora.plus_lr_ratio=16", "train.neftune_alpha=5",
+                 "lora.target_modules=[q_proj, v_proj, down_proj]", "lora.modules_to_save=[lm_head]",
+                 f"output_dir={out}")]],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        server.wait()
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-3000:]
+        yield {"out": out, "stdout": stdout, "stderr": stderr, "mlflow_uri": server.uri}
+    finally:
+        server.stop()

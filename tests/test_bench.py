@@ -194,3 +194,30 @@ def test_strategies_run_train_itself_once_per_strategy(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--strategies", "zero4", "--out", str(tmp_path / "x.json")])
     assert exc.value.code == 2 and "strategies from single, ddp, zero2, zero3, zero3_offload" in capsys.readouterr().err
+
+
+def test_fast_path_variant_recipes(tmp_path):
+    """`fast`, `fast-rslora`, `fast-dora`: the fastest default recipe with each LoRA variant, in one
+    bench run (on the CPU the fastest is packed+sdpa), each its own model; DoRA on PEFT's layer."""
+    from mistral_qlora.config import ModelSection
+    from mistral_qlora.errors import UserError
+    from mistral_qlora.model.base import load_model_config, resolve_model_path
+    from mistral_qlora.runtime import Runtime
+
+    assert B.expand_recipes(["fast", "fast-rslora", "fast-dora", "seed"], torch.float32) == \
+        ["packed+sdpa", "packed+sdpa+rslora", "packed+sdpa+dora", "seed"]
+    assert B.expand_recipes(["fast-dora"], torch.bfloat16)[0].endswith("+dora")
+    assert B.Recipe.parse("packed+varlen+liger+ckpt=auto+rslora").variant == "rslora"
+    with pytest.raises(UserError, match="rslora or dora"):
+        B.Recipe.parse("packed+sdpa+rslora+dora")
+    opts = _small_opts(tmp_path, recipes=["fast", "fast-rslora"], repeats=1, timed_rows=1, sequences=60,
+                       tokens_per_row=160, max_len=128)
+    report = run_bench(opts)
+    assert [(r["recipe"], r["variant"], r["lora"]) for r in report["results"]] == \
+        [("packed+sdpa", "lora", "fused"), ("packed+sdpa+rslora", "rslora", "fused")]
+    assert all(r["tokens_per_second"] and r["error"] is None for r in report["results"])
+    path = resolve_model_path("tiny-random-mistral")
+    model, plan = B.build_recipe_model(B.Recipe.parse("packed+sdpa+dora"), opts, path,
+                                       load_model_config(path, ModelSection()), Runtime.detect("float32"), 0)
+    assert plan.layers.lora_layer == "peft" and "DoRA" in plan.why["lora_layer"]
+    assert any("lora_magnitude_vector" in n for n, _ in model.named_parameters())

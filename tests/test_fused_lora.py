@@ -118,9 +118,10 @@ def test_fused_lora_plan_says_when_and_why():
 
 
 @pytest.mark.gpu
-def test_fused_layer_matches_peft_on_the_gpu_in_bf16():
+@pytest.mark.parametrize("rslora", [False, True])
+def test_fused_layer_matches_peft_on_the_gpu_in_bf16(rslora):
     """One 7B-shaped linear (4096 -> 14336) on CUDA in bf16 under autocast, no dropout: the same
-    output and gradients as PEFT's layer within bf16 rounding."""
+    output and gradients as PEFT's layer within bf16 rounding; with rsLoRA (scale alpha/sqrt(r)) too."""
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
 
@@ -134,7 +135,7 @@ def test_fused_layer_matches_peft_on_the_gpu_in_bf16():
         w = torch.randn(14336, 4096) * 0.02
         lin.up.weight = bnb.nn.Params4bit(w.to(torch.bfloat16), requires_grad=False, quant_type="nf4")
         lin = lin.cuda()
-        cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["up"])
+        cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["up"], use_rslora=rslora)
         if fused:
             register_fused_lora(cfg)
         model = get_peft_model(lin, cfg)
@@ -148,6 +149,7 @@ def test_fused_layer_matches_peft_on_the_gpu_in_bf16():
     for fused in (False, True):
         model = build(fused).train()
         assert isinstance(model.base_model.model.up, FusedLoraLinear4bit) == fused
+        assert model.base_model.model.up.scaling["default"] == (32 / 4 if rslora else 32 / 16)
         x = x0.clone().requires_grad_(True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             y = model(x)

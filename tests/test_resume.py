@@ -128,8 +128,8 @@ class Attempt:
     def planned(self) -> bool:  # the run has logged its plan: it is loading the model or training
         return any("train.strategy=" in line for line in self.stderr)
 
-    def steps_logged(self) -> int:  # the Trainer's log lines of this start (logging_steps=1)
-        return sum(1 for line in self.stdout if "'loss':" in line)
+    def steps_logged(self) -> int:  # the console's step lines of this start (logging_steps=1; run/console.py)
+        return sum(1 for line in self.stdout if line.startswith("step "))
 
     def stop(self) -> None:
         """Freeze the process where it is (SIGSTOP), and let the readers take what it wrote."""

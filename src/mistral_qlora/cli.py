@@ -217,9 +217,11 @@ def _comma_list(text: str | None) -> list[str]:
 def cmd_train(args) -> int:
     from mistral_qlora.config import load_config
     from mistral_qlora.launch import relaunch
+    from mistral_qlora.run.trackers import check_trackers
     from mistral_qlora.train import run_training
 
     cfg = load_config(args.config, args.overrides)
+    check_trackers(cfg)  # before --nproc starts processes that would each refuse it
     code = relaunch(cfg, args.config, args.overrides, nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
                     main_addr=args.main_addr, main_port=args.main_port, overwrite=args.overwrite, force=args.force,
                     debug=args.debug)
@@ -327,19 +329,6 @@ def cmd_env(args) -> int:
     return 0
 
 
-def _quiet_libraries() -> None:
-    """Library chatter (info logs, deprecation notes) hides our one-line messages; --debug keeps it."""
-    import logging
-    import warnings
-
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    for name in ("bitsandbytes", "DeepSpeed", "deepspeed", "accelerate", "datasets", "torch.distributed"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-
-
 def _close_progress_bars() -> None:
     """So the error line starts on a line of its own, not after a half-drawn progress bar."""
     tqdm = sys.modules.get("tqdm")
@@ -350,8 +339,11 @@ def _close_progress_bars() -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.debug:
-        _quiet_libraries()
+    # Library logs and warnings: to output_dir/run.log (train), on the console only as errors
+    # unless --debug (mistral_qlora/logs.py).
+    from mistral_qlora.logs import setup_logging
+
+    setup_logging(debug=args.debug)
     try:
         code = args.func(args)
     except UserError as exc:

@@ -86,6 +86,32 @@ class LoraSection(_Section):
         True, "On a 4-bit base, fold each adapter into its base matmul with one autograd function "
         "(kernels/fused_lora.py): PEFT's math and PEFT's saved adapter, faster. false: PEFT's own layers, "
         "which ZeRO-3 always uses.")
+    rslora: bool = _key(
+        False, "Rank-stabilized LoRA: scale the adapter by alpha / sqrt(r) instead of alpha / r, so higher ranks "
+        "keep learning; the fused layer supports it.")
+    dora: bool = _key(
+        False, "DoRA: each adapted weight split into a trained magnitude and a direction that LoRA updates. "
+        "Runs on PEFT's layers (the plan logs why); slower than plain LoRA. Not with ZeRO-3.")
+    plus_lr_ratio: Union[float, None] = _key(
+        None, "LoRA+: the B matrices learn this many times faster than the A matrices (16 is the paper's "
+        "choice); null for one learning rate.", gt=0)
+    modules_to_save: list[str] = _key(
+        [], "Modules trained in full and saved in the adapter besides the LoRA matrices, e.g. `[lm_head]` or "
+        "`[embed_tokens]` (for new tokens or a new output format). Costs their full size in optimizer state.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v):
+        if isinstance(v, list) and (not v or any(not isinstance(n, str) or not n.strip() for n in v)):
+            raise ValueError("must be all-linear or a non-empty list of module names such as [q_proj, v_proj]")
+        return v
+
+    @field_validator("modules_to_save")
+    @classmethod
+    def _to_save(cls, v):
+        if any(not n.strip() for n in v):
+            raise ValueError("module names must not be empty")
+        return v
 
 
 class DataSource(_Section):
@@ -199,9 +225,31 @@ class TrainSection(_Section):
     resume: str = _key(
         "auto", "`auto` continues from the newest complete checkpoint in output_dir; `never` refuses to start "
         "over an unfinished run; a checkpoint folder resumes that checkpoint.")
+    neftune_alpha: Union[float, None] = _key(
+        None, "NEFTune: uniform noise of this scale (alpha / sqrt(tokens x hidden)) added to the input embeddings "
+        "while training, never in evaluation or generation; 5 is the paper's usual value; null for none.", gt=0)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = _key(
+        ["tensorboard"], "Experiment trackers that get the config, per-step metrics, eval loss and perplexity, "
+        "and the final summary.json, loss.png and samples.md: any of `tensorboard` (output_dir/tensorboard), "
+        "`wandb`, `mlflow` (`pip install mistral-qlora[trackers]`), or `[none]`.")
+    run_name: Union[str, None] = _key(
+        None, "The run's name in the trackers; null names it after output_dir's last folder.")
+    project: Union[str, None] = _key(
+        None, "The W&B project and MLflow experiment the run goes to; null leaves the trackers' own defaults "
+        "(or $WANDB_PROJECT / $MLFLOW_EXPERIMENT_NAME, which win over this key).")
+    tags: list[str] = _key([], "Tags of the run in the trackers (W&B tags, MLflow tags).")
     peak_tflops: Union[float, None] = _key(
         None, "The GPU's dense bf16 peak in TFLOP/s, for the MFU in the logs; null looks it up from the device "
         "name (flops.py knows common GPUs) and logs no MFU for others.", gt=0)
+
+    @field_validator("report_to")
+    @classmethod
+    def _report_to(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError("names a tracker twice")
+        if "none" in v and len(v) > 1:
+            raise ValueError("`none` cannot be combined with trackers")
+        return v
 
     @field_validator("gradient_checkpointing")
     @classmethod

@@ -82,8 +82,10 @@ def _mean_context(lengths: list[int], window: int | None) -> float:
     return total / tokens if tokens else 0.0
 
 
-def flops_per_token(model_config, lora_r: int, lora_targets: set[str], lengths: list[int]) -> float:
-    """Model FLOPs for one trained token (see the module docstring)."""
+def flops_per_token(model_config, lora_r: int, lora_targets: set[str], lengths: list[int],
+                    trained_head: bool = False) -> float:
+    """Model FLOPs for one trained token (see the module docstring). `trained_head`: lm_head trains
+    in full (lora.modules_to_save), 6 FLOPs a weight instead of 4."""
     c = model_config
     H, L, V = c.hidden_size, c.num_hidden_layers, c.vocab_size
     nh = c.num_attention_heads
@@ -93,7 +95,7 @@ def flops_per_token(model_config, lora_r: int, lora_targets: set[str], lengths: 
     lora = L * sum(lora_r * (i + o) for name, (i, o) in shapes.items() if name in lora_targets)
     window = getattr(c, "sliding_window", None)
     attention = L * 3 * 4 * _mean_context(lengths, window) * nh * hd
-    return 4 * frozen + 6 * lora + attention
+    return 4 * frozen + 6 * lora + attention + (2 * V * H if trained_head else 0)
 
 
 def mfu(tokens_per_second: float | None, per_token: float, peak: float | None, gpus: int = 1) -> float | None:

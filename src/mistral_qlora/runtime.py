@@ -7,6 +7,7 @@ environment), so this module sits below everything that does.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -21,6 +22,7 @@ def log(message: str) -> None:
     """One line on stderr, from global rank 0 only (the others would repeat it)."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"mistral-qlora: {message}", file=sys.stderr, flush=True)
+        logging.getLogger("mistral_qlora").info(message)  # run.log (mistral_qlora.logs)
 
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -27,15 +27,17 @@ from mistral_qlora.data.stream import POSITION_FILE as STREAM_POSITION
 from mistral_qlora.errors import Preempted, UserError
 from mistral_qlora.files import atomic_write_text
 from mistral_qlora.flops import flops_per_token, lora_target_names, peak_flops
+from mistral_qlora.logs import close_run_log, open_run_log
 from mistral_qlora.model.adapter import publish_adapter
 from mistral_qlora.model.base import load_model_config, resolve_model_path
 from mistral_qlora.model.build import build_model
 from mistral_qlora.model.generate import generate_answers
 from mistral_qlora.model.tokenizer import load_tokenizer
-from mistral_qlora.plan import Plan, make_plan
+from mistral_qlora.plan import Plan, lora_variants, make_plan
 from mistral_qlora.run import checkpoints
 from mistral_qlora.run.artifacts import check_output_dir, clear_previous_run, perplexity, write_final_artifacts
 from mistral_qlora.run.callbacks import RunAlreadyComplete
+from mistral_qlora.run.trackers import check_trackers, finish_trackers, tracker_env
 from mistral_qlora.run.trainer import RunCallbacks, build_trainer, training_arguments
 from mistral_qlora.runtime import Runtime, barrier, launched_processes, log, single_process_env
 
@@ -66,14 +68,26 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
     if load_stats is not None:
         log(load_stats.describe())
     start_output_dir(cfg, rt, overwrite)
+    if rt.is_main:
+        for note in tracker_env(cfg):
+            log(note)
     per_token = flops_per_token(inputs.model_config, cfg.lora.r, lora_target_names(cfg.lora.target_modules),
-                                inputs.data.train_stats.lengths)
+                                inputs.data.train_stats.lengths,
+                                trained_head="lm_head" in {m.rpartition(".")[2] for m in cfg.lora.modules_to_save})
     peak = peak_flops(torch.cuda.get_device_name(rt.local_rank) if rt.device == "cuda" else None,
                       cfg.train.peak_tflops)
     trainer, callbacks = build_trainer(cfg, rt, args, model, inputs.tokenizer, inputs.data, plan.attention,
                                        inputs.fingerprint, per_token, peak, inputs.resume_from)
-    train(trainer, inputs.resume_from, rt)
-    return finish(cfg, rt, plan, inputs, trainer, callbacks, model, per_token, started)
+    try:
+        train(trainer, inputs.resume_from, rt)
+        summary = finish(cfg, rt, plan, inputs, trainer, callbacks, model, per_token, started)
+        finish_trackers(callbacks.trackers, Path(cfg.output_dir), ok=True)
+    except BaseException:
+        finish_trackers(callbacks.trackers, None, ok=False)
+        raise
+    finally:
+        close_run_log()
+    return summary
 
 
 @dataclass
@@ -91,6 +105,7 @@ class RunInputs:
 def validate(cfg: RunConfig, rt: Runtime, overwrite: bool, force: bool) -> RunInputs:
     """Read and check everything the run depends on; nothing is written."""
     check_output_dir(Path(cfg.output_dir), overwrite)
+    check_trackers(cfg)
     model_path = resolve_model_path(cfg.model.name_or_path)
     model_config = load_model_config(model_path, cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.model.revision)
@@ -118,6 +133,7 @@ def start_output_dir(cfg: RunConfig, rt: Runtime, overwrite: bool) -> None:
         out.mkdir(parents=True, exist_ok=True)
         checkpoints.discard_staging(checkpoints.checkpoints_root(out))
         atomic_write_text(out / "config.yaml", cfg.to_yaml())
+        open_run_log(out)  # with what was logged so far
     barrier()
 
 
@@ -195,6 +211,7 @@ def summarize(cfg: RunConfig, rt: Runtime, plan: Plan, inputs: RunInputs, state,
         "attention_backend": plan.attention,
         "kernels": plan.kernels,
         "lora_layer": plan.layers.lora_layer,
+        "lora_variants": lora_variants(cfg),
         "checkpointed_layers": plan.layers.recompute,
         "runtime_seconds": round(time.time() - started, 2),
         "resumed_from": str(inputs.resume_from) if inputs.resume_from else None,

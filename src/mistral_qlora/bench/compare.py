@@ -22,7 +22,7 @@ from mistral_qlora.bench.gpu_clocks import gpu_sampler
 from mistral_qlora.bench.gpu_clocks import summarize as summarize_clocks
 from mistral_qlora.bench.levers import LEVERS
 from mistral_qlora.bench.options import BenchOptions
-from mistral_qlora.bench.recipes import Recipe, build_recipe_model, default_recipes, plan_lines
+from mistral_qlora.bench.recipes import Recipe, build_recipe_model, expand_recipes, plan_lines
 from mistral_qlora.bench.report import environment, now, write_report
 from mistral_qlora.bench.run import PAD_TOKEN_ID, free_memory, setup
 from mistral_qlora.bench.timing import real_and_slots, sync, train_step, training_setup
@@ -38,7 +38,7 @@ AS_PLANNED = "as planned"
 
 def compare_recipe(opts: BenchOptions, dtype) -> Recipe:
     """The recipe to compare: the last of --recipes, else the fast one."""
-    recipe = Recipe.parse((opts.recipes or default_recipes(dtype))[-1])
+    recipe = Recipe.parse(expand_recipes(opts.recipes, dtype)[-1])
     if recipe.preparation != "ours" or recipe.lora != "fused":
         raise UserError(f"--compare needs a recipe of ours with the fused LoRA layer, not {recipe.name!r}")
     recipe.check_usable(dtype)

@@ -5,10 +5,13 @@
   checkpointing on every layer).
 - `packed+flex (plain)` (`plain`): plain transformers with packing: rows packed by best-fit
   decreasing, FlexAttention, the tutorial's preparation.
-- `packed+BACKEND[+liger][+ckpt=all|none|auto|FRACTION][+lora=fused|peft][+fp8]`: ours, as `train`
-  runs it with model.attention=BACKEND, model.kernels=liger or none, train.gradient_checkpointing=
-  true|false|auto|FRACTION (default all layers), lora.fused (default the fused layer),
+- `packed+BACKEND[+liger][+ckpt=all|none|auto|FRACTION][+lora=fused|peft][+rslora|+dora][+fp8]`:
+  ours, as `train` runs it with model.attention=BACKEND, model.kernels=liger or none,
+  train.gradient_checkpointing=true|false|auto|FRACTION (default all layers), lora.fused (default
+  the fused layer), lora.rslora or lora.dora (default plain LoRA; DoRA runs on PEFT's layer),
   quantization.compute=fp8 (default bf16).
+- `fast`, `fast-rslora`, `fast-dora`: the last (fastest) of the default recipes on this machine,
+  with plain LoRA, rsLoRA or DoRA (`expand_recipes`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ ALIASES = {"seed": SEED_RECIPE, "padded": SEED_RECIPE, "padded+sdpa": SEED_RECIP
 PACKED_BACKENDS = ("sdpa", "flex", "varlen", "flash_attention_2")  # slowest to fastest
 BACKENDS = PACKED_BACKENDS + ("eager",)
 CKPT = {"all": True, "none": False, "auto": "auto"}
+VARIANTS = ("rslora", "dora")
+FAST = {"fast": "", "fast-rslora": "+rslora", "fast-dora": "+dora"}
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ class Recipe:
     ckpt: str = "all"
     lora: str = "peft"  # peft (PEFT's LoRA layers) | fused (kernels/fused_lora.py)
     compute: str = "bf16"  # quantization.compute: bf16 | fp8
+    variant: str = "lora"  # lora | rslora | dora (lora.rslora, lora.dora)
 
     @classmethod
     def parse(cls, name: str) -> "Recipe":
@@ -55,9 +61,11 @@ class Recipe:
         if parts[0] != "packed" or len(parts) < 2 or parts[1] not in BACKENDS:
             raise UserError(f"--recipes: unknown recipe {name!r} (seed, plain, or packed+BACKEND[+liger][+ckpt=X] "
                             f"with BACKEND one of {', '.join(BACKENDS)})")
-        kernels, ckpt, lora, compute = "none", "all", "fused", "bf16"
+        kernels, ckpt, lora, compute, variant = "none", "all", "fused", "bf16", "lora"
         for extra in parts[2:]:
-            if extra == "liger":
+            if extra in VARIANTS and variant == "lora":
+                variant = extra
+            elif extra == "liger":
                 kernels = "liger"
             elif extra == "fp8":
                 compute = "fp8"
@@ -67,8 +75,8 @@ class Recipe:
                 lora = extra[5:]
             else:
                 raise UserError(f"--recipes {name}: unknown part {extra!r} "
-                                "(liger, ckpt=all|none|auto|FRACTION, lora=fused|peft, fp8)")
-        return cls(name, "packed", parts[1], "ours", kernels, ckpt, lora, compute)
+                                "(liger, ckpt=all|none|auto|FRACTION, lora=fused|peft, rslora or dora, fp8)")
+        return cls(name, "packed", parts[1], "ours", kernels, ckpt, lora, compute=compute, variant=variant)
 
     def check_usable(self, dtype) -> None:
         """Refuse, before anything loads, a recipe this machine cannot run."""
@@ -101,13 +109,22 @@ def default_recipes(dtype) -> list[str]:
     return recipes
 
 
+def expand_recipes(names: list[str] | None, dtype) -> list[str]:
+    """--recipes with `fast[-rslora|-dora]` spelled out (None: the default recipes)."""
+    if not names:
+        return default_recipes(dtype)
+    fastest = default_recipes(dtype)[-1]
+    return [fastest + FAST[n] if n in FAST else n for n in names]
+
+
 def recipe_config(recipe: Recipe, opts, model_path: str) -> RunConfig:
     """The run config of a `train` run of this recipe with the bench's shapes (one packed row a step)."""
     ckpt = CKPT[recipe.ckpt] if recipe.ckpt in CKPT else float(recipe.ckpt)
     return validate_config({
         "model": {"name_or_path": model_path, "sliding_window": opts.sliding_window, "attention": recipe.attention,
                   "dtype": opts.dtype, "kernels": recipe.kernels},
-        "lora": {"r": opts.lora_r, "alpha": 2 * opts.lora_r, "fused": recipe.lora == "fused"},
+        "lora": {"r": opts.lora_r, "alpha": 2 * opts.lora_r, "fused": recipe.lora == "fused",
+                 "rslora": recipe.variant == "rslora", "dora": recipe.variant == "dora"},
         "quantization": {"compute": recipe.compute},
         "data": {"tokens_per_row": opts.tokens_per_row, "max_seq_len": opts.max_len},
         "train": {"micro_batch_size": 1, "seed": opts.seed,
@@ -135,7 +152,8 @@ def plan_lines(recipe: Recipe, plan: Plan | None) -> list[str]:
     """What the plan decided for a recipe of ours, as the bench prints it."""
     if plan is None:
         return []
-    lines = [f"layers recomputing: {plan.layers.recompute} ({plan.why['recompute']})"]
+    lines = [f"lora: {plan.why['lora_layer']}",
+             f"layers recomputing: {plan.layers.recompute} ({plan.why['recompute']})"]
     if plan.layers.fused:
         lines.append(f"dequantized weights kept for the run: {plan.why['kept_for_run']}")
         lines.append(f"base matmuls: {plan.why['compute']}")

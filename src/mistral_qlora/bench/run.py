@@ -14,7 +14,7 @@ import torch
 
 from mistral_qlora.bench.options import BenchOptions
 from mistral_qlora.bench.profile import profile_step
-from mistral_qlora.bench.recipes import (PLAIN_RECIPE, SEED_RECIPE, Recipe, build_recipe_model, default_recipes,
+from mistral_qlora.bench.recipes import (PLAIN_RECIPE, SEED_RECIPE, Recipe, build_recipe_model, expand_recipes,
                                          plan_lines)
 from mistral_qlora.bench.report import environment, now, write_report
 from mistral_qlora.bench.timing import time_recipe
@@ -49,7 +49,8 @@ class RecipeResult:
     vs_plain: float | None = None
     kernels: str = "none"
     ckpt: str = "all"
-    lora: str = "peft"
+    lora: str = "peft"  # the LoRA layer the recipe ran on (a DoRA recipe: PEFT's, whatever it asked for)
+    variant: str = "lora"  # lora | rslora | dora
     compute: str = "bf16"  # quantization.compute
     profile: dict | None = None
     profile_kernels: list[dict] | None = None
@@ -87,21 +88,22 @@ def free_memory() -> None:
 
 def run_bench(opts: BenchOptions) -> dict:
     rt = Runtime.detect(opts.dtype)
-    recipes = [Recipe.parse(r) for r in (opts.recipes or default_recipes(rt.dtype))]
+    recipes = [Recipe.parse(r) for r in expand_recipes(opts.recipes, rt.dtype)]
     for r in recipes:
         r.check_usable(rt.dtype)
     recipes.sort(key=lambda r: r.kernels == "liger")  # Liger patches classes process-wide: those last
     s = setup(opts, rt)
 
     results: list[RecipeResult] = []
-    model, loaded = None, None
+    model, loaded, plan = None, None, None
     for recipe in recipes:
         res = RecipeResult(recipe.name, recipe.batching, recipe.attention,
                            "prepare_model_for_kbit_training" if recipe.preparation == "seed" else "ours",
-                           kernels=recipe.kernels, ckpt=recipe.ckpt, lora=recipe.lora, compute=recipe.compute)
+                           kernels=recipe.kernels, ckpt=recipe.ckpt, lora=recipe.lora, variant=recipe.variant,
+                           compute=recipe.compute)
         print(f"bench: {recipe.name} ...", flush=True)
         try:
-            key = (recipe.preparation, recipe.kernels, recipe.ckpt, recipe.lora, recipe.compute)
+            key = (recipe.preparation, recipe.kernels, recipe.ckpt, recipe.lora, recipe.variant, recipe.compute)
             if loaded != key:
                 model, loaded = None, None
                 free_memory()
@@ -109,6 +111,8 @@ def run_bench(opts: BenchOptions) -> dict:
                 for line in plan_lines(recipe, plan):
                     print(line, flush=True)
                 loaded = key
+            if plan is not None:
+                res.lora = plan.layers.lora_layer
             set_attention(model, recipe.attention)
             warm, timed = recipe_batches(s.sample, recipe, opts, PAD_TOKEN_ID)
             for k, v in time_recipe(model, warm, timed, opts.repeats, opts.learning_rate, s.rt.dtype).items():

@@ -28,8 +28,10 @@ ADAPTER_FILE = "adapter_model.safetensors"
 
 
 def _adapter_key(param_name: str, adapter_name: str = "default") -> str:
-    """A PeftModel parameter name as PEFT writes it (the adapter name dropped)."""
-    return param_name.replace(f".{adapter_name}.", ".")
+    """A PeftModel parameter name as PEFT writes it: the adapter name dropped, a module trained in
+    full (lora.modules_to_save) under its own name, DoRA's magnitude without `.weight`."""
+    key = param_name.replace(f".modules_to_save.{adapter_name}.", ".").replace(f".{adapter_name}.", ".")
+    return key.replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector")
 
 
 def expected_adapter_shapes(model) -> dict[str, tuple[int, ...]]:

@@ -11,6 +11,7 @@ input-gradient buffer.
 from __future__ import annotations
 
 from mistral_qlora.config import LoraSection
+from mistral_qlora.errors import UserError
 from mistral_qlora.kernels.fused_lora import (KEEP_FOR_BACKWARD, KEEP_FOR_RUN, KEEP_NONE, SHARED_INPUT_LINEARS,
                                               FusedLoraLinear4bit, InputGroup, register_fused_lora)
 from mistral_qlora.plan.layers import LayerPlan
@@ -33,21 +34,52 @@ def set_recompute_layers(model, k: int, reentrant: bool = False) -> None:
     model.enable_input_require_grads()
 
 
-def add_lora(model, lora_cfg: LoraSection, layers: LayerPlan):
-    """The base frozen, recompute set, LoRA adapters added: a PeftModel."""
-    from peft import LoraConfig, get_peft_model
+def check_module_names(model, lora_cfg: LoraSection) -> None:
+    """Every name in `lora.target_modules` and `lora.modules_to_save` matches a module of the base
+    (as PEFT matches them: the full dotted name or its last parts), else one line naming it."""
+    names = [n for n, _ in model.named_modules() if n]
+    leaves = sorted({n.rpartition(".")[2] for n in names})
 
-    for p in model.parameters():
-        p.requires_grad_(False)
-    set_recompute_layers(model, layers.recompute, layers.reentrant)
-    peft_config = LoraConfig(
+    def matches(key: str) -> bool:
+        return any(n == key or n.endswith("." + key) for n in names)
+
+    for key, wanted in (("lora.target_modules", lora_cfg.target_modules), ("lora.modules_to_save",
+                                                                            lora_cfg.modules_to_save)):
+        if wanted == "all-linear":
+            continue
+        missing = [m for m in wanted if not matches(m)]
+        if missing:
+            raise UserError(f"{key}: {', '.join(missing)} is not a module of the base model; its modules are "
+                            f"named {', '.join(leaves)}")
+
+
+def lora_config(lora_cfg: LoraSection):
+    """PEFT's LoraConfig for `lora`: rank, alpha (alpha / sqrt(r) with rslora), DoRA, the modules
+    trained in full (`modules_to_save`), saved with the adapter."""
+    from peft import LoraConfig
+
+    return LoraConfig(
         r=lora_cfg.r,
         lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout,
         target_modules=lora_cfg.target_modules,
+        use_rslora=lora_cfg.rslora,
+        use_dora=lora_cfg.dora,
+        modules_to_save=list(lora_cfg.modules_to_save) or None,
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def add_lora(model, lora_cfg: LoraSection, layers: LayerPlan):
+    """The base frozen, recompute set, LoRA adapters added: a PeftModel."""
+    from peft import get_peft_model
+
+    check_module_names(model, lora_cfg)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    set_recompute_layers(model, layers.recompute, layers.reentrant)
+    peft_config = lora_config(lora_cfg)
     if layers.fused:
         register_fused_lora(peft_config)
     model = get_peft_model(model, peft_config)

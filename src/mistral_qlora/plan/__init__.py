@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mistral_qlora.config import RunConfig
+from mistral_qlora.errors import UserError
 from mistral_qlora.plan.backends import fp8_problem, select_attention, select_kernels
 from mistral_qlora.plan.layers import LayerPlan, compute_for, lora_layer, plan_kept_weights, plan_recompute
 from mistral_qlora.plan.strategy import is_zero3, plan_strategy
@@ -42,7 +43,32 @@ class Plan:
         if self.layers.fused:
             lines.append(f"lora: dequantized weights kept for backward: {self.why['kept_for_run']}")
             lines.append(f"quantization.compute={self.layers.compute} ({self.why['compute']})")
+        if lora_variants(cfg):
+            lines.append(f"lora: variants {', '.join(lora_variants(cfg))}")
         return lines
+
+
+def lora_variants(cfg: RunConfig) -> list[str]:
+    """The LoRA variants and training tricks in force, as summary.json and the plan log name them."""
+    lora, t = cfg.lora, cfg.train
+    named = [("rslora", lora.rslora), ("dora", lora.dora),
+             (f"loraplus(ratio={lora.plus_lr_ratio:g})" if lora.plus_lr_ratio else "", lora.plus_lr_ratio),
+             (f"neftune(alpha={t.neftune_alpha:g})" if t.neftune_alpha else "", t.neftune_alpha),
+             (f"modules_to_save={','.join(lora.modules_to_save)}", lora.modules_to_save)]
+    return [name for name, on in named if on]
+
+
+def check_variants(cfg: RunConfig, strategy: str) -> None:
+    """LoRA variants the strategy cannot run, refused before a weight loads. Under ZeRO-3 the base
+    is loaded block by block straight into 4-bit partitions (model/zero3.py): DoRA's magnitudes
+    start from the norms of the whole weights and `modules_to_save` copies whole modules, neither
+    of which a rank holding a slice can do."""
+    if not is_zero3(strategy):
+        return
+    asked = [k for k, on in (("lora.dora", cfg.lora.dora), ("lora.modules_to_save", cfg.lora.modules_to_save)) if on]
+    if asked:
+        raise UserError(f"{' and '.join(asked)} cannot run with train.strategy={strategy} (each rank holds a "
+                        "slice of the base weights); use train.strategy=ddp or single, or turn them off")
 
 
 def make_plan(cfg: RunConfig, model_config, rt: Runtime, env=os.environ) -> Plan:
@@ -52,6 +78,7 @@ def make_plan(cfg: RunConfig, model_config, rt: Runtime, env=os.environ) -> Plan
     budget = rt.gpu_budget()
     dtype_bytes = rt.dtype.itemsize
     strategy, strategy_why, ds_config = plan_strategy(cfg, rt.world_size, model_config, dtype_bytes, budget, env)
+    check_variants(cfg, strategy)
     layer, layer_why = lora_layer(cfg, strategy)
     compute, compute_why = compute_for(cfg, layer, strategy,
                                        fp8_problem(rt.dtype) if cfg.quantization.compute == "fp8" else None)

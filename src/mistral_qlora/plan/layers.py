@@ -1,9 +1,10 @@
 """How each decoder layer runs: which LoRA layer, which layers recompute, which keep their weights.
 
 - The LoRA layer (`lora_layer`): on a 4-bit base the fused layer (kernels/fused_lora.py) folds each
-  adapter into its base matmul; PEFT's own layers run under ZeRO-3 (DeepSpeed gathers the
-  partitioned weights through module hooks the fused layer would bypass), on a 16-bit base, and
-  with `lora.fused: false`.
+  adapter into its base matmul (rsLoRA too: only the scale differs); PEFT's own layers run under
+  ZeRO-3 (DeepSpeed gathers the partitioned weights through module hooks the fused layer would
+  bypass), on a 16-bit base, with DoRA (its per-step weight norms are not in the fused function),
+  and with `lora.fused: false`.
 - Recompute (`plan_recompute`): the first k decoder layers recompute their activations in
   backward. Recompute costs a third of a step's FLOPs (6N instead of 4N per token), so memory
   decides how many layers pay it: `auto` as few as fit the GPU, `train.memory: low` all of them.
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 from mistral_qlora.config import RunConfig
 from mistral_qlora.errors import UserError
-from mistral_qlora.plan.memory import (GIB, counts_fast_path, estimate_memory, fused_lora, kept_weight_bytes,
+from mistral_qlora.plan.memory import (GIB, ZERO3, counts_fast_path, estimate_memory, fused_lora, kept_weight_bytes,
                                        recompute_layers_for)
 
 FAST_PATH_HEADROOM = 0.04
@@ -61,6 +62,9 @@ def lora_layer(cfg: RunConfig, strategy: str) -> tuple[str, str]:
         return "fused", "the fused 4-bit LoRA layer (kernels/fused_lora.py)"
     if not cfg.lora.fused:
         return "peft", "lora.fused=false: PEFT's LoRA layers"
+    if cfg.lora.dora and cfg.quantization.bits == 4 and strategy not in ZERO3:
+        return "peft", ("lora.dora=true: PEFT's DoRA layers (DoRA rescales each output by the column norms of "
+                        "W + scaling * B @ A, which changes every step; the fused layer computes plain LoRA only)")
     if cfg.quantization.bits != 4:
         return "peft", "a 16-bit base: PEFT's LoRA layers (the fused layer is for 4-bit linears)"
     return "peft", ("ZeRO-3: PEFT's LoRA layers (DeepSpeed gathers the partitioned 4-bit weights through "

@@ -67,7 +67,7 @@ def recompute_layers_for(setting, num_layers: int) -> int | None:
 
 def fused_lora(cfg: RunConfig, strategy: str = "single") -> bool:
     """Whether the run's LoRA linears are the fused 4-bit layer (see plan/layers.py for why not)."""
-    return cfg.lora.fused and cfg.quantization.bits == 4 and strategy not in ZERO3
+    return cfg.lora.fused and not cfg.lora.dora and cfg.quantization.bits == 4 and strategy not in ZERO3
 
 
 def counts_fast_path(cfg: RunConfig, fused_loss: bool, strategy: str = "single") -> bool:
@@ -130,6 +130,11 @@ def estimate_memory(model_config, cfg: RunConfig, dtype_bytes: int, recompute_la
 
     targets = lora_target_names(cfg.lora.target_modules)
     lora_params = L * sum(cfg.lora.r * (i + o) for name, (i, o) in shapes.items() if name in targets)
+    if cfg.lora.dora:  # one magnitude per output feature of each adapted linear
+        lora_params += L * sum(o for name, (i, o) in shapes.items() if name in targets)
+    # lm_head / embed_tokens trained in full (lora.modules_to_save): a trainable copy of V x H each
+    lora_params += V * H * sum(1 for m in cfg.lora.modules_to_save if m.rpartition(".")[2] in ("lm_head",
+                                                                                              "embed_tokens"))
 
     row = cfg.data.tokens_per_row if cfg.data.packing else cfg.data.max_seq_len
     T = cfg.train.micro_batch_size * row
@@ -142,6 +147,10 @@ def estimate_memory(model_config, cfg: RunConfig, dtype_bytes: int, recompute_la
                          - (6 * H + c.intermediate_size) * (dtype_bytes + 1))
         if cfg.lora.dropout > 0:
             one_layer += T * (dtype_bytes + 1) * sum(i for name, (i, o) in shapes.items() if name in targets)
+        if cfg.lora.dora:
+            # PEFT's DoRA keeps two more outputs of each adapted linear for backward: the base
+            # output and the scaled adapter output, each times the magnitude over the column norms
+            one_layer += 2 * T * dtype_bytes * sum(o for name, (i, o) in shapes.items() if name in targets)
     k = recompute_layers
     if k is None:
         k = recompute_layers_for(cfg.train.gradient_checkpointing, L)

@@ -18,8 +18,8 @@ from mistral_qlora.files import atomic_write_bytes, atomic_write_text, write_jso
 
 SUMMARY = "summary.json"
 # What a run owns in output_dir (removed by --overwrite; nothing else is touched).
-RUN_FILES = ("adapter", "checkpoints", "tensorboard", SUMMARY, "config.yaml", "loss.png", "samples.md",
-             "history.json")
+RUN_FILES = ("adapter", "checkpoints", "tensorboard", "wandb", SUMMARY, "config.yaml", "loss.png", "samples.md",
+             "history.json", "run.log")
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:

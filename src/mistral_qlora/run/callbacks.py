@@ -1,6 +1,7 @@
 """The Trainer callbacks a run installs (run/trainer.py puts them in order):
 
 - `ThroughputCallback`: real tokens/s and MFU in every log, as the benchmark measures them;
+- `EvalPerplexityCallback`: the perplexity next to each eval loss;
 - `PreemptionCallback`: SIGTERM/SIGUSR1 -> a checkpoint at the next step boundary, then stop;
 - `DivergenceCallback`: a NaN/infinite loss stops the run, and no checkpoint of it is written;
 - `SamplesCallback`: answers to held-out prompts before the first step;
@@ -26,6 +27,7 @@ from mistral_qlora.files import atomic_write_text
 from mistral_qlora.flops import mfu
 from mistral_qlora.model.adapter import check_adapter
 from mistral_qlora.model.generate import generate_answers
+from mistral_qlora.run.artifacts import perplexity
 from mistral_qlora.run.checkpoints import commit, restore_rng_state, rotate
 from mistral_qlora.runtime import any_rank, barrier
 
@@ -91,6 +93,20 @@ class ThroughputCallback(TrainerCallback):
     @property
     def mfu(self) -> float | None:
         return mfu(self.tokens_per_second, self.flops_per_token, self.peak_flops_all_gpus)
+
+
+class EvalPerplexityCallback(TrainerCallback):
+    """Adds `eval_perplexity` = exp(eval_loss) to every evaluation's log (and its history entry),
+    before the console and trackers see it."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "eval_loss" not in logs:
+            return
+        value = perplexity(logs["eval_loss"])
+        if value is not None:
+            logs["eval_perplexity"] = value
+            if state.log_history and state.log_history[-1].get("eval_loss") == logs["eval_loss"]:
+                state.log_history[-1]["eval_perplexity"] = value
 
 
 class CheckpointCommitCallback(TrainerCallback):

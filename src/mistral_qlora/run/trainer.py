@@ -1,11 +1,11 @@
 """The transformers `Trainer` of a run: its arguments from the run config, its callbacks in order, and
-one extension (`RunTrainer`): the eval loss is the mean over every answer token of the eval set."""
+its extensions (`RunTrainer`): the eval loss is the mean over every answer token of the eval set, and
+the optimizer takes LoRA+ param groups through the Trainer's `create_optimizer` hook."""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-from pathlib import Path
+import sys
+from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer
@@ -15,9 +15,11 @@ from mistral_qlora.data import PreparedData
 from mistral_qlora.data.tokenize import IGNORE_INDEX
 from mistral_qlora.model.attention import TAKES_CU_SEQLENS
 from mistral_qlora.run.callbacks import (AdapterCheckCallback, CheckpointCommitCallback, CompletedCheckpointCallback,
-                                         DivergenceCallback, PreemptionCallback, SamplesCallback, StreamPositionCallback,
-                                         ThroughputCallback)
+                                         DivergenceCallback, EvalPerplexityCallback, PreemptionCallback,
+                                         SamplesCallback, StreamPositionCallback, ThroughputCallback)
 from mistral_qlora.run.checkpoints import staging_root
+from mistral_qlora.run.console import ConsoleCallback
+from mistral_qlora.run.trackers import run_name, tracker_callbacks
 from mistral_qlora.runtime import Runtime, log
 
 
@@ -57,8 +59,11 @@ def training_arguments(cfg: RunConfig, rt: Runtime, has_eval: bool, deepspeed: P
         bf16=rt.dtype == torch.bfloat16,
         fp16=rt.dtype == torch.float16,
         use_cpu=rt.device == "cpu",
-        report_to="none",  # TensorBoard is added explicitly, after the throughput callback
-        disable_tqdm=not rt.is_main,
+        report_to="none",  # the trackers are added explicitly, after our metrics callbacks (run/trackers.py)
+        run_name=run_name(cfg),
+        # progress bars on a terminal only (run/console.py): in a pipe or a log file each redraw is a line
+        disable_tqdm=not (rt.is_main and sys.stdout.isatty()),
+        neftune_noise_alpha=t.neftune_alpha,
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         # The loss of a step is the mean over every answer token of the global batch (all
@@ -80,9 +85,28 @@ class RunTrainer(Trainer):
     """The Trainer with the eval loss as the mean over ALL answer tokens of the eval set: each eval
     forward's loss sum and answer-token count are gathered (accelerate's gather_for_metrics, which
     drops the items a rank repeats to even out the last batch) and summed over batches and ranks;
-    the Trainer's own eval loss, a mean of per-batch means, is replaced by their ratio."""
+    the Trainer's own eval loss, a mean of per-batch means, is replaced by their ratio. With LoRA+
+    (lora.plus_lr_ratio) the optimizer `train.optimizer` names is built by PEFT's
+    `create_loraplus_optimizer`, B's learning rate the ratio times A's."""
 
     _eval_totals: torch.Tensor | None = None  # [sum of token losses, answer tokens] while evaluating
+
+    def __init__(self, *args, loraplus_lr_ratio: float | None = None, **kwargs):
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from peft.optimizers import create_loraplus_optimizer
+
+        model = self.model if model is None else model
+        optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
+        lr = kwargs.pop("lr", self.args.learning_rate)
+        self.optimizer = create_loraplus_optimizer(model, optimizer_cls, lr=lr,
+                                                   loraplus_lr_ratio=self.loraplus_lr_ratio,
+                                                   weight_decay=self.args.weight_decay, **kwargs)
+        return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self._eval_totals is None:  # training
@@ -120,24 +144,27 @@ class RunCallbacks:
     divergence: DivergenceCallback
     commit: CheckpointCommitCallback
     stream: StreamPositionCallback | None = None
+    console: ConsoleCallback | None = None  # global rank 0
+    trackers: list = field(default_factory=list)  # global rank 0: train.report_to's (run/trackers.py)
 
     def ordered(self) -> list:
         # Order matters: a resumed run that is already complete stops after the samples and before
         # anything else starts (signal handlers, timers); the samples' time is not counted as
         # training; divergence runs after preemption so a NaN can veto the save it asks for; the
-        # adapter check runs before the commit seals the checkpoint.
-        # The stream's position is written into the checkpoint before the commit seals it.
+        # adapter check runs before the commit seals the checkpoint, and the stream's position is
+        # written into the checkpoint before the commit seals it; the console and the trackers come
+        # after the callbacks that add tokens/s, MFU and perplexity to the logs.
         stream = [self.stream] if self.stream is not None else []
+        shown = [self.console] if self.console is not None else []
         return [self.samples, CompletedCheckpointCallback(), self.throughput, self.preemption, self.divergence,
-                AdapterCheckCallback(), *stream, self.commit]
+                AdapterCheckCallback(), *stream, self.commit, EvalPerplexityCallback(), *shown, *self.trackers]
 
 
 def build_trainer(cfg: RunConfig, rt: Runtime, args, model, tokenizer, data: PreparedData, attention: str,
                   fingerprint: dict, flops_per_token: float, peak_flops: float | None, resume_from: Path | None = None):
     """(Trainer, RunCallbacks). Samples are generated by every rank in lockstep (ZeRO-3 gathers
     each layer collectively) once the engine is up, and written by rank 0 alone."""
-    from transformers import PrinterCallback
-    from transformers.integrations import TensorBoardCallback
+    from transformers import PrinterCallback, ProgressCallback
 
     callbacks = RunCallbacks(
         samples=SamplesCallback(model, tokenizer, data.sample_prompts, cfg.eval.max_new_tokens, data.template),
@@ -147,8 +174,9 @@ def build_trainer(cfg: RunConfig, rt: Runtime, args, model, tokenizer, data: Pre
         commit=CheckpointCommitCallback(fingerprint, cfg.train.keep_checkpoints),
         stream=StreamPositionCallback(data.stream, cfg.train.micro_batch_size * cfg.train.grad_accum * rt.world_size,
                                       resume_from) if data.stream is not None else None,
+        console=ConsoleCallback(bars=not args.disable_tqdm) if rt.is_main else None,
+        trackers=tracker_callbacks(cfg) if rt.is_main else [],
     )
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(cfg.output_dir) / "tensorboard")
     trainer = RunTrainer(
         model=model,
         args=args,
@@ -156,8 +184,11 @@ def build_trainer(cfg: RunConfig, rt: Runtime, args, model, tokenizer, data: Pre
         eval_dataset=data.eval_dataset(cfg.train.micro_batch_size, cfg.train.seed),
         data_collator=data.collator(tokenizer.pad_token_id, with_cu_seqlens=attention in TAKES_CU_SEQLENS),
         processing_class=tokenizer,
-        callbacks=[*callbacks.ordered(), TensorBoardCallback()],
+        callbacks=callbacks.ordered(),
+        loraplus_lr_ratio=cfg.lora.plus_lr_ratio,
     )
-    if not rt.is_main:  # the local rank 0 of every other node would print the logs again
-        trainer.remove_callback(PrinterCallback)
+    # The Trainer's own printers show each log as a dict; ConsoleCallback (rank 0) takes their place.
+    for cb in list(trainer.callback_handler.callbacks):
+        if type(cb) in (PrinterCallback, ProgressCallback):  # not ConsoleCallback, a ProgressCallback too
+            trainer.remove_callback(cb)
     return trainer, callbacks
