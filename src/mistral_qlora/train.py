@@ -54,8 +54,8 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
     started = time.time()
     rt = Runtime.detect(cfg.model.dtype)
     inputs = validate(cfg, rt, overwrite, force)
+    plan = make_plan(cfg, inputs.model_config, rt)  # the last step that can refuse the run: log after it
     log(f"chat template: {inputs.data.template.describe()}")
-    plan = make_plan(cfg, inputs.model_config, rt)
     for line in plan.log_lines(cfg):
         log(line)
     if plan.ds_config is not None and launched_processes() is None:
