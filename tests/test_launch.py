@@ -217,3 +217,17 @@ def test_train_help_lists_process_flags():
                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, check=True).stdout
     for flag in ("--nproc", "--nnodes", "--node-rank", "--main-addr", "--main-port"):
         assert flag in out
+
+
+def test_launcher_facts_are_read_from_the_current_environment(monkeypatch):
+    """`datasets.map(num_proc=N)` rebinds os.environ to a copy: the launcher check must read the
+    environment as it is now, not the object it was when the module loaded."""
+    import copy
+    import os
+
+    from mistral_qlora.runtime import launched_processes
+
+    monkeypatch.setattr(os, "environ", copy.deepcopy(os.environ))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launched_processes() == 2

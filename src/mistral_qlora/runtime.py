@@ -53,7 +53,8 @@ class Runtime:
         return torch.device("cuda", self.local_rank) if self.device == "cuda" else torch.device("cpu")
 
     @classmethod
-    def detect(cls, dtype_name: str, env=os.environ) -> "Runtime":
+    def detect(cls, dtype_name: str, env=None) -> "Runtime":
+        env = os.environ if env is None else env  # read now: `datasets` rebinds os.environ
         return cls(
             device="cuda" if torch.cuda.is_available() else "cpu",
             dtype=resolve_dtype(dtype_name),
@@ -81,9 +82,10 @@ def gpu_budget(device_index: int = 0) -> int | None:
 # Launchers: who started this process
 
 
-def launched_processes(env=os.environ) -> int | None:
+def launched_processes(env=None) -> int | None:
     """The world size when a launcher (torchrun, accelerate launch, deepspeed) started this
     process, else None. LOCAL_RANK is what all of them set and a plain shell does not."""
+    env = os.environ if env is None else env  # read now: `datasets` rebinds os.environ
     if "LOCAL_RANK" not in env:
         return None
     return int(env.get("WORLD_SIZE", "1"))

@@ -71,8 +71,9 @@ def check_variants(cfg: RunConfig, strategy: str) -> None:
                         "slice of the base weights); use train.strategy=ddp or single, or turn them off")
 
 
-def make_plan(cfg: RunConfig, model_config, rt: Runtime, env=os.environ) -> Plan:
+def make_plan(cfg: RunConfig, model_config, rt: Runtime, env=None) -> Plan:
     """The plan for this run on `rt.world_size` processes, with `rt`'s device and dtype."""
+    env = os.environ if env is None else env  # read now: `datasets` rebinds os.environ
     attention = select_attention(cfg.model.attention, rt.dtype)
     kernels = select_kernels(cfg.model.kernels)
     budget = rt.gpu_budget()

@@ -48,9 +48,10 @@ def strategy_of_ds_config(config: dict) -> str:
     raise UserError(f"DeepSpeed ZeRO stage {stage} is not supported here (use ZeRO-2 or ZeRO-3)")
 
 
-def launcher_deepspeed(env=os.environ) -> tuple[str, Path | None] | None:
+def launcher_deepspeed(env=None) -> tuple[str, Path | None] | None:
     """(strategy, DeepSpeed config file) when `accelerate launch` was given a DeepSpeed config,
     e.g. `accelerate launch --config_file launch/zero3.yaml`; None otherwise."""
+    env = os.environ if env is None else env  # read now: `datasets` rebinds os.environ
     if str(env.get("ACCELERATE_USE_DEEPSPEED", "")).lower() not in ("true", "1"):
         return None
     file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
@@ -93,8 +94,9 @@ def resolve_strategy(requested: str, world_size: int, estimate: MemoryEstimate |
 
 
 def plan_strategy(cfg: RunConfig, world_size: int, model_config, dtype_bytes: int, budget: int | None,
-                  env=os.environ) -> tuple[str, str, Path | None]:
+                  env=None) -> tuple[str, str, Path | None]:
     """(strategy, why, DeepSpeed config file or None) for this run on `world_size` processes."""
+    env = os.environ if env is None else env  # read now: `datasets` rebinds os.environ
     requested = cfg.train.strategy
     launched = launcher_deepspeed(env)
     ds_path = None

@@ -52,9 +52,10 @@ def run_name(cfg: RunConfig) -> str:
     return cfg.train.run_name or Path(cfg.output_dir).resolve().name
 
 
-def tracker_env(cfg: RunConfig, env=os.environ) -> list[str]:
+def tracker_env(cfg: RunConfig, env=None) -> list[str]:
     """Set the environment variables the integrations read from the config; a variable already set
     wins. Returns one note per variable the environment kept against the config, for the log."""
+    env = os.environ if env is None else env  # read now: `datasets` rebinds os.environ
     t = cfg.train
     trackers = active_trackers(cfg)
     wanted: list[tuple[str, str, str]] = []  # (variable, value, where the value comes from)
