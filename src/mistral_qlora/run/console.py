@@ -1,7 +1,7 @@
 """What rank 0 prints while it trains: one plain line per logging step and one per evaluation.
 
-    step 10/40 | epoch 0.50 | loss 9.8123 | lr 1.95e-03 | grad norm 1.21 | 3,120 tok/s | MFU 41.2% | 0:00:12 | ETA 0:00:36
-    eval step 20/40 | loss 8.2210 | perplexity 3715.4
+    step STEP/TOTAL | epoch E | loss L | lr LR | grad norm G | N tok/s | MFU M% | ELAPSED | ETA T
+    eval step STEP/TOTAL | loss L | perplexity P
 
 `ConsoleCallback` takes the place of the Trainer's `PrinterCallback` and `ProgressCallback`, which
 print each log as a raw dict. Progress bars (the Trainer's, through `ProgressCallback`'s own
