@@ -146,6 +146,45 @@ def test_the_fused_fp8_layer_is_the_formula(dropout):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_readers_of_one_input_add_their_fp8_gradients_in_one_pass(monkeypatch, dropout):
+    """gate and up read one input: up's FP8 input gradient and its adapter's share go into gate's
+    buffer in one pass (the product kernel's `addend`), and the sum equals autograd's sum of the
+    two linears' gradients computed each on its own."""
+    from mistral_qlora.kernels import fused_lora
+
+    torch.manual_seed(0)
+    plan = LayerPlan(lora_layer="fused", recompute=0, compute="fp8")
+    model = add_lora(load_tiny_base(), LoraSection(r=8, dropout=dropout), plan).train()
+    mlp = model.get_base_model().model.layers[1].mlp
+    for layer in (mlp.gate_proj, mlp.up_proj):
+        layer.lora_B["default"].weight.data.normal_(0, 0.05)
+    assert mlp.gate_proj.input_group is mlp.up_proj.input_group is not None
+    x = torch.randn(2, 37, mlp.gate_proj.in_features)
+    gen = torch.Generator().manual_seed(5)
+    g_gate, g_up = (torch.randn(2, 37, mlp.gate_proj.out_features, generator=gen) for _ in range(2))
+
+    def x_grad():
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(7)
+        ((mlp.gate_proj(xi) * g_gate).sum() + (mlp.up_proj(xi) * g_up).sum()).backward()
+        return xi.grad
+
+    addends = []
+    product = fused_lora.add_lora_product_torch_
+    monkeypatch.setattr(fused_lora, "add_lora_product_torch_",
+                        lambda *a, **k: addends.append(k.get("addend") is not None) or product(*a, **k))
+    shared = x_grad()
+    assert addends.count(True) == 1  # the second reader joined the first one's buffer
+    group = mlp.gate_proj.input_group
+    for layer in (mlp.gate_proj, mlp.up_proj):
+        layer.input_group = None
+    alone = x_grad()
+    for layer in (mlp.gate_proj, mlp.up_proj):
+        layer.input_group = group
+    assert torch.allclose(shared, alone, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("recompute,kept_for_run", [(0, 0), (2, 2)])
 def test_the_fused_layer_in_fp8_trains_like_bf16(batch, monkeypatch, recompute, kept_for_run):  # noqa: F811
     """The whole tiny model, base matmuls in FP8 against the bf16 layer: the loss within 1%, the

@@ -97,6 +97,28 @@ def test_kernel_writes_the_product_without_reading_out(device, masked):
             assert (out[~mask] == 0).all()
 
 
+@pytest.mark.parametrize("masked", [True, False], ids=["masked", "unmasked"])
+def test_kernel_adds_a_third_tensor_in_the_same_pass(device, masked):
+    """`addend`: out += addend + scale * (mask *) (u @ v), the addend not masked, from the kernel
+    and from the PyTorch fallback alike (the FP8 layer's input gradient joining a shared buffer)."""
+    T, N, R = 100, 300, 16
+    gen = torch.Generator().manual_seed(6)
+    out0, addend = (torch.randn(T, N, generator=gen).to(device, torch.bfloat16) for _ in range(2))
+    u = torch.randn(T, R, generator=gen).to(device, torch.bfloat16)
+    v = torch.randn(R, N, generator=gen).to(device, torch.bfloat16)
+    mask = (torch.rand(T, N, generator=gen) > 0.1).to(device) if masked else None
+    exact = out0.double() + addend.double() + (u.double() @ v.double()) * 0.5 * (mask if masked else 1)
+    for write in (add_lora_product_, lora_kernels.add_lora_product_torch_):
+        out = out0.clone()
+        assert write(out, u, v, 0.5, mask, addend=addend) is out
+        assert rel(out, exact) < 1e-2, write.__name__
+        if masked:
+            dropped = ~mask
+            assert torch.allclose(out[dropped].float(), (out0 + addend)[dropped].float(), rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="addend"):
+        add_lora_product_(out0.clone(), u, v, 0.5, addend=addend[:, :10])
+
+
 def test_fused_layer_adds_its_gemm_onto_the_product_with_the_same_result(device, monkeypatch):
     """`product_first` (the default): the kernel writes the adapter's product and cuBLAS adds the
     base matmul onto it, forward and backward; output and gradients equal those of the GEMM-first

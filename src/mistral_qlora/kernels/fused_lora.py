@@ -167,9 +167,12 @@ class LoraLinearFp8Function(torch.autograd.Function):
                 W8 = Fp8Rows(wq, ws, wt) if wq is not None else _fp8_weight(ctx.weight, ctx.absmax)
                 grad_x = fp8_input_grad(g, W8)
                 shared = ctx.shared
-                if shared is not None and shared.buffer is not None:  # another reader's gradient: add to it
-                    grad_x = shared.buffer.add_(grad_x)
-                _add_product(grad_x, ga, A, 1.0 / (1.0 - ctx.dropout_p), mask)
+                keep_scale = 1.0 / (1.0 - ctx.dropout_p)
+                if shared is not None and shared.buffer is not None:
+                    # another reader's gradient: this one's matmul and product added to it in one pass
+                    grad_x = _add_product(shared.buffer, ga, A, keep_scale, mask, addend=grad_x)
+                else:
+                    _add_product(grad_x, ga, A, keep_scale, mask)
                 if shared is not None:
                     grad_x = shared.pass_on(grad_x)
                 if grad_x is not None:
@@ -177,14 +180,14 @@ class LoraLinearFp8Function(torch.autograd.Function):
         return grad_x, None, None, grad_A, grad_B, None, None, None, None, None, None, None
 
 
-def _add_product(out: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: float, mask=None) -> None:
-    """out += scale * (u @ v), masked where a dropout mask is given: the Triton kernel where it
-    runs (one pass over out; cuBLAS runs these rank-r products at a fraction of the card's memory
-    bandwidth), else the PyTorch expression."""
+def _add_product(out: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: float, mask=None,
+                 addend: torch.Tensor | None = None) -> torch.Tensor:
+    """out += (addend +) scale * (u @ v), the product masked where a dropout mask is given: the
+    Triton kernel where it runs (one pass over out; cuBLAS runs these rank-r products at a
+    fraction of the card's memory bandwidth), else the PyTorch expression. Returns out."""
     if lora_product_usable(out):
-        add_lora_product_(out, u, v, scale, mask)
-    else:
-        add_lora_product_torch_(out, u, v, scale, mask)
+        return add_lora_product_(out, u, v, scale, mask, addend=addend)
+    return add_lora_product_torch_(out, u, v, scale, mask, addend=addend)
 
 
 def _matmul_plus_product(a: torch.Tensor, b: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: float,

@@ -16,7 +16,10 @@ value in bf16, 5 with the mask), the product is never stored, and the sum is rou
 the PyTorch path rounds twice (the product to bf16, then the sum). With `accumulate=False` it
 stores the tile without reading `out` (2 bytes a value): that is how the fused layer uses it, the
 adapter's share written first and cuBLAS adding the base matmul onto it in its GEMM's epilogue
-(`fused_lora._matmul_plus_product`).
+(`fused_lora._matmul_plus_product`). With an `addend` it also adds a third tensor of out's shape in
+the same pass, `out += addend + scale * (u @ v)`: the FP8 layer's input gradient, whose matmul
+(`torch._scaled_mm`) cannot add onto an existing tensor, joins the shared input-gradient buffer
+that way (6 bytes a value instead of 10 for a separate `add_` and product pass).
 
 The kernel runs on CUDA in bf16/fp16; `lora_product_usable` says when, and the fused layer falls
 back to the PyTorch expressions otherwise (CPU, float32, no Triton), and also, with one warning, if
@@ -82,10 +85,10 @@ def _kernel(interpret: bool):
     import triton.language as tl
 
     @triton.jit
-    def lora_product_kernel(out_ptr, u_ptr, v_ptr, mask_ptr, T, N, R, scale,
-                            s_out, s_u, s_vr, s_vn, s_m,
+    def lora_product_kernel(out_ptr, u_ptr, v_ptr, mask_ptr, add_ptr, T, N, R, scale,
+                            s_out, s_u, s_vr, s_vn, s_m, s_add,
                             BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                            HAS_MASK: tl.constexpr, ACCUMULATE: tl.constexpr):
+                            HAS_MASK: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_ADDEND: tl.constexpr):
         pid_t = tl.program_id(0)
         pid_n = tl.program_id(1)
         rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -112,37 +115,49 @@ def _kernel(interpret: bool):
         out_at = out_ptr + rows[:, None].to(tl.int64) * s_out + cols[None, :]
         if ACCUMULATE:
             acc += tl.load(out_at, mask=tile, other=0.0).to(tl.float32)
+        if HAS_ADDEND:
+            acc += tl.load(add_ptr + rows[:, None].to(tl.int64) * s_add + cols[None, :], mask=tile,
+                           other=0.0).to(tl.float32)
         tl.store(out_at, acc.to(out_ptr.dtype.element_ty), mask=tile)
 
     return lora_product_kernel
 
 
 def add_lora_product_(out: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: float,
-                      mask: torch.Tensor | None = None, accumulate: bool = True) -> torch.Tensor:
+                      mask: torch.Tensor | None = None, accumulate: bool = True,
+                      addend: torch.Tensor | None = None) -> torch.Tensor:
     """out += scale * (u @ v), or with a mask out += scale * mask * (u @ v), in place; with
-    `accumulate=False`, out = the same product (out's values are not read).
+    `accumulate=False`, out = the same product (out's values are not read); with `addend`, that
+    tensor is added too (out += addend + ..., not masked), in the same pass.
 
     out [T x N] with contiguous rows, u [T x R], v [R x N] (any strides: the forward passes
-    B.t()), mask [T x N] bool. Same dtype for out, u and v."""
+    B.t()), mask [T x N] bool, addend [T x N] with contiguous rows. Same dtype for out, u, v and
+    addend."""
     T, N = out.shape
     R = u.shape[1]
-    if u.shape != (T, R) or v.shape != (R, N) or (mask is not None and mask.shape != (T, N)):
+    if (u.shape != (T, R) or v.shape != (R, N) or (mask is not None and mask.shape != (T, N))
+            or (addend is not None and addend.shape != (T, N))):
         raise ValueError(f"shapes: out {tuple(out.shape)}, u {tuple(u.shape)}, v {tuple(v.shape)}"
-                         + (f", mask {tuple(mask.shape)}" if mask is not None else ""))
-    if not (u.dtype == v.dtype == out.dtype) or (mask is not None and mask.dtype != torch.bool):
+                         + (f", mask {tuple(mask.shape)}" if mask is not None else "")
+                         + (f", addend {tuple(addend.shape)}" if addend is not None else ""))
+    if (not (u.dtype == v.dtype == out.dtype) or (mask is not None and mask.dtype != torch.bool)
+            or (addend is not None and addend.dtype != out.dtype)):
         raise ValueError(f"dtypes: out {out.dtype}, u {u.dtype}, v {v.dtype}"
-                         + (f", mask {mask.dtype}" if mask is not None else ""))
-    if out.stride(1) != 1:
-        raise ValueError(f"out must have contiguous rows (strides {out.stride()})")
+                         + (f", mask {mask.dtype}" if mask is not None else "")
+                         + (f", addend {addend.dtype}" if addend is not None else ""))
+    if out.stride(1) != 1 or (addend is not None and addend.stride(1) != 1):
+        raise ValueError(f"out and addend must have contiguous rows (strides {out.stride()}"
+                         + (f", {addend.stride()})" if addend is not None else ")"))
     u = u.contiguous()  # no copies in the fused layer
     m = mask.contiguous().view(torch.uint8) if mask is not None else out  # any pointer: unread without a mask
+    a = addend if addend is not None else out  # likewise
     grid = ((T + BLOCK_T - 1) // BLOCK_T, (N + BLOCK_N - 1) // BLOCK_N)
     try:
         _kernel(_interpreting())[grid](
-            out, u, v, m, T, N, R, float(scale),
-            out.stride(0), u.stride(0), v.stride(0), v.stride(1), m.stride(0),
+            out, u, v, m, a, T, N, R, float(scale),
+            out.stride(0), u.stride(0), v.stride(0), v.stride(1), m.stride(0), a.stride(0),
             BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, HAS_MASK=mask is not None, ACCUMULATE=accumulate,
-            num_warps=NUM_WARPS,
+            HAS_ADDEND=addend is not None, num_warps=NUM_WARPS,
         )
     except Exception as exc:
         # Triton compiles on first use, and its compiler can fail on a card or version we have
@@ -154,13 +169,20 @@ def add_lora_product_(out: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale
         warnings.warn(f"the Triton kernel for the LoRA product failed on {key[0]} {key[1]} "
                       f"({_failed[key]}); using the PyTorch expression instead (same result, slower)",
                       RuntimeWarning, stacklevel=2)
-        add_lora_product_torch_(out, u, v, scale, mask, accumulate)
+        add_lora_product_torch_(out, u, v, scale, mask, accumulate, addend)
     return out
 
 
 def add_lora_product_torch_(out: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: float,
-                            mask: torch.Tensor | None = None, accumulate: bool = True) -> torch.Tensor:
+                            mask: torch.Tensor | None = None, accumulate: bool = True,
+                            addend: torch.Tensor | None = None) -> torch.Tensor:
     """The same sum in PyTorch (any device and dtype): the kernel's reference and fallback."""
+    if addend is not None:
+        if accumulate:
+            out.add_(addend)
+        else:
+            out.copy_(addend)
+        accumulate = True
     if mask is None:
         return out.addmm_(u, v, beta=1 if accumulate else 0, alpha=float(scale))
     if accumulate:
