@@ -126,9 +126,9 @@ def test_fused_layer_adds_its_gemm_onto_the_product_with_the_same_result(device,
     writes = []
     kernel = lora_kernels.add_lora_product_
 
-    def spy(out, u, v, scale, mask=None, accumulate=True):
+    def spy(out, u, v, scale, mask=None, accumulate=True, addend=None):
         writes.append(accumulate)
-        return kernel(out, u, v, scale, mask, accumulate)
+        return kernel(out, u, v, scale, mask, accumulate, addend)
 
     monkeypatch.setattr(fused_lora, "add_lora_product_", spy)
 

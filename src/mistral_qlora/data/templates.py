@@ -15,7 +15,8 @@
 Labels are -100 everywhere except on the assistant turns (their content and the end token after
 it), unless train_on_prompt; the first token (BOS) is never a target. Text spans of a whole batch
 of conversations go through the tokenizer in one call, with special-token strings inside the text
-read as text (as SentencePiece and mistral-common read them).
+read as text (as SentencePiece and mistral-common read them); the Mistral templates call
+SentencePiece itself where it gives the tokenizer's ids exactly (data/spm.py).
 
 How a Jinja template's assistant turns are found: a template with `{% generation %}` blocks marks
 them itself (`apply_chat_template(return_assistant_tokens_mask=True)`). Without them a template
@@ -33,6 +34,7 @@ import re
 from typing import Sequence
 
 from mistral_qlora.data.formats import Conversation, Turn
+from mistral_qlora.data.spm import spm_encoder, tokenizer_ids
 from mistral_qlora.errors import UserError
 
 IGNORE_INDEX = -100
@@ -163,28 +165,39 @@ class _MistralTemplate(ChatTemplate):
     def _pieces(self, conv: Conversation, answer_last: bool) -> list[tuple[list[int] | str, bool]]:
         raise NotImplementedError
 
+    def __init__(self, tokenizer, reason: str = ""):
+        super().__init__(tokenizer, reason)
+        # SentencePiece itself where it gives the tokenizer's ids exactly (data/spm.py), else the tokenizer
+        self.encoder = spm_encoder(tokenizer)
+
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         if not texts:
             return []
-        return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        if self.encoder is not None:
+            return self.encoder.encode(texts)
+        return tokenizer_ids(self.tokenizer, texts)
 
-    def _assemble(self, pieces_per_conv: list[list[tuple[list[int] | str, bool]]]):
+    def _assemble(self, pieces_per_conv: list[list[tuple[list[int] | str, bool]]], train_on_prompt: bool):
+        """(ids, labels) of each conversation: a piece's labels are its ids where it is learned
+        (or train_on_prompt), else IGNORE_INDEX; the first token is never a target."""
         texts = [p for pieces in pieces_per_conv for p, _ in pieces if isinstance(p, str)]
         encoded = iter(self._tokenize(texts))
         for pieces in pieces_per_conv:
-            ids, learned = [], []
+            ids, labels = [], []
             for piece, keep in pieces:
                 tokens = next(encoded) if isinstance(piece, str) else piece
                 ids += tokens
-                learned += [keep] * len(tokens)
-            yield ids, learned
+                labels += tokens if (keep or train_on_prompt) else [IGNORE_INDEX] * len(tokens)
+            if labels:
+                labels[0] = IGNORE_INDEX
+            yield ids, labels
 
     def encode(self, conversations, train_on_prompt=False):
         pieces = [self._pieces(_as_conversation(c), answer_last=True) for c in conversations]
-        return [(ids, _labels(ids, learned, train_on_prompt)) for ids, learned in self._assemble(pieces)]
+        return list(self._assemble(pieces, train_on_prompt))
 
     def generation_ids(self, conversation):
-        (ids, _), = self._assemble([self._pieces(_as_conversation(conversation), answer_last=False)])
+        (ids, _), = self._assemble([self._pieces(_as_conversation(conversation), answer_last=False)], False)
         return ids
 
 

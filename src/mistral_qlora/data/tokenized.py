@@ -17,6 +17,7 @@ counts) is removed with a warning and built again.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -125,6 +126,29 @@ class TokenizeBatch:
         return {"input_ids": [ex["input_ids"] for ex in examples], "labels": [ex["labels"] for ex in examples],
                 "length": lengths, "truncated": truncated}
 
+    def columns(self, batch: dict, indices: list[int]):
+        """`__call__`'s columns as an Arrow table, what `datasets.map` writes to the cache: the id
+        lists flattened into one int32 buffer with offsets in one pass each, instead of datasets
+        converting a Python list per record."""
+        import pyarrow as pa
+
+        out = self(batch, indices)
+        lengths = out["length"]
+        return pa.table({"input_ids": _list_array(out["input_ids"], lengths),
+                         "labels": _list_array(out["labels"], lengths),
+                         "length": pa.array(lengths, pa.int32()), "truncated": pa.array(out["truncated"], pa.bool_())})
+
+
+def _list_array(lists: list[list[int]], lengths: list[int]):
+    """A pyarrow list<int32> array of `lists` (whose lengths are `lengths`)."""
+    import numpy as np
+    import pyarrow as pa
+
+    flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int32, count=sum(lengths))
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+
 
 def features():
     from datasets import Features, Sequence, Value
@@ -228,7 +252,7 @@ def _build(table, fn: TokenizeBatch, folder: Path, num_proc: int, what: str):
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
         with datasets_quiet(progress=len(table) >= PROGRESS_RECORDS):
-            ds = table.map(fn, batched=True, batch_size=BATCH, with_indices=True,
+            ds = table.map(fn.columns, batched=True, batch_size=BATCH, with_indices=True,
                            num_proc=num_proc if num_proc > 1 else None, remove_columns=table.column_names,
                            features=features(), cache_file_name=str(staging / "part.arrow"),
                            new_fingerprint=folder.name, desc=f"tokenizing {what}")

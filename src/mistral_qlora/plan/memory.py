@@ -107,6 +107,26 @@ def fp8_transient_bytes(model_config, tokens: int) -> int:
     return tokens * max(max(i, o) for i, o in shapes) + max(i * o for i, o in shapes)
 
 
+def dora_layer_bytes(model_config, cfg: RunConfig, targets: set[str], tokens: int, dtype_bytes: int,
+                     lora_layer_bytes: int) -> int:
+    """What one decoder layer of PEFT's DoRA layers keeps for backward, from `lora_layer_bytes`,
+    the same layer's bytes with plain LoRA on PEFT's layers:
+    - each adapted linear's output is scaled by the magnitude over the column norms, a float32
+      parameter (PEFT keeps adapters in float32), so the output, the residual stream and every
+      activation after it are float32: the layer's activations count at 4 bytes a value, not
+      `dtype_bytes`;
+    - each adapted linear keeps two more [tokens x out] tensors for the magnitude's products: its
+      base output and its adapter output (`dtype_bytes` each);
+    - under LoRA dropout DoRA computes the base output again from the dropped input with the
+      dequantized weight (`F.linear(dropout(x), W)`), which keeps that weight until backward."""
+    outs = sum(o for name, (i, o) in decoder_linear_shapes(model_config).items() if name in targets)
+    kept = lora_layer_bytes * 4 // dtype_bytes + 2 * tokens * dtype_bytes * outs
+    if cfg.lora.dropout > 0:
+        kept += dtype_bytes * sum(i * o for name, (i, o) in decoder_linear_shapes(model_config).items()
+                                  if name in targets)
+    return kept
+
+
 def estimate_memory(model_config, cfg: RunConfig, dtype_bytes: int, recompute_layers: int | None = None,
                     fused_loss: bool = False, kept_weight_layers: int = 0) -> MemoryEstimate:
     """The estimate for `recompute_layers` recomputing layers (default: what
@@ -148,14 +168,14 @@ def estimate_memory(model_config, cfg: RunConfig, dtype_bytes: int, recompute_la
         if cfg.lora.dropout > 0:
             one_layer += T * (dtype_bytes + 1) * sum(i for name, (i, o) in shapes.items() if name in targets)
         if cfg.lora.dora:
-            # PEFT's DoRA keeps two more outputs of each adapted linear for backward: the base
-            # output and the scaled adapter output, each times the magnitude over the column norms
-            one_layer += 2 * T * dtype_bytes * sum(o for name, (i, o) in shapes.items() if name in targets)
+            one_layer = dora_layer_bytes(c, cfg, targets, T, dtype_bytes, one_layer)
     k = recompute_layers
     if k is None:
         k = recompute_layers_for(cfg.train.gradient_checkpointing, L)
         k = L if k is None else k
-    activations = k * T * H * dtype_bytes + (L - k) * one_layer + (one_layer if k else 0)
+    # a recomputing layer keeps its input; under DoRA the hidden states are float32 (dora_layer_bytes)
+    checkpoint_bytes = 4 if cfg.lora.dora else dtype_bytes
+    activations = k * T * H * checkpoint_bytes + (L - k) * one_layer + (one_layer if k else 0)
     recomputing_keeps = k > 0 and cfg.lora.fused and cfg.quantization.bits == 4
     activations += (kept_weight_layers + recomputing_keeps) * kept_weight_bytes(model_config, cfg, dtype_bytes)
     if cfg.quantization.compute == "fp8":

@@ -54,7 +54,6 @@ def baseline_prepare(path: str, tokenizer, data_cfg, seed: int) -> int:
     from mistral_qlora.data.formats import records_to_conversations
     from mistral_qlora.data.load import read_records
     from mistral_qlora.data.packing import pack_best_fit_decreasing
-    from mistral_qlora.data.tokenize import tokenize_conversations
 
     convs = records_to_conversations(read_records(path), data_cfg.format, path)
     order = list(range(len(convs)))
@@ -63,10 +62,40 @@ def baseline_prepare(path: str, tokenizer, data_cfg, seed: int) -> int:
     eval_convs = [convs[i] for i in sorted(order[:n_eval])]
     train_convs = [convs[i] for i in sorted(order[n_eval:])]
     args = (tokenizer, data_cfg.max_seq_len, data_cfg.overlong, data_cfg.train_on_prompt)
-    _, ts = tokenize_conversations(train_convs, *args)
-    _, es = tokenize_conversations(eval_convs, *args)
-    pack_best_fit_decreasing(ts.lengths, data_cfg.tokens_per_row, seed)
-    return ts.tokens + es.tokens
+    train_lengths = baseline_tokenize(train_convs, *args)
+    eval_lengths = baseline_tokenize(eval_convs, *args)
+    pack_best_fit_decreasing(train_lengths, data_cfg.tokens_per_row, seed)
+    return sum(train_lengths) + sum(eval_lengths)
+
+
+def baseline_tokenize(conversations, tokenizer, max_seq_len: int, overlong: str, train_on_prompt: bool) -> list[int]:
+    """The kept examples' lengths, tokenized as the data step did before the Arrow pipeline: the
+    v1 template's prompts and answers each in one call of the fast tokenizer over all of them,
+    ids and labels assembled per record in Python lists."""
+    from mistral_qlora.data.templates import IGNORE_INDEX
+
+    def encode(texts):
+        return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+    conversations = [list(conv) for conv in conversations]
+    prompt_ids = iter(encode([f"[INST] {p} [/INST]" for conv in conversations for p, _ in conv]))
+    answer_ids = iter(encode([a for conv in conversations for _, a in conv]))
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    lengths = []
+    for conv in conversations:
+        ids, labels = [bos], [IGNORE_INDEX]
+        for _ in conv:
+            p, a = next(prompt_ids), next(answer_ids) + [eos]
+            ids += p + a
+            labels += (p if train_on_prompt else [IGNORE_INDEX] * len(p)) + a
+        if len(ids) > max_seq_len:
+            if overlong == "drop":
+                continue
+            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+            if all(label == IGNORE_INDEX for label in labels[1:]):
+                continue
+        lengths.append(len(ids))
+    return lengths
 
 
 def run_phase(phase: str, path: str, cache: str, max_seq_len: int) -> dict:
