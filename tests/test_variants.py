@@ -189,6 +189,32 @@ def test_variants_count_in_flops_and_memory():
     assert not fused_lora(load_config(None, ["lora.dora=true"])) and fused_lora(load_config(None))
 
 
+def test_dora_layers_are_counted_in_float32_with_their_extra_tensors():
+    """PEFT's DoRA layers: float32 activations (the magnitude is a float32 parameter), the base and
+    adapter outputs of each adapted linear kept, and under dropout the dequantized weight. With
+    Mistral-7B's shapes at 8192 tokens and no layer recomputing, that is more than an H200 holds
+    (the fast DoRA bench ran out of memory there when this counted the two outputs in bf16 only)."""
+    from transformers import MistralConfig
+
+    from mistral_qlora.config import load_config
+    from mistral_qlora.flops import decoder_linear_shapes, lora_target_names
+    from mistral_qlora.model.builtin import MISTRAL_7B_V02
+    from mistral_qlora.plan.memory import dora_layer_bytes, estimate_memory
+
+    c = MistralConfig(**{k: v for k, v in MISTRAL_7B_V02.items() if k != "architectures"})
+    sets = ["data.tokens_per_row=8192", "train.micro_batch_size=1", "lora.dropout=0.05"]
+    plain, dora = (estimate_memory(c, load_config(None, sets + extra), 2, recompute_layers=0)
+                   for extra in ([], ["lora.dora=true"]))
+    cfg = load_config(None, sets + ["lora.dora=true"])
+    targets = lora_target_names(cfg.lora.target_modules)
+    shapes = {n: s for n, s in decoder_linear_shapes(c).items() if n in targets}
+    outs, weights = sum(o for i, o in shapes.values()), sum(i * o for i, o in shapes.values())
+    assert dora_layer_bytes(c, cfg, targets, 8192, 2, 1000) == 2000 + 2 * 8192 * 2 * outs + 2 * weights
+    no_dropout = load_config(None, ["lora.dora=true", "lora.dropout=0"])
+    assert dora_layer_bytes(c, no_dropout, targets, 8192, 2, 1000) == 2000 + 2 * 8192 * 2 * outs
+    assert dora.per_gpu("single") > 139.8 * 2**30 > plain.per_gpu("single")
+
+
 @pytest.fixture(scope="module")
 def dora_run(tmp_path_factory):
     from mistral_qlora.config import load_config
