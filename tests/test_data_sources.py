@@ -257,6 +257,7 @@ def test_bench_data_on_a_tiny_size(tmp_path):
     assert by["first"]["tokens"] == by["cached"]["tokens"] == by["streaming"]["tokens"] > by["baseline"]["tokens"] > 0
     assert by["cached"]["from_cache"] and not by["first"]["from_cache"]
     assert all(r["peak_rss_gib"] > 0 and r["wall_s"] > 0 for r in results)
+    assert all(0 < r["peak_pss_gib"] <= r["peak_rss_gib"] for r in results)  # shared pages counted once
     assert sum(1 for _ in open(tmp_path / "qa-400.jsonl")) == 400
     assert "| first | qa-400.jsonl |" in table(results)
 

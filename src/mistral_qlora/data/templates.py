@@ -169,6 +169,8 @@ class _MistralTemplate(ChatTemplate):
         super().__init__(tokenizer, reason)
         # SentencePiece itself where it gives the tokenizer's ids exactly (data/spm.py), else the tokenizer
         self.encoder = spm_encoder(tokenizer)
+        # read once: the tokenizer's attribute lookups cost more than a record's pieces
+        self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         if not texts:
@@ -205,7 +207,7 @@ class MistralV1Template(_MistralTemplate):
     name = "mistral-v1"
 
     def _pieces(self, conv, answer_last):
-        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        bos, eos = self.bos, self.eos
         pieces: list[tuple[list[int] | str, bool]] = [([bos], False)]
         for i, (prompt, answer) in enumerate(conv):
             if i == 0 and conv.system:
@@ -224,7 +226,7 @@ class MistralV3Template(_MistralTemplate):
         self.begin_inst, self.end_inst = tokenizer.convert_tokens_to_ids(_V3_CONTROL[1])
 
     def _pieces(self, conv, answer_last):
-        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        bos, eos = self.bos, self.eos
         pieces: list[tuple[list[int] | str, bool]] = [([bos], False)]
         last = len(conv) - 1
         for i, (prompt, answer) in enumerate(conv):

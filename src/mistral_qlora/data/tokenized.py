@@ -17,7 +17,6 @@ counts) is removed with a warning and built again.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import re
@@ -26,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from mistral_qlora.data import formats, templates, tokenize
+from mistral_qlora.data import formats, spm, templates, tokenize
 from mistral_qlora.data.formats import records_to_conversations
 from mistral_qlora.data.templates import resolve_template
 from mistral_qlora.data.tokenize import tokenize_conversations
@@ -127,27 +126,16 @@ class TokenizeBatch:
                 "length": lengths, "truncated": truncated}
 
     def columns(self, batch: dict, indices: list[int]):
-        """`__call__`'s columns as an Arrow table, what `datasets.map` writes to the cache: the id
-        lists flattened into one int32 buffer with offsets in one pass each, instead of datasets
-        converting a Python list per record."""
+        """`__call__`'s columns as an Arrow table, what `datasets.map` writes to the cache: pyarrow
+        converts the nested id lists in one call, several times faster than datasets' conversion
+        of each record's list."""
         import pyarrow as pa
 
         out = self(batch, indices)
-        lengths = out["length"]
-        return pa.table({"input_ids": _list_array(out["input_ids"], lengths),
-                         "labels": _list_array(out["labels"], lengths),
-                         "length": pa.array(lengths, pa.int32()), "truncated": pa.array(out["truncated"], pa.bool_())})
-
-
-def _list_array(lists: list[list[int]], lengths: list[int]):
-    """A pyarrow list<int32> array of `lists` (whose lengths are `lengths`)."""
-    import numpy as np
-    import pyarrow as pa
-
-    flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int32, count=sum(lengths))
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+        ids = pa.list_(pa.int32())
+        return pa.table({"input_ids": pa.array(out["input_ids"], ids), "labels": pa.array(out["labels"], ids),
+                         "length": pa.array(out["length"], pa.int32()),
+                         "truncated": pa.array(out["truncated"], pa.bool_())})
 
 
 def features():
@@ -168,7 +156,7 @@ def tokenizer_signature(tokenizer) -> str:
 
 def code_signature() -> str:
     h = hashlib.sha256()
-    for module in (formats, templates, tokenize):
+    for module in (formats, spm, templates, tokenize):
         h.update(Path(module.__file__).read_bytes())
     h.update(Path(__file__).read_bytes())
     return h.hexdigest()

@@ -2,8 +2,10 @@
 
 It writes a prompt/response JSON Lines file of `--records` records (data/synthetic.py's
 lognormal lengths) and a file of its first `--baseline-records`, then runs each phase in a child
-process of its own and reports tokens, wall time, tokens/s and the peak resident memory of the
-child and its worker processes together (sampled with psutil):
+process of its own and reports tokens, wall time, tokens/s and the peak memory of the child and
+its worker processes together, sampled with psutil every 50 ms: the sum of their resident sets
+(RSS), and of their proportional sets (PSS: each page shared by n processes counted 1/n in each,
+so the input table that every worker maps is counted once, not once per worker):
 - `baseline`: the list-based data step the package had before the Arrow pipeline (read every record
   into a list, convert, tokenize all at once, hold out, pack), on the baseline file;
 - `first`: `prepare_data` on the full file with an empty cache (tables, tokenizing map, packing);
@@ -125,21 +127,23 @@ def run_phase(phase: str, path: str, cache: str, max_seq_len: int) -> dict:
 
 
 def measure(phase: str, path: Path, cache: Path, max_seq_len: int) -> dict:
-    """Run a phase in a child process; its wall time and the peak of its process tree's RSS."""
+    """Run a phase in a child process; its wall time and the peaks of its process tree's summed
+    RSS and PSS (PSS where the platform reports it, Linux)."""
     import psutil
 
     cmd = [sys.executable, "-m", "mistral_qlora.tools.bench_data", "--phase", phase, "--file", str(path),
            "--cache", str(cache), "--max-seq-len", str(max_seq_len)]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = [0]
+    peak = [0, 0]  # RSS, PSS
 
     def sample():
         parent = psutil.Process(proc.pid)
         while proc.poll() is None:
             try:
-                total = sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)])
-                peak[0] = max(peak[0], total)
+                tree = [parent, *parent.children(recursive=True)]
+                peak[0] = max(peak[0], sum(p.memory_info().rss for p in tree))
+                peak[1] = max(peak[1], sum(getattr(p.memory_full_info(), "pss", 0) for p in tree))
             except psutil.Error:
                 pass
             time.sleep(0.05)
@@ -153,7 +157,8 @@ def measure(phase: str, path: Path, cache: Path, max_seq_len: int) -> dict:
         raise RuntimeError(f"bench-data phase {phase} failed ({proc.returncode}):\n{err[-3000:]}")
     result = json.loads(out.strip().splitlines()[-1])
     return {"phase": phase, "file": path.name, "wall_s": round(wall, 2), **result,
-            "tokens_per_s": round(result["tokens"] / wall), "peak_rss_gib": round(peak[0] / 2**30, 3)}
+            "tokens_per_s": round(result["tokens"] / wall), "peak_rss_gib": round(peak[0] / 2**30, 3),
+            "peak_pss_gib": round(peak[1] / 2**30, 3) if peak[1] else None}
 
 
 def bench_data(records: int, baseline_records: int, workdir: Path, phases=PHASES, max_seq_len: int = 4096,
@@ -181,10 +186,12 @@ def bench_data(records: int, baseline_records: int, workdir: Path, phases=PHASES
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| phase | file | tokens | wall (s) | tokens/s | peak RSS (GiB) |", "|---|---|---:|---:|---:|---:|"]
+    lines = ["| phase | file | tokens | wall (s) | tokens/s | peak RSS (GiB) | peak PSS (GiB) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for r in results:
+        pss = f"{r['peak_pss_gib']:.2f}" if r.get("peak_pss_gib") is not None else "-"
         lines.append(f"| {r['phase']} | {r['file']} | {r['tokens']:,} | {r['wall_s']:.1f} | {r['tokens_per_s']:,} | "
-                     f"{r['peak_rss_gib']:.2f} |")
+                     f"{r['peak_rss_gib']:.2f} | {pss} |")
     return "\n".join(lines)
 
 
