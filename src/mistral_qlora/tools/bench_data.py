@@ -3,9 +3,9 @@
 It writes a prompt/response JSON Lines file of `--records` records (data/synthetic.py's
 lognormal lengths) and a file of its first `--baseline-records`, then runs each phase in a child
 process of its own and reports tokens, wall time, tokens/s and the peak memory of the child and
-its worker processes together, sampled with psutil every 50 ms: the sum of their resident sets
-(RSS), and of their proportional sets (PSS: each page shared by n processes counted 1/n in each,
-so the input table that every worker maps is counted once, not once per worker):
+its worker processes together, sampled with psutil: the sum of their resident sets (RSS, every
+50 ms), and of their proportional sets (PSS, every second: each page shared by n processes counted
+1/n in each, so the input table that every worker maps is counted once, not once per worker):
 - `baseline`: the list-based data step the package had before the Arrow pipeline (read every record
   into a list, convert, tokenize all at once, hold out, pack), on the baseline file;
 - `first`: `prepare_data` on the full file with an empty cache (tables, tokenizing map, packing);
@@ -138,14 +138,19 @@ def measure(phase: str, path: Path, cache: Path, max_seq_len: int) -> dict:
     peak = [0, 0]  # RSS, PSS
 
     def sample():
+        # RSS every 50 ms; PSS (the kernel walks every mapping to compute it: milliseconds for a
+        # process of gigabytes, taken from the 2 cores being measured) every 20th sample
         parent = psutil.Process(proc.pid)
+        n = 0
         while proc.poll() is None:
             try:
                 tree = [parent, *parent.children(recursive=True)]
                 peak[0] = max(peak[0], sum(p.memory_info().rss for p in tree))
-                peak[1] = max(peak[1], sum(getattr(p.memory_full_info(), "pss", 0) for p in tree))
+                if n % 20 == 0:
+                    peak[1] = max(peak[1], sum(getattr(p.memory_full_info(), "pss", 0) for p in tree))
             except psutil.Error:
                 pass
+            n += 1
             time.sleep(0.05)
 
     watcher = threading.Thread(target=sample, daemon=True)
