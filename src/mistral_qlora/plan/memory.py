@@ -119,11 +119,10 @@ def dora_layer_bytes(model_config, cfg: RunConfig, targets: set[str], tokens: in
       base output and its adapter output (`dtype_bytes` each);
     - under LoRA dropout DoRA computes the base output again from the dropped input with the
       dequantized weight (`F.linear(dropout(x), W)`), which keeps that weight until backward."""
-    outs = sum(o for name, (i, o) in decoder_linear_shapes(model_config).items() if name in targets)
-    kept = lora_layer_bytes * 4 // dtype_bytes + 2 * tokens * dtype_bytes * outs
+    adapted = [(i, o) for name, (i, o) in decoder_linear_shapes(model_config).items() if name in targets]
+    kept = lora_layer_bytes * 4 // dtype_bytes + 2 * tokens * dtype_bytes * sum(o for i, o in adapted)
     if cfg.lora.dropout > 0:
-        kept += dtype_bytes * sum(i * o for name, (i, o) in decoder_linear_shapes(model_config).items()
-                                  if name in targets)
+        kept += dtype_bytes * sum(i * o for i, o in adapted)
     return kept
 
 

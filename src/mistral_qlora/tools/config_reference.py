@@ -72,13 +72,17 @@ def _source_tables(name: str, section) -> list[str]:
         lines += [f"### A source (an item of {' or '.join(keys)})", "", (item.__doc__ or "").strip(), "",
                   "| key | type | default | what it does |", "|---|---|---|---|"]
         for leaf, f in item.model_fields.items():
-            kind = type_text(f.annotation)
-            bounds = range_text(f)
-            kind += f" ({bounds})" if bounds else ""
-            default = "required" if f.is_required() else default_text(f.default)
-            lines.append(f"| `{leaf}` | {kind} | {default} | {f.description} |")
+            lines.append(_row(leaf, f, "required" if f.is_required() else default_text(f.default)))
         lines.append("")
     return lines
+
+
+def _row(key: str, field, default: str) -> str:
+    """One table row: the key, its type with its bounds, its default, its description."""
+    kind = type_text(field.annotation)
+    bounds = range_text(field)
+    kind += f" ({bounds})" if bounds else ""
+    return f"| `{key}` | {kind} | {default} | {field.description} |"
 
 
 def reference_markdown() -> str:
@@ -89,10 +93,7 @@ def reference_markdown() -> str:
             lines += [f"## `{name}`", "", (section.__doc__ or "").strip(), "",
                       "| key | type | default | what it does |", "|---|---|---|---|"]
             for key, sub in section.model_fields.items():
-                kind = type_text(sub.annotation)
-                bounds = range_text(sub)
-                kind += f" ({bounds})" if bounds else ""
-                lines.append(f"| `{name}.{key}` | {kind} | {default_text(sub.default)} | {sub.description} |")
+                lines.append(_row(f"{name}.{key}", sub, default_text(sub.default)))
             lines.append("")
             lines += _source_tables(name, section)
         else:
