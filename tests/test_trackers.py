@@ -172,3 +172,40 @@ def test_bad_report_to_is_refused(value, message):
 
     with pytest.raises(UserError, match=re.escape(message)):
         load_config(None, [f"train.report_to={value}"])
+
+
+def test_run_log_buffer_keeps_lines_not_the_objects_a_record_names(tmp_path):
+    """Records logged before run.log opens are held as text: a record's arguments (a model, say)
+    and its traceback's frames are free to go, and the lines still reach run.log."""
+    import gc
+    import logging
+    import weakref
+
+    from mistral_qlora.logs import RunLogHandler
+
+    class Big:
+        def __repr__(self):
+            return "<big model>"
+
+    handler = RunLogHandler()
+    logger = logging.getLogger("mistral_qlora.test_buffer")
+    logger.addHandler(handler)
+    logger.propagate = False  # pytest's own capture keeps the records it sees
+    try:
+        big = Big()
+        alive = weakref.ref(big)
+        logger.warning("loaded %r", big)
+        try:
+            raise ValueError(big)
+        except ValueError:
+            logger.exception("failed")
+        del big
+        gc.collect()
+        assert alive() is None
+        handler.open(tmp_path / "run.log")
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+        handler.close()
+    text = (tmp_path / "run.log").read_text()
+    assert "loaded <big model>" in text and "ValueError: <big model>" in text

@@ -29,12 +29,14 @@ _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 class RunLogHandler(logging.Handler):
     """Our records (INFO and up) and everyone's warnings: held in memory until `open` names the
-    file, then appended to it line by line."""
+    file, then appended to it line by line. A held record is kept as its formatted line, never as
+    the record: a record's arguments and traceback reference live objects (a model, a step's
+    frames), which would stay allocated for as long as the process runs without a run.log."""
 
     def __init__(self):
         super().__init__(logging.INFO)
         self.setFormatter(logging.Formatter(_FORMAT))
-        self.records: list[logging.LogRecord] = []
+        self.lines: list[str] = []
         self.path: Path | None = None
         self._file = None
 
@@ -42,12 +44,13 @@ class RunLogHandler(logging.Handler):
         return record.levelno >= logging.WARNING or record.name.startswith(OURS)
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self._file is None:
-            if len(self.records) < _BUFFER_LIMIT:
-                self.records.append(record)
-            return
         try:
-            self._file.write(self.format(record) + "\n")
+            line = self.format(record)
+            if self._file is None:
+                if len(self.lines) < _BUFFER_LIMIT:
+                    self.lines.append(line)
+                return
+            self._file.write(line + "\n")
             self._file.flush()
         except Exception:
             self.handleError(record)
@@ -57,16 +60,16 @@ class RunLogHandler(logging.Handler):
             self._file.close()
         self.path = Path(path)
         self._file = open(self.path, "a", encoding="utf-8")
-        for record in self.records:
-            self.emit(record)
-        self.records.clear()
+        self._file.write("".join(line + "\n" for line in self.lines))
+        self._file.flush()
+        self.lines.clear()
 
     def close_file(self) -> None:
         """Back to holding records in memory (a next run in this process starts with a clean slate)."""
         if self._file is not None:
             self._file.close()
             self._file = None
-        self.records.clear()
+        self.lines.clear()
 
     def close(self) -> None:
         self.close_file()
