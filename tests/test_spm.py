@@ -79,3 +79,60 @@ def test_one_thread_where_tokenizer_parallelism_is_off(monkeypatch):
     assert spm._threads() == 1
     monkeypatch.delenv("TOKENIZERS_PARALLELISM")
     assert spm._threads() >= 1
+
+
+def _fuzz(n, seed):
+    import random
+
+    rng = random.Random(seed)
+    alphabet = list("  ab.,1\n\t\u2581é日🦙") + ["the", "The", "▁▁", "   "]
+    return [("".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 12)))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("version", ["v1", "v3"])
+def test_word_by_word_gives_sentencepiece_ids_of_the_whole_text(tmp_path, version, monkeypatch):
+    """The word cache (spm.py) returns exactly SentencePiece's ids on each whole text: on hard
+    text, a textbook, English-like prose and random strings of spaces, escapes and words; also
+    when the cache starts over in the middle of a batch stream."""
+    from mistral_qlora.data.synthetic import prose_records
+
+    tok = _tokenizer(version, tmp_path)
+    enc = spm.spm_encoder(tok)
+    assert enc.by_word
+    story = json.loads((REPO / "dataset" / "story.json").read_text())
+    texts = HARD + ["", " ", "  ", "a ", " a", "x" * 300] + [json.dumps(r, ensure_ascii=False) for r in story[:100]]
+    texts += [r["response"] for r in prose_records(60, enc.model_file, seed=2)] + _fuzz(3000, seed=version == "v3")
+    assert enc.encode(texts) == enc.processor.encode(texts)
+    monkeypatch.setattr(spm, "CACHED_WORDS", 50)
+    fresh = spm.SpmEncoder(enc.model_file, by_word=True)
+    got = [ids for i in range(0, len(texts), 37) for ids in fresh.encode(texts[i:i + 37])]
+    assert got == enc.processor.encode(texts)
+    assert len(fresh._words) <= 50 + 37 * 40  # started over: bounded by the limit and one batch's words
+
+
+def test_models_a_text_cannot_be_split_into_words_for_are_encoded_whole(tmp_path):
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    model_file = load_tokenizer(resolve_model_path("tiny-random-mistral")).vocab_file
+    proto = Path(model_file).read_bytes()
+    assert spm.splits_at_words(proto)
+
+    def changed(edit):
+        m = pb.ModelProto()
+        m.ParseFromString(proto)
+        edit(m)
+        return m.SerializeToString()
+
+    def join_words(m):
+        p = m.pieces.add()
+        p.piece, p.score = "a\u2581b", -1e9  # a piece across a word boundary
+
+    assert not spm.splits_at_words(changed(join_words))
+    assert not spm.splits_at_words(changed(lambda m: setattr(m.normalizer_spec, "remove_extra_whitespaces", True)))
+    assert not spm.splits_at_words(changed(lambda m: setattr(m.normalizer_spec, "name", "nmt_nfkc")))
+    assert not spm.splits_at_words(changed(lambda m: setattr(m.trainer_spec, "model_type", pb.TrainerSpec.UNIGRAM)))
+    # such a model is still SentencePiece's to encode, text by text
+    path = tmp_path / "joined.model"
+    path.write_bytes(changed(join_words))
+    whole = spm.SpmEncoder(str(path), by_word=False)
+    assert whole.encode(["a b", "x"]) == whole.processor.encode(["a b", "x"])

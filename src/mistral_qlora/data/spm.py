@@ -11,6 +11,19 @@ vocabulary: every id the same piece, and no tokens added beyond it (an added tok
 the tokenizer and several pieces to SentencePiece). Otherwise they tokenize with the tokenizer,
 special-token strings read as text (`tokenizer_ids`).
 
+Word by word. SentencePiece writes a space as U+2581 ("_" below) and puts one before the text.
+When its model is BPE with the identity normalizer, keeps runs of spaces, and no piece has "_"
+after any other character (`splits_at_words`, read from the model file: true of Mistral's v1 and
+v3 models), no merge ever joins a character to a "_" after it. A text's pieces are then the
+pieces of its words, one after another, where a word is a run of spaces and the characters up to
+the next space ("_the", "__x"), or a run of spaces that ends the text (a "_" in the text itself is
+a space to SentencePiece, so to the split too). Words repeat (a language
+has far fewer than a corpus has words), so the encoder keeps each word's ids in a dict and asks
+SentencePiece only for words it has not seen; the ids are the same as SentencePiece's on the
+whole text, which the tests check on hard text. A word "_"*k + w is encoded without its first
+space, SentencePiece's own leading space making it k again; the one word that cannot be written
+so, a single space ending a text, is encoded once from "a " less "a".
+
 Threads: one per available core, or one where TOKENIZERS_PARALLELISM=false, the switch the fast
 tokenizer honours too (the data pipeline sets it in its worker processes, which each tokenize
 their own batches).
@@ -19,18 +32,29 @@ their own batches).
 from __future__ import annotations
 
 import os
+import re
+from itertools import chain
 from pathlib import Path
+
+SPACE = "\u2581"  # SentencePiece's escaped space
+# a word: its leading run of spaces (a space, or "_" written as itself) and what follows up to the
+# next; a run that ends the text is a word of its own
+WORD = re.compile("[ \u2581]*[^ \u2581]+|[ \u2581]+")
+CACHED_WORDS = 1 << 20  # words kept per encoder before the dict starts over (bounds its memory)
 
 
 class SpmEncoder:
-    """Batches of text -> ids with a SentencePiece model (no BOS/EOS added)."""
+    """Batches of text -> ids with a SentencePiece model (no BOS/EOS added); word by word where
+    the model allows it (module docstring)."""
 
-    def __init__(self, model_file: str):
+    def __init__(self, model_file: str, by_word: bool = False):
         self.model_file = model_file
+        self.by_word = by_word
         self._processor = None
+        self._words: dict[str, tuple[int, ...]] = {}
 
-    def __getstate__(self):  # worker processes load the model themselves
-        return {"model_file": self.model_file, "_processor": None}
+    def __getstate__(self):  # worker processes load the model themselves and keep their own words
+        return {"model_file": self.model_file, "by_word": self.by_word, "_processor": None, "_words": {}}
 
     @property
     def processor(self):
@@ -41,13 +65,44 @@ class SpmEncoder:
         return self._processor
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        return self.processor.encode(texts, num_threads=_threads())
+        if not self.by_word:
+            return self.processor.encode(texts, num_threads=_threads())
+        words = self._words
+        if len(words) > CACHED_WORDS:
+            words.clear()
+        if not words:
+            alone = self.processor.encode(["a", "a "])
+            words[" "] = words[SPACE] = tuple(alone[1][len(alone[0]):])  # a single space ending a text
+        per_text = [WORD.findall(" " + t) if t else [] for t in texts]
+        new = [w for w in set(chain.from_iterable(per_text)) if w not in words]
+        if new:
+            # tuples: the cyclic garbage collector stops tracking a tuple of ints, not a list
+            for w, ids in zip(new, self.processor.encode([w[1:] for w in new], num_threads=_threads())):
+                words[w] = tuple(ids)
+        get = words.__getitem__
+        return [list(chain.from_iterable(map(get, ws))) for ws in per_text]
 
 
 def _threads() -> int:
     if os.environ.get("TOKENIZERS_PARALLELISM", "").lower() in ("false", "0", "off", "no"):
         return 1
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def splits_at_words(model_proto: bytes) -> bool:
+    """Whether a text's pieces are its words' pieces (module docstring): a BPE model with the
+    identity normalizer, a leading space added, spaces escaped and kept, and "_" in a piece only
+    as a run at its start."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    m = sentencepiece_model_pb2.ModelProto()
+    m.ParseFromString(model_proto)
+    norm, trainer = m.normalizer_spec, m.trainer_spec
+    if not (trainer.model_type == sentencepiece_model_pb2.TrainerSpec.BPE and norm.name == "identity"
+            and not norm.precompiled_charsmap and norm.add_dummy_prefix and norm.escape_whitespaces
+            and not norm.remove_extra_whitespaces and not trainer.treat_whitespace_as_suffix):
+        return False
+    return all(SPACE not in p.piece.lstrip(SPACE) for p in m.pieces)
 
 
 def tokenizer_ids(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -71,6 +126,7 @@ def spm_encoder(tokenizer) -> SpmEncoder | None:
             return None
         if tokenizer.convert_ids_to_tokens(list(range(n))) != [sp.id_to_piece(i) for i in range(n)]:
             return None
+        encoder.by_word = splits_at_words(sp.serialized_model_proto())
     except Exception:  # a file SentencePiece does not read: the tokenizer encodes
         return None
     return encoder

@@ -4,13 +4,19 @@ instruction data (short and uneven, a lognormal spread of lengths) without a dat
 - `lognormal_lengths`: sequence lengths around a median, clipped to [min_len, max_len];
 - `token_examples`: tokenized examples of those lengths (random ids, the first third of each
   sequence a prompt with label -100), for timing steps without a tokenizer pass;
-- `qa_records`: prompt/response text records, for runs through `train` (`bench --strategies`).
+- `qa_records`: prompt/response text records, for runs through `train` (`bench --strategies`);
+- `prose_records`: prompt/response records of the same lengths whose words follow a language's
+  statistics, for timing tokenizers (`bench-data`): English words drawn by a Zipf-Mandelbrot law
+  from a lexicon of several hundred thousand, with capitals, commas, full stops and numbers, so
+  a tokenizer meets new words at about the rate natural text brings them instead of a few dozen
+  words over and over.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from functools import lru_cache
 
 from mistral_qlora.data.tokenize import IGNORE_INDEX
 
@@ -62,4 +68,61 @@ def qa_records(n: int = 3000, seed: int = 0) -> list[dict]:
         q = " ".join(rng.choice(_WORDS) for _ in range(max(4, words // 8)))
         a = " ".join(rng.choice(_WORDS) for _ in range(words - words // 8))
         out.append({"prompt": q.capitalize() + "?", "response": a.capitalize() + "."})
+    return out
+
+
+# prose_records' lexicon: English words, the whole-word pieces of a SentencePiece vocabulary
+# ranked by their score (BPE scores follow merge order, which follows frequency), then a tail of
+# rarer words made of such a word and a word-internal piece; ranked by a Zipf-Mandelbrot law
+# p(r) ~ 1 / (r + 2.7), the law word frequencies follow
+TAIL_WORDS = 400_000  # made-up rare words: more word types than a million records use
+
+
+@lru_cache(maxsize=2)
+def _lexicon(model_file: str):
+    """(words by rank, cumulative Zipf-Mandelbrot weights as a numpy array, their total)."""
+    import re
+
+    import numpy as np
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+    pieces = [(sp.get_score(i), sp.id_to_piece(i)) for i in range(sp.get_piece_size())]
+    heads = [p[1:] for _, p in sorted(pieces, key=lambda sp_: -sp_[0]) if re.fullmatch("\u2581([a-z]{2,12}|a|i)", p)]
+    tails = [p for _, p in pieces if re.fullmatch("[a-z]{2,8}", p)]
+    rng = random.Random(0)
+    words = heads + [rng.choice(heads) + rng.choice(tails) for _ in range(TAIL_WORDS)]
+    cum = np.cumsum(1.0 / (np.arange(len(words)) + 2.7))
+    return words, cum, float(cum[-1])
+
+
+def _sentences(rng: random.Random, draw, lexicon, n_words: int, end: str) -> str:
+    words, cum, total = lexicon
+    drawn = [words[i] for i in cum.searchsorted(draw.random(n_words) * total, side="right").tolist()]
+    out, i = [], 0
+    while i < n_words:
+        k = min(n_words - i, max(3, round(rng.lognormvariate(math.log(14), 0.5))))
+        sentence = drawn[i:i + k]
+        if rng.random() < 0.3:  # a number in about a third of the sentences
+            sentence[rng.randrange(k)] = str(rng.randrange(10 ** rng.randint(1, 5)))
+        if k > 6 and rng.random() < 0.5:
+            sentence[rng.randrange(2, k - 2)] += ","
+        out.append(" ".join(sentence).capitalize() + ("." if i + k < n_words else end))
+        i += k
+    return " ".join(out)
+
+
+def prose_records(n: int, model_file: str, seed: int = 0) -> list[dict]:
+    """prompt/response records with `qa_records`' word counts, in prose whose words are drawn
+    from the SentencePiece model's vocabulary (module docstring)."""
+    import numpy as np
+
+    lexicon = _lexicon(model_file)
+    rng = random.Random(seed)
+    draw = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        words = min(3000, max(16, int(math.exp(rng.gauss(math.log(190), 0.9)))))
+        out.append({"prompt": _sentences(rng, draw, lexicon, max(4, words // 8), "?"),
+                    "response": _sentences(rng, draw, lexicon, words - words // 8, ".")})
     return out

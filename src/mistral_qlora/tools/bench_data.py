@@ -29,14 +29,15 @@ PHASES = ("baseline", "first", "cached", "streaming")
 CHUNK = 10_000  # records generated at a time
 
 
-def write_records(path: Path, n: int, seed: int = 0) -> None:
-    """n prompt/response records as JSON Lines, generated CHUNK at a time (bounded memory)."""
-    from mistral_qlora.data.synthetic import qa_records
+def write_records(path: Path, n: int, model_file: str, seed: int = 0) -> None:
+    """n prompt/response records of English-like prose (data/synthetic.py's `prose_records`, words
+    from `model_file`'s vocabulary) as JSON Lines, generated CHUNK at a time (bounded memory)."""
+    from mistral_qlora.data.synthetic import prose_records
 
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for k, start in enumerate(range(0, n, CHUNK)):
-            for rec in qa_records(min(CHUNK, n - start), seed=seed * 1_000_003 + k):
+            for rec in prose_records(min(CHUNK, n - start), model_file, seed=seed * 1_000_003 + k):
                 f.write(json.dumps(rec) + "\n")
     os.replace(tmp, path)
 
@@ -168,12 +169,16 @@ def measure(phase: str, path: Path, cache: Path, max_seq_len: int) -> dict:
 
 def bench_data(records: int, baseline_records: int, workdir: Path, phases=PHASES, max_seq_len: int = 4096,
                log=print) -> list[dict]:
+    from mistral_qlora.config import load_config
+    from mistral_qlora.model.base import resolve_model_path
+
     workdir.mkdir(parents=True, exist_ok=True)
-    full = workdir / f"qa-{records}.jsonl"
-    base = workdir / f"qa-{baseline_records}.jsonl"
+    full = workdir / f"prose-{records}.jsonl"
+    base = workdir / f"prose-{baseline_records}.jsonl"
     if not full.exists():
         log(f"writing {records:,} records to {full}")
-        write_records(full, records)
+        model = resolve_model_path(load_config(None, []).model.name_or_path)
+        write_records(full, records, str(Path(model) / "tokenizer.model"))
     if "baseline" in phases and not base.exists():
         head_lines(full, base, baseline_records)
     cache = workdir / "cache"
