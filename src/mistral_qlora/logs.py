@@ -65,7 +65,7 @@ class RunLogHandler(logging.Handler):
         self.lines.clear()
 
     def close_file(self) -> None:
-        """Back to holding records in memory (a next run in this process starts with a clean slate)."""
+        """Back to holding lines in memory (a next run in this process starts with a clean slate)."""
         if self._file is not None:
             self._file.close()
             self._file = None

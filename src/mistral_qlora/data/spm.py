@@ -17,10 +17,10 @@ after any other character (`splits_at_words`, read from the model file: true of 
 v3 models), no merge ever joins a character to a "_" after it. A text's pieces are then the
 pieces of its words, one after another, where a word is a run of spaces and the characters up to
 the next space ("_the", "__x"), or a run of spaces that ends the text (a "_" in the text itself is
-a space to SentencePiece, so to the split too). Words repeat (a language
-has far fewer than a corpus has words), so the encoder keeps each word's ids in a dict and asks
-SentencePiece only for words it has not seen; the ids are the same as SentencePiece's on the
-whole text, which the tests check on hard text. A word "_"*k + w is encoded without its first
+a space to SentencePiece, so to the split too). Words repeat (a language has far fewer than a
+corpus has words), so the encoder keeps each word's ids in a dict and asks SentencePiece only for
+words it has not seen; the ids are the same as SentencePiece's on the whole text, which the tests
+check on hard text. A word "_"*k + w is encoded without its first
 space, SentencePiece's own leading space making it k again; the one word that cannot be written
 so, a single space ending a text, is encoded once from "a " less "a".
 

@@ -58,15 +58,22 @@ def token_examples(lengths: list[int], vocab_size: int, seed: int) -> list[dict]
     return examples
 
 
+def _record_words(rng: random.Random) -> tuple[int, int]:
+    """(prompt words, response words) of one record: lognormal around 190 words in all, 16 to
+    3000, an eighth of them (at least 4) the prompt's."""
+    words = min(3000, max(16, int(math.exp(rng.gauss(math.log(190), 0.9)))))
+    return max(4, words // 8), words - words // 8
+
+
 def qa_records(n: int = 3000, seed: int = 0) -> list[dict]:
     """prompt/response records of lognormal length: a median of about 256 tokens (about 1.3 tokens
     a word), at most about 4096."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        words = min(3000, max(16, int(math.exp(rng.gauss(math.log(190), 0.9)))))
-        q = " ".join(rng.choice(_WORDS) for _ in range(max(4, words // 8)))
-        a = " ".join(rng.choice(_WORDS) for _ in range(words - words // 8))
+        n_prompt, n_response = _record_words(rng)
+        q = " ".join(rng.choice(_WORDS) for _ in range(n_prompt))
+        a = " ".join(rng.choice(_WORDS) for _ in range(n_response))
         out.append({"prompt": q.capitalize() + "?", "response": a.capitalize() + "."})
     return out
 
@@ -88,7 +95,8 @@ def _lexicon(model_file: str):
 
     sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
     pieces = [(sp.get_score(i), sp.id_to_piece(i)) for i in range(sp.get_piece_size())]
-    heads = [p[1:] for _, p in sorted(pieces, key=lambda sp_: -sp_[0]) if re.fullmatch("\u2581([a-z]{2,12}|a|i)", p)]
+    by_score = sorted(pieces, key=lambda scored: -scored[0])  # stable: equal scores keep id order
+    heads = [p[1:] for _, p in by_score if re.fullmatch("\u2581([a-z]{2,12}|a|i)", p)]
     tails = [p for _, p in pieces if re.fullmatch("[a-z]{2,8}", p)]
     rng = random.Random(0)
     words = heads + [rng.choice(heads) + rng.choice(tails) for _ in range(TAIL_WORDS)]
@@ -122,7 +130,7 @@ def prose_records(n: int, model_file: str, seed: int = 0) -> list[dict]:
     draw = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        words = min(3000, max(16, int(math.exp(rng.gauss(math.log(190), 0.9)))))
-        out.append({"prompt": _sentences(rng, draw, lexicon, max(4, words // 8), "?"),
-                    "response": _sentences(rng, draw, lexicon, words - words // 8, ".")})
+        n_prompt, n_response = _record_words(rng)
+        out.append({"prompt": _sentences(rng, draw, lexicon, n_prompt, "?"),
+                    "response": _sentences(rng, draw, lexicon, n_response, ".")})
     return out
