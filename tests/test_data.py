@@ -73,6 +73,22 @@ def test_overlong_records_are_truncated_or_dropped_and_counted(tokenizer):
     assert (stats.truncated, stats.dropped, stats.kept) == (0, 2, 1)
 
 
+def test_a_truncated_record_is_its_first_tokens_and_is_marked(tokenizer):
+    """tokenize_batch keeps each record's first max_seq_len ids and labels (the ragged batch cut
+    in one gather), marks the truncated ones, and keeps the order of the others."""
+    from mistral_qlora.data.tokenize import tokenize_batch
+
+    convs = [[("Short?", "Yes.")], [("Long " * 50 + "?", "word " * 100)], [("Prompt " * 200, "x")],
+             [("Also short?", "No."), ("Two turns?", "Yes " * 40)]]
+    whole, _ = tokenize_conversations(convs, tokenizer, max_seq_len=10_000)
+    batch, stats = tokenize_batch(convs, tokenizer, max_seq_len=64)
+    examples = batch.examples()
+    assert stats.lengths == [len(whole[0]["input_ids"]), 64, 64]
+    assert batch.truncated.tolist() == [False, True, True]
+    for got, full in zip(examples, [whole[0], whole[1], whole[3]]):
+        assert got["input_ids"] == full["input_ids"][:64] and got["labels"] == full["labels"][:64]
+
+
 RECORDS = {
     "text": {"text": "<s>[INST] Hi? [/INST] Hello. </s>"},
     "prompt_response": {"prompt": "Hi?", "response": "Hello."},

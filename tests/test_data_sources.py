@@ -158,19 +158,51 @@ def test_the_cache_is_read_the_second_time_and_rebuilt_when_damaged(tmp_path, to
     assert not other.sources[0].from_cache and other.digest != first.digest
 
 
-def test_workers_tokenize_as_one_process_does(tmp_path, tok):
-    records = qa_records(2200, seed=6)
-    path = _jsonl(tmp_path / "a.jsonl", records)
-    one = prepare_data(_cfg(tmp_path, f"data.train={path}", "data.num_proc=1", "data.eval_fraction=0",
-                            f"data.cache_dir={tmp_path / 'c1'}").data, tok, SEED)
-    two = prepare_data(_cfg(tmp_path, f"data.train={path}", "data.num_proc=2", "data.eval_fraction=0",
-                            f"data.cache_dir={tmp_path / 'c2'}").data, tok, SEED)
-    assert len(list((tmp_path / "c2").glob("tokens-*/*.arrow"))) == 2
-    assert _ids(one.train) == _ids(two.train)
+@pytest.mark.parametrize("source", ["jsonl", "json-array"])
+def test_a_build_in_tasks_on_worker_processes_equals_one_in_one_process(tmp_path, tok, monkeypatch, source):
+    """Cut into tasks of a few batches (TASK_BYTES made small) on two worker processes, a file-backed
+    (JSON Lines) and an in-memory (JSON array) table give the same tokens, in the same order, as one
+    task in this process: the held-out split and the rest, one shard per task."""
+    from mistral_qlora.data import tokenized
+
+    records = qa_records(4500, seed=6)
+    if source == "jsonl":
+        path = _jsonl(tmp_path / "a.jsonl", records)
+    else:
+        path = tmp_path / "a.json"
+        path.write_text(json.dumps(records))
+    sets = [f"data.train={path}", "data.eval_fraction=0.3"]
+    one = prepare_data(_cfg(tmp_path, *sets, "data.num_proc=1", f"data.cache_dir={tmp_path / 'c1'}").data, tok, SEED)
+    assert len(list((tmp_path / "c1").glob("tokens-*/*.arrow"))) == 2  # one shard each: eval and train
+    monkeypatch.setattr(tokenized, "TASK_BYTES", 1)  # a task per batch of records at most
+    two = prepare_data(_cfg(tmp_path, *sets, "data.num_proc=2", f"data.cache_dir={tmp_path / 'c2'}").data, tok, SEED)
+    shards = sorted((tmp_path / "c2").glob("tokens-*/*.arrow"))
+    assert len(shards) == 5 + 5  # each part's records spread over the table's 4500 rows: 5 spans of 1000
+    assert _ids(one.train) == _ids(two.train) and _ids(one.eval) == _ids(two.eval)
+    assert one.train["labels"][:] == two.train["labels"][:]
     assert one.train_stats.truncated == two.train_stats.truncated > 0
-    expected, stats = tokenize_conversations(records_to_conversations(records, "auto", "x"), tok, 256)
-    assert one.train_stats.truncated == stats.truncated and one.train_stats.lengths == stats.lengths
-    assert one.answer_tokens() == sum(sum(1 for x in ex["labels"][1:] if x != -100) for ex in expected)
+    assert one.train_stats.lengths == two.train_stats.lengths
+
+
+def test_tasks_cut_by_the_bytes_of_the_table_they_span(monkeypatch):
+    """A task's records lie within TASK_BYTES of the table: every record, or a sparse ascending
+    selection (the held-out share), whose tasks are cut where the rows cross those bounds."""
+    import datasets
+
+    from mistral_qlora.data import tokenized
+
+    table = datasets.Dataset.from_dict({"text": ["x" * 100] * 10_000})
+    per_task = tokenized.BATCH * 2
+    monkeypatch.setattr(tokenized, "TASK_BYTES", table.data.nbytes * per_task // len(table) + 1)
+    assert tokenized.tasks(table, None, 10_000) == [(0, 2000), (2000, 4000), (4000, 6000), (6000, 8000),
+                                                     (8000, 10_000)]
+    rows = np.arange(0, 10_000, 7)  # every 7th record
+    cut = tokenized.tasks(table, rows, len(rows))
+    assert cut[0][0] == 0 and cut[-1][1] == len(rows) and all(a[1] == b[0] for a, b in zip(cut, cut[1:]))
+    for start, stop in cut:
+        assert rows[stop - 1] // per_task == rows[start] // per_task  # within one span of the table
+    assert len(cut) == 5
+    assert tokenized.tasks(table, rows[:3], 3) == [(0, 3)]
 
 
 # -- bad sources: one line, exit 2, nothing written ---------------------------------------------

@@ -107,7 +107,7 @@ def test_word_by_word_gives_sentencepiece_ids_of_the_whole_text(tmp_path, versio
     fresh = spm.SpmEncoder(enc.model_file, by_word=True)
     got = [ids for i in range(0, len(texts), 37) for ids in fresh.encode(texts[i:i + 37])]
     assert got == enc.processor.encode(texts)
-    assert len(fresh._words) <= 50 + 37 * 40  # started over: bounded by the limit and one batch's words
+    assert len(fresh._index) <= 50 + 37 * 40  # started over: bounded by the limit and one batch's words
 
 
 def test_models_a_text_cannot_be_split_into_words_for_are_encoded_whole(tmp_path):

@@ -144,11 +144,12 @@ def open_source(spec, cfg: DataSection, index: int, role: str) -> _Opened:
     return _Opened(table, form, res.name, spec.weight, identity)
 
 
-def _tokenize_part(opened: _Opened, table, part: dict, cfg: DataSection, tokenizer, tok_sig: str, what: str,
-                   record_ids=None):
-    fn = TokenizeBatch(tokenizer, opened.form, opened.name, cfg, record_ids)
+def _tokenize_part(opened: _Opened, rows, part: dict, cfg: DataSection, tokenizer, tok_sig: str, what: str):
+    """The source's records `rows` (all when None) tokenized, and the cache key."""
+    fn = TokenizeBatch(tokenizer, opened.form, opened.name, cfg, rows)
     key = cache_key({**opened.identity, **part}, cfg, tok_sig)
-    return tokenize_table(table, fn, key, cache_root(cfg), worker_count(cfg, len(table)), what), key
+    n = len(opened.table) if rows is None else len(rows)
+    return tokenize_table(opened.table, rows, fn, key, cache_root(cfg), worker_count(cfg, n), what), key
 
 
 def _lengths(table) -> np.ndarray:
@@ -195,16 +196,13 @@ def prepare_data(cfg: DataSection, tokenizer, seed: int, n_samples: int = 0) -> 
             train_idx, eval_idx = held_out(len(table), cfg.eval_fraction, seed if i == 0 else f"{seed}/{i}")
             split = {"held_out": [cfg.eval_fraction, seed, i]}
             if eval_idx:
-                eval_table = table.select(eval_idx)
-                eval_raw.append((opened, eval_table))
-                tok, key = _tokenize_part(opened, eval_table, {**split, "part": "eval"}, cfg, tokenizer, tok_sig,
-                                          f"{opened.name} (held out)", eval_idx)
+                eval_raw.append((opened, table.select(eval_idx)))
+                tok, key = _tokenize_part(opened, eval_idx, {**split, "part": "eval"}, cfg, tokenizer, tok_sig,
+                                          f"{opened.name} (held out)")
                 eval_parts.append(tok)
-            table = table.select(train_idx)
         else:
             split, train_idx = {}, None
-        tok, key = _tokenize_part(opened, table, {**split, "part": "train"}, cfg, tokenizer, tok_sig, opened.name,
-                                  train_idx)
+        tok, key = _tokenize_part(opened, train_idx, {**split, "part": "train"}, cfg, tokenizer, tok_sig, opened.name)
         keys.append(key)
         if tok.kept == 0:
             raise UserError(
@@ -243,8 +241,7 @@ def eval_set(eval_specs, cfg: DataSection, tokenizer, tok_sig: str, n_samples: i
     for i, spec in enumerate(eval_specs):
         opened = open_source(spec, cfg, i, "eval")
         raw.append((opened, opened.table))
-        tok, key = _tokenize_part(opened, opened.table, {"part": "eval"}, cfg, tokenizer, tok_sig,
-                                  f"{opened.name} (eval)")
+        tok, key = _tokenize_part(opened, None, {"part": "eval"}, cfg, tokenizer, tok_sig, f"{opened.name} (eval)")
         parts.append(tok)
         keys.append(key)
     prompts = _first_prompts(raw, tokenizer, cfg, n_samples) if n_samples else []

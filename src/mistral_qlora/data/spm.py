@@ -18,7 +18,7 @@ v3 models), no merge ever joins a character to a "_" after it. A text's pieces a
 pieces of its words, one after another, where a word is a run of spaces and the characters up to
 the next space ("_the", "__x"), or a run of spaces that ends the text (a "_" in the text itself is
 a space to SentencePiece, so to the split too). Words repeat (a language has far fewer than a
-corpus has words), so the encoder keeps each word's ids in a dict and asks SentencePiece only for
+corpus has words), so the encoder keeps each word's ids in a table and asks SentencePiece only for
 words it has not seen; the ids are the same as SentencePiece's on the whole text, which the tests
 check on hard text. A word "_"*k + w is encoded without its first
 space, SentencePiece's own leading space making it k again; the one word that cannot be written
@@ -33,8 +33,13 @@ from __future__ import annotations
 
 import os
 import re
-from itertools import chain
+from array import array
+from itertools import chain, repeat
 from pathlib import Path
+
+import numpy as np
+
+from mistral_qlora.data.ragged import Ragged, offsets_of, segments
 
 SPACE = "\u2581"  # SentencePiece's escaped space
 # a word: its leading run of spaces (a space, or "_" written as itself) and what follows up to the
@@ -45,16 +50,33 @@ CACHED_WORDS = 1 << 20  # words kept per encoder before the dict starts over (bo
 
 class SpmEncoder:
     """Batches of text -> ids with a SentencePiece model (no BOS/EOS added); word by word where
-    the model allows it (module docstring)."""
+    the model allows it (module docstring).
+
+    The seen words are a table: `_index` maps a word to its number, and word k's ids are
+    `_pool[_starts[k]:_starts[k] + _lengths[k]]`, so a batch's ids are one numpy gather over its
+    words' numbers (ragged.py) instead of a Python list per word."""
 
     def __init__(self, model_file: str, by_word: bool = False):
         self.model_file = model_file
         self.by_word = by_word
         self._processor = None
-        self._words: dict[str, tuple[int, ...]] = {}
+        self._forget()
+
+    def _forget(self) -> None:
+        self._index: dict[str, int] = {}
+        self._pool = array("i")  # every seen word's ids, one word after another
+        self._starts = array("q")
+        self._lengths = array("q")
 
     def __getstate__(self):  # worker processes load the model themselves and keep their own words
-        return {"model_file": self.model_file, "by_word": self.by_word, "_processor": None, "_words": {}}
+        state = dict(self.__dict__, _processor=None)
+        for k in ("_index", "_pool", "_starts", "_lengths"):
+            state.pop(k)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._forget()
 
     @property
     def processor(self):
@@ -65,22 +87,37 @@ class SpmEncoder:
         return self._processor
 
     def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.encode_ragged(texts).lists()
+
+    def encode_ragged(self, texts: list[str]) -> Ragged:
         if not self.by_word:
-            return self.processor.encode(texts, num_threads=_threads())
-        words = self._words
-        if len(words) > CACHED_WORDS:
-            words.clear()
-        if not words:
+            return Ragged.from_lists(self.processor.encode(texts, num_threads=_threads()))
+        if len(self._index) > CACHED_WORDS:
+            self._forget()
+        if not self._index:
             alone = self.processor.encode(["a", "a "])
-            words[" "] = words[SPACE] = tuple(alone[1][len(alone[0]):])  # a single space ending a text
+            self._add([" ", SPACE], [alone[1][len(alone[0]):]] * 2)  # a single space ending a text
         per_text = [WORD.findall(" " + t) if t else [] for t in texts]
-        new = [w for w in set(chain.from_iterable(per_text)) if w not in words]
-        if new:
-            # tuples: the cyclic garbage collector stops tracking a tuple of ints, not a list
-            for w, ids in zip(new, self.processor.encode([w[1:] for w in new], num_threads=_threads())):
-                words[w] = tuple(ids)
-        get = words.__getitem__
-        return [list(chain.from_iterable(map(get, ws))) for ws in per_text]
+        words = list(chain.from_iterable(per_text))
+        number = np.fromiter(map(self._index.get, words, repeat(-1)), dtype=np.int64, count=len(words))
+        unseen = np.flatnonzero(number < 0).tolist()
+        if unseen:
+            new = list(dict.fromkeys(words[i] for i in unseen))  # each once, in order
+            self._add(new, self.processor.encode([w[1:] for w in new], num_threads=_threads()))
+            number[unseen] = [self._index[words[i]] for i in unseen]
+        # views of the arrays, dropped at once: an array with a live view cannot grow
+        lengths = np.frombuffer(self._lengths, dtype=np.int64)[number]
+        ids = np.frombuffer(self._pool, dtype=np.int32)[segments(np.frombuffer(self._starts, dtype=np.int64)[number],
+                                                                 lengths)]
+        word_ends = offsets_of(np.fromiter(map(len, per_text), dtype=np.int64, count=len(per_text)))
+        return Ragged(ids, offsets_of(lengths)[word_ends])
+
+    def _add(self, words: list[str], ids: list[list[int]]) -> None:
+        for w, piece_ids in zip(words, ids):
+            self._index[w] = len(self._starts)
+            self._starts.append(len(self._pool))
+            self._lengths.append(len(piece_ids))
+            self._pool.extend(piece_ids)
 
 
 def _threads() -> int:

@@ -31,9 +31,13 @@ from __future__ import annotations
 
 import hashlib
 import re
+from itertools import chain
 from typing import Sequence
 
+import numpy as np
+
 from mistral_qlora.data.formats import Conversation, Turn
+from mistral_qlora.data.ragged import ID, Ragged, offsets_of, segments
 from mistral_qlora.data.spm import spm_encoder, tokenizer_ids
 from mistral_qlora.errors import UserError
 
@@ -122,7 +126,8 @@ def _as_conversation(conversation) -> Conversation:
 
 
 class ChatTemplate:
-    """What every template offers the data pipeline and generation."""
+    """What every template offers the data pipeline and generation. A template implements
+    `encode` (lists) or `encode_ragged` (one ragged batch); each is derived from the other."""
 
     name: str
 
@@ -140,7 +145,15 @@ class ChatTemplate:
     def encode(self, conversations: Sequence[Sequence[Turn]], train_on_prompt: bool = False
                ) -> list[tuple[list[int], list[int]]]:
         """(input_ids, labels) for each conversation, in order."""
-        raise NotImplementedError
+        ids, labels = self.encode_ragged(conversations, train_on_prompt)
+        return list(zip(ids.lists(), Ragged(labels, ids.offsets).lists()))
+
+    def encode_ragged(self, conversations: Sequence[Sequence[Turn]], train_on_prompt: bool = False
+                      ) -> tuple[Ragged, np.ndarray]:
+        """`encode` as one ragged batch: the ids, and the labels aligned with its values."""
+        pairs = self.encode(conversations, train_on_prompt)
+        ids = Ragged.from_lists([i for i, _ in pairs])
+        return ids, np.fromiter(chain.from_iterable(lab for _, lab in pairs), dtype=ID, count=len(ids.values))
 
     def generation_ids(self, conversation: str | Sequence[Turn]) -> list[int]:
         """The ids a model continues to answer the last turn's prompt (the last answer is ignored):
@@ -172,35 +185,54 @@ class _MistralTemplate(ChatTemplate):
         # read once: the tokenizer's attribute lookups cost more than a record's pieces
         self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
 
-    def _tokenize(self, texts: list[str]) -> list[list[int]]:
-        if not texts:
-            return []
+    def _tokenize(self, texts: list[str]) -> Ragged:
         if self.encoder is not None:
-            return self.encoder.encode(texts)
-        return tokenizer_ids(self.tokenizer, texts)
+            return self.encoder.encode_ragged(texts)
+        return Ragged.from_lists(tokenizer_ids(self.tokenizer, texts))
 
-    def _assemble(self, pieces_per_conv: list[list[tuple[list[int] | str, bool]]], train_on_prompt: bool):
-        """(ids, labels) of each conversation: a piece's labels are its ids where it is learned
-        (or train_on_prompt), else IGNORE_INDEX; the first token is never a target."""
+    def _assemble(self, pieces_per_conv: list[list[tuple[list[int] | str, bool]]], train_on_prompt: bool
+                  ) -> tuple[Ragged, np.ndarray]:
+        """(ids, labels) of the conversations: a piece's labels are its ids where it is learned
+        (or train_on_prompt), else IGNORE_INDEX; the first token is never a target.
+
+        The texts of the whole batch are tokenized at once; then every piece is a range of one
+        pool (the texts' ids followed by the token-id pieces), and the conversations are one
+        gather of those ranges (ragged.py)."""
         texts = [p for pieces in pieces_per_conv for p, _ in pieces if isinstance(p, str)]
-        encoded = iter(self._tokenize(texts))
+        encoded = self._tokenize(texts)
+        text_bounds = encoded.offsets.tolist()
+        fixed: list[int] = []  # the token-id pieces, after the texts' ids in the pool
+        base = len(encoded.values)
+        starts, lengths, learned, per_conv = [], [], [], []
+        t = 0
         for pieces in pieces_per_conv:
-            ids, labels = [], []
+            per_conv.append(len(pieces))
             for piece, keep in pieces:
-                tokens = next(encoded) if isinstance(piece, str) else piece
-                ids += tokens
-                labels += tokens if (keep or train_on_prompt) else [IGNORE_INDEX] * len(tokens)
-            if labels:
-                labels[0] = IGNORE_INDEX
-            yield ids, labels
+                if isinstance(piece, str):
+                    starts.append(text_bounds[t])
+                    lengths.append(text_bounds[t + 1] - text_bounds[t])
+                    t += 1
+                else:
+                    starts.append(base + len(fixed))
+                    lengths.append(len(piece))
+                    fixed += piece
+                learned.append(keep or train_on_prompt)
+        pool = np.concatenate([encoded.values, np.asarray(fixed, dtype=ID)])
+        lengths_np = np.asarray(lengths, dtype=np.int64)
+        ids = pool[segments(np.asarray(starts, dtype=np.int64), lengths_np)]
+        labels = np.where(np.repeat(np.asarray(learned, dtype=bool), lengths_np), ids, ID(IGNORE_INDEX))
+        offsets = offsets_of(lengths_np)[offsets_of(np.asarray(per_conv, dtype=np.int64))]
+        firsts = offsets[:-1][np.diff(offsets) > 0]
+        labels[firsts] = IGNORE_INDEX
+        return Ragged(ids, offsets), labels
 
-    def encode(self, conversations, train_on_prompt=False):
+    def encode_ragged(self, conversations, train_on_prompt=False):
         pieces = [self._pieces(_as_conversation(c), answer_last=True) for c in conversations]
-        return list(self._assemble(pieces, train_on_prompt))
+        return self._assemble(pieces, train_on_prompt)
 
     def generation_ids(self, conversation):
-        (ids, _), = self._assemble([self._pieces(_as_conversation(conversation), answer_last=False)], False)
-        return ids
+        ids, _ = self._assemble([self._pieces(_as_conversation(conversation), answer_last=False)], False)
+        return ids.values.tolist()
 
 
 class MistralV1Template(_MistralTemplate):

@@ -1,8 +1,9 @@
 """Conversations -> token ids and labels through a chat template (`templates.py`), with over-long
 records truncated or dropped and counted.
 
-`tokenize_conversations` is the one entry point the data pipeline calls, on batches of
-conversations: the template sends the text of the whole batch through the tokenizer at once.
+`tokenize_batch` is the one entry point the data pipeline calls, on batches of conversations: the
+template sends the text of the whole batch through the tokenizer at once and returns the batch as
+one ragged array (ragged.py); `tokenize_conversations` is the same as a list of examples.
 Labels are -100 on BOS and on everything but the assistant turns unless `train_on_prompt`, so the
 loss falls on the answers (and their end tokens) only.
 """
@@ -12,10 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
+
 from mistral_qlora.data.formats import Turn
+from mistral_qlora.data.ragged import Ragged
 from mistral_qlora.data.templates import IGNORE_INDEX, ChatTemplate, resolve_template
 
-__all__ = ["IGNORE_INDEX", "TokenizeStats", "tokenize_conversations"]
+__all__ = ["IGNORE_INDEX", "TokenizeStats", "TokenizedBatch", "tokenize_batch", "tokenize_conversations"]
 
 
 @dataclass
@@ -34,6 +38,53 @@ class TokenizeStats:
         return sum(self.lengths)
 
 
+@dataclass
+class TokenizedBatch:
+    """The kept examples of a batch: ids, labels aligned with ids.values, which were truncated."""
+
+    ids: Ragged
+    labels: np.ndarray
+    truncated: np.ndarray  # bool, one per kept example
+
+    def examples(self) -> list[dict]:
+        labels = Ragged(self.labels, self.ids.offsets).lists()
+        return [{"input_ids": i, "labels": lab} for i, lab in zip(self.ids.lists(), labels)]
+
+
+def tokenize_batch(
+    conversations: Sequence[Sequence[Turn]],
+    tokenizer,
+    max_seq_len: int,
+    overlong: str = "truncate",
+    train_on_prompt: bool = False,
+    template: ChatTemplate | None = None,
+) -> tuple[TokenizedBatch, TokenizeStats]:
+    """The kept examples of the conversations, in order, and the counts. A record longer than
+    max_seq_len is dropped (`overlong=drop`) or cut to its first max_seq_len tokens, and then
+    dropped too when no label is left after its first token (the prompt alone fills the budget).
+    `template` is a resolved `ChatTemplate` (`resolve_template`); None resolves `auto` for `tokenizer`."""
+    template = template or resolve_template("auto", tokenizer)
+    ids, labels = template.encode_ragged(conversations, train_on_prompt)
+    lengths = ids.lengths
+    keep = np.ones(len(ids), dtype=bool)
+    truncated = np.zeros(len(ids), dtype=bool)
+    for i in np.flatnonzero(lengths > max_seq_len).tolist():  # few: a loop over them
+        start = int(ids.offsets[i])
+        if overlong == "drop" or np.all(labels[start + 1:start + max_seq_len] == IGNORE_INDEX):
+            keep[i] = False
+        else:
+            truncated[i] = True
+    stats = TokenizeStats(records=len(ids), truncated=int(truncated.sum()), dropped=int((~keep).sum()))
+    if stats.truncated or stats.dropped:
+        rows = np.flatnonzero(keep)
+        cut = np.minimum(lengths[rows], max_seq_len)
+        kept = ids.take(rows, cut)
+        labels = Ragged(labels, ids.offsets).take(rows, cut).values
+        ids, lengths, truncated = kept, cut, truncated[rows]
+    stats.lengths = lengths.tolist()
+    return TokenizedBatch(ids, labels, truncated), stats
+
+
 def tokenize_conversations(
     conversations: Sequence[Sequence[Turn]],
     tokenizer,
@@ -42,21 +93,6 @@ def tokenize_conversations(
     train_on_prompt: bool = False,
     template: ChatTemplate | None = None,
 ) -> tuple[list[dict], TokenizeStats]:
-    """Examples {"input_ids", "labels"} of the conversations that are kept, and the counts.
-    `template` is a resolved `ChatTemplate` (`resolve_template`); None resolves `auto` for `tokenizer`."""
-    template = template or resolve_template("auto", tokenizer)
-    stats = TokenizeStats(records=len(conversations))
-    examples = []
-    for ids, labels in template.encode(conversations, train_on_prompt):
-        if len(ids) > max_seq_len:
-            if overlong == "drop":
-                stats.dropped += 1
-                continue
-            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-            if all(label == IGNORE_INDEX for label in labels[1:]):
-                stats.dropped += 1  # the prompt alone fills the budget: nothing left to learn from
-                continue
-            stats.truncated += 1
-        stats.lengths.append(len(ids))
-        examples.append({"input_ids": ids, "labels": labels})
-    return examples, stats
+    """`tokenize_batch` as examples {"input_ids", "labels"} (Python lists) and the counts."""
+    batch, stats = tokenize_batch(conversations, tokenizer, max_seq_len, overlong, train_on_prompt, template)
+    return batch.examples(), stats

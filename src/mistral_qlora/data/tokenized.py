@@ -1,14 +1,21 @@
-"""Records -> tokenized rows, once: a batched `datasets.map` over worker processes, cached on disk.
+"""Records -> tokenized rows, once: batched `datasets.map`s on a pool of worker processes, cached on disk.
 
 `TokenizeBatch` is the one place records become conversations (formats.py) and conversations
 become tokens (tokenize.py); the map, the streaming packer and the diagnostics all go through it.
 
-The cache: `<data.cache_dir>/tokens-<key>/` holds the map's Arrow shards (`part_*.arrow`) and a
-`manifest.json` written last (rows, token count, shard sizes). The key is a hash of the records'
-identity (file paths, sizes and modification times, or a hub dataset's cached files), which of
-them are read (split, held-out selection, max_records, column mapping), the tokenizer (its
-serialized vocabulary and chat template), every data setting that changes tokens, and the code
-of formats.py and tokenize.py. A folder is built under a temporary name and renamed whole; several
+The build (`_build`) cuts the records into tasks of at most TASK_BYTES of the input table
+(`tasks`); each task is one `datasets.map` into an Arrow shard of its own. The tasks run on a pool
+of data.num_proc processes that lives for the whole build, so a worker's tokenizer keeps the words
+it has seen (spm.py) from task to task, while the part of the input file that a worker has mapped
+into its memory is one task's, released when the task ends: the build's memory does not grow
+with the dataset.
+
+The cache: `<data.cache_dir>/tokens-<key>/` holds the shards (`part_*.arrow`, in record order)
+and a `manifest.json` written last (rows, token count, shard sizes). The key is a hash of the
+records' identity (file paths, sizes and modification times, or a hub dataset's cached files),
+which of them are read (split, held-out selection, max_records, column mapping), the tokenizer
+(its serialized vocabulary and chat template), every data setting that changes tokens, and the
+code of this module and of the ones that make tokens. A folder is built under a temporary name and renamed whole; several
 processes that start together take a file lock, so one builds and the others read. A cache that
 does not match its manifest (missing or truncated shard, unreadable Arrow, other row or token
 counts) is removed with a warning and built again.
@@ -18,22 +25,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from mistral_qlora.data import formats, spm, templates, tokenize
+import numpy as np
+from tqdm.auto import tqdm
+
+from mistral_qlora.data import formats, ragged, spm, templates, tokenize
 from mistral_qlora.data.formats import records_to_conversations
 from mistral_qlora.data.templates import resolve_template
-from mistral_qlora.data.tokenize import tokenize_conversations
+from mistral_qlora.data.ragged import Ragged
+from mistral_qlora.data.tokenize import TokenizedBatch, tokenize_batch
 from mistral_qlora.errors import UserError
 from mistral_qlora.files import atomic_write_text
 from mistral_qlora.runtime import log
 
 BATCH = 1000  # records per tokenizer call: large enough for the fast tokenizer's batch path
+TASK_BYTES = 64 << 20  # of the input table per task of the build (what a worker maps at a time)
 PROGRESS_RECORDS = 50_000  # tables at least this large show datasets' progress bars
 CACHE_VERSION = 1
 # data settings that never change a record's tokens (everything else in DataSection does)
@@ -78,7 +92,7 @@ class TokenizeBatch:
     """A batch of records (columns) -> columns input_ids, labels, length, truncated.
 
     Records longer than data.max_seq_len are truncated or dropped by tokenize.py; the `truncated`
-    column counts the truncated ones (its sum over a table is exact).
+    column marks the truncated ones.
     """
 
     def __init__(self, tokenizer, form: str, source: str, data_cfg, record_ids=None):
@@ -106,36 +120,26 @@ class TokenizeBatch:
                 text = f"{prefix}{record}" + text[m.end():]
             raise UserError(text) from None
 
-    def _tokenize(self, convs):
-        return tokenize_conversations(convs, self.tokenizer, self.max_seq_len, self.overlong, self.train_on_prompt,
-                                      self.template)
+    def tokenized(self, batch: dict, indices: list[int]) -> TokenizedBatch:
+        convs = self.conversations(batch, indices)
+        out, _ = tokenize_batch(convs, self.tokenizer, self.max_seq_len, self.overlong, self.train_on_prompt,
+                                self.template)
+        return out
 
     def __call__(self, batch: dict, indices: list[int]) -> dict:
-        convs = self.conversations(batch, indices)
-        examples, stats = self._tokenize(convs)
-        lengths = list(stats.lengths)
-        # Truncated records are data.max_seq_len long; when a batch also holds records exactly
-        # that long, only as many are marked as tokenize.py counted: the column's sum is exact.
-        left = stats.truncated
-        truncated = []
-        for n in lengths:
-            mark = left > 0 and n == self.max_seq_len
-            left -= mark
-            truncated.append(mark)
-        return {"input_ids": [ex["input_ids"] for ex in examples], "labels": [ex["labels"] for ex in examples],
-                "length": lengths, "truncated": truncated}
+        out = self.tokenized(batch, indices)
+        return {"input_ids": out.ids.lists(), "labels": Ragged(out.labels, out.ids.offsets).lists(),
+                "length": out.ids.lengths.tolist(), "truncated": out.truncated.tolist()}
 
     def columns(self, batch: dict, indices: list[int]):
-        """`__call__`'s columns as an Arrow table, what `datasets.map` writes to the cache: pyarrow
-        converts the nested id lists in one call, several times faster than datasets' conversion
-        of each record's list."""
+        """`__call__`'s columns as an Arrow table, what `datasets.map` writes to the cache, made
+        from the ragged batch directly (no Python list per record)."""
         import pyarrow as pa
 
-        out = self(batch, indices)
-        ids = pa.list_(pa.int32())
-        return pa.table({"input_ids": pa.array(out["input_ids"], ids), "labels": pa.array(out["labels"], ids),
-                         "length": pa.array(out["length"], pa.int32()),
-                         "truncated": pa.array(out["truncated"], pa.bool_())})
+        out = self.tokenized(batch, indices)
+        return pa.table({"input_ids": out.ids.to_arrow(), "labels": Ragged(out.labels, out.ids.offsets).to_arrow(),
+                         "length": pa.array(out.ids.lengths.astype(np.int32)),
+                         "truncated": pa.array(out.truncated)})
 
 
 def features():
@@ -156,7 +160,7 @@ def tokenizer_signature(tokenizer) -> str:
 
 def code_signature() -> str:
     h = hashlib.sha256()
-    for module in (formats, spm, templates, tokenize):
+    for module in (formats, ragged, spm, templates, tokenize):
         h.update(Path(module.__file__).read_bytes())
     h.update(Path(__file__).read_bytes())
     return h.hexdigest()
@@ -212,8 +216,9 @@ def _open_cached(folder: Path):
         return None
 
 
-def tokenize_table(table, fn: TokenizeBatch, key: str, root: Path, num_proc: int, what: str) -> Tokenized:
-    """`table` (raw records) tokenized through `fn`, read from the cache under `key` or built into it."""
+def tokenize_table(table, rows, fn: TokenizeBatch, key: str, root: Path, num_proc: int, what: str) -> Tokenized:
+    """The records `rows` of `table` (all when None, else ascending row numbers) tokenized through
+    `fn`, read from the cache under `key` or built into it."""
     from filelock import FileLock
 
     root.mkdir(parents=True, exist_ok=True)
@@ -224,39 +229,113 @@ def tokenize_table(table, fn: TokenizeBatch, key: str, root: Path, num_proc: int
             if opened is not None:
                 ds, manifest = opened
                 return Tokenized(ds, manifest["records"], True)
-        ds, manifest = _build(table, fn, folder, num_proc, what)
+        ds, manifest = _build(table, rows, fn, folder, num_proc, what)
     return Tokenized(ds, manifest["records"], False)
 
 
-def _build(table, fn: TokenizeBatch, folder: Path, num_proc: int, what: str):
+def tasks(table, rows, n: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of the n selected records, each over at most TASK_BYTES of the table:
+    a task's records lie within that many bytes of the table's rows, whether they are all of them
+    or a sparse selection (a held-out share), so a worker maps at most that much of the table's
+    file at a time."""
+    per_task = max(BATCH, int(TASK_BYTES * len(table) / max(1, table.data.nbytes)))
+    if rows is None:
+        cuts = list(range(0, n, per_task))
+    else:
+        cuts = np.unique(np.searchsorted(np.asarray(rows), np.arange(0, len(table), per_task))).tolist()
+        cuts = [c for c in cuts if c < n] or [0]
+    return list(zip(cuts, cuts[1:] + [n]))
+
+
+def _file_backed(table) -> bool:
+    """Whether the table is Arrow files mapped from disk (pickled as their paths), not memory."""
+    from datasets.table import ConcatenationTable, MemoryMappedTable
+
+    data = table.data
+    blocks = [b for row in data.blocks for b in row] if isinstance(data, ConcatenationTable) else [data]
+    return all(isinstance(b, MemoryMappedTable) for b in blocks)
+
+
+_INHERITED = None  # (table, fn) of the build, set before the pool's processes fork from this one
+
+
+def _start_worker() -> None:
+    import datasets
+
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
+    datasets.utils.logging.disable_progress_bar()
+
+
+def _run_task(table, rows, start: int, stop: int, out_file: str, fingerprint: str) -> int:
+    """Records [start, stop) of the selection mapped through the build's TokenizeBatch into
+    `out_file`; the rows written. `table` is None in a worker when the table is in memory (the
+    worker reads the copy it inherited); a file-backed table comes pickled, so the worker maps its
+    files for this task alone and unmaps them when the task ends."""
+    inherited, fn = _INHERITED
+    table = inherited if table is None else table
+    shard = table.select(range(start, stop) if rows is None else rows[start:stop])
+    out = shard.map(lambda batch, idx: fn.columns(batch, [start + i for i in idx]), batched=True,
+                    batch_size=BATCH, with_indices=True, remove_columns=shard.column_names, features=features(),
+                    cache_file_name=out_file, new_fingerprint=fingerprint)
+    return len(out)
+
+
+def _build(table, rows, fn: TokenizeBatch, folder: Path, num_proc: int, what: str):
+    """The cache folder, built in tasks (`tasks`) of the table's records, each mapped by
+    `datasets.map` into a shard of its own, on a pool of num_proc processes when there is more
+    than one task. The pool's processes live for the whole build, so each keeps the words its
+    tokenizer has seen (spm.py) from task to task."""
+    global _INHERITED
     import pyarrow.compute as pc
 
     staging = folder.with_name(f".{folder.name}.{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    if num_proc > 1:
-        # Each worker process tokenizes its own batches; the fast tokenizer's own threads would
-        # only compete with the other workers for the same cores.
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+    n = len(table) if rows is None else len(rows)
+    work = tasks(table, rows, n)
+    names = [str(staging / f"part_{k:05d}.arrow") for k in range(len(work))]
+    args = [(start, stop, name, f"{folder.name}-{k}") for k, ((start, stop), name) in enumerate(zip(work, names))]
+    _INHERITED = (table, fn)
     try:
-        with datasets_quiet(progress=len(table) >= PROGRESS_RECORDS):
-            ds = table.map(fn.columns, batched=True, batch_size=BATCH, with_indices=True,
-                           num_proc=num_proc if num_proc > 1 else None, remove_columns=table.column_names,
-                           features=features(), cache_file_name=str(staging / "part.arrow"),
-                           new_fingerprint=folder.name, desc=f"tokenizing {what}")
-        files = [Path(c["filename"]) for c in ds.cache_files]
-        manifest = {"records": len(table), "rows": len(ds),
-                    "tokens": pc.sum(ds.data.column("length")).as_py() or 0,
-                    "shards": [{"file": f.name, "bytes": f.stat().st_size} for f in files]}
+        with datasets_quiet(progress=False), tqdm(total=n, desc=f"tokenizing {what}", unit=" records",
+                                                  disable=n < PROGRESS_RECORDS) as bar:
+            if len(work) == 1:
+                _run_task(table, rows, *args[0])
+                bar.update(n)
+            else:
+                if num_proc > 1:
+                    # Each worker process tokenizes its own tasks; the tokenizers' own threads
+                    # would only compete with the other workers for the same cores.
+                    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+                sent = table if _file_backed(table) else None
+                with ProcessPoolExecutor(min(num_proc, len(work)), mp_context=multiprocessing.get_context("fork"),
+                                         initializer=_start_worker) as pool:
+                    futures = {pool.submit(_run_task, sent, rows, *a): a[1] - a[0] for a in args}
+                    try:
+                        for done in as_completed(futures):
+                            done.result()
+                            bar.update(futures[done])
+                    except BaseException:
+                        pool.shutdown(cancel_futures=True)
+                        raise
+        import datasets
+
+        shards = [datasets.Dataset.from_file(name) for name in names]
+        ds = shards[0] if len(shards) == 1 else datasets.concatenate_datasets(shards)
+        manifest = {"records": n, "rows": len(ds), "tokens": pc.sum(ds.data.column("length")).as_py() or 0,
+                    "shards": [{"file": Path(f).name, "bytes": Path(f).stat().st_size} for f in names]}
         for leftover in staging.iterdir():  # datasets' temporary files of the shards, if any
-            if leftover.name not in {f.name for f in files}:
+            if str(leftover) not in names:
                 leftover.unlink()
         atomic_write_text(staging / "manifest.json", json.dumps(manifest, indent=1))
-        del ds
+        del ds, shards
         os.replace(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        _INHERITED = None
     opened = _open_cached(folder)
     if opened is None:
         raise RuntimeError(f"{folder}: the data cache just written does not read back")
