@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from itertools import chain
 from typing import Sequence
 
 import numpy as np
@@ -127,7 +126,8 @@ def _as_conversation(conversation) -> Conversation:
 
 class ChatTemplate:
     """What every template offers the data pipeline and generation. A template implements
-    `encode` (lists) or `encode_ragged` (one ragged batch); each is derived from the other."""
+    `encode` (lists) or `encode_ragged` (one ragged batch each of ids and labels, same offsets);
+    each is derived from the other."""
 
     name: str
 
@@ -146,14 +146,13 @@ class ChatTemplate:
                ) -> list[tuple[list[int], list[int]]]:
         """(input_ids, labels) for each conversation, in order."""
         ids, labels = self.encode_ragged(conversations, train_on_prompt)
-        return list(zip(ids.lists(), Ragged(labels, ids.offsets).lists()))
+        return list(zip(ids.lists(), labels.lists()))
 
     def encode_ragged(self, conversations: Sequence[Sequence[Turn]], train_on_prompt: bool = False
-                      ) -> tuple[Ragged, np.ndarray]:
-        """`encode` as one ragged batch: the ids, and the labels aligned with its values."""
+                      ) -> tuple[Ragged, Ragged]:
+        """`encode` as ragged batches: the ids, and the labels (the same offsets)."""
         pairs = self.encode(conversations, train_on_prompt)
-        ids = Ragged.from_lists([i for i, _ in pairs])
-        return ids, np.fromiter(chain.from_iterable(lab for _, lab in pairs), dtype=ID, count=len(ids.values))
+        return Ragged.from_lists([i for i, _ in pairs]), Ragged.from_lists([lab for _, lab in pairs])
 
     def generation_ids(self, conversation: str | Sequence[Turn]) -> list[int]:
         """The ids a model continues to answer the last turn's prompt (the last answer is ignored):
@@ -191,7 +190,7 @@ class _MistralTemplate(ChatTemplate):
         return Ragged.from_lists(tokenizer_ids(self.tokenizer, texts))
 
     def _assemble(self, pieces_per_conv: list[list[tuple[list[int] | str, bool]]], train_on_prompt: bool
-                  ) -> tuple[Ragged, np.ndarray]:
+                  ) -> tuple[Ragged, Ragged]:
         """(ids, labels) of the conversations: a piece's labels are its ids where it is learned
         (or train_on_prompt), else IGNORE_INDEX; the first token is never a target.
 
@@ -224,7 +223,7 @@ class _MistralTemplate(ChatTemplate):
         offsets = offsets_of(lengths_np)[offsets_of(np.asarray(per_conv, dtype=np.int64))]
         firsts = offsets[:-1][np.diff(offsets) > 0]
         labels[firsts] = IGNORE_INDEX
-        return Ragged(ids, offsets), labels
+        return Ragged(ids, offsets), Ragged(labels, offsets)
 
     def encode_ragged(self, conversations, train_on_prompt=False):
         pieces = [self._pieces(_as_conversation(c), answer_last=True) for c in conversations]

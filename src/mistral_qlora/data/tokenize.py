@@ -40,15 +40,14 @@ class TokenizeStats:
 
 @dataclass
 class TokenizedBatch:
-    """The kept examples of a batch: ids, labels aligned with ids.values, which were truncated."""
+    """The kept examples of a batch: their ids and labels (the same offsets), which were truncated."""
 
     ids: Ragged
-    labels: np.ndarray
+    labels: Ragged
     truncated: np.ndarray  # bool, one per kept example
 
     def examples(self) -> list[dict]:
-        labels = Ragged(self.labels, self.ids.offsets).lists()
-        return [{"input_ids": i, "labels": lab} for i, lab in zip(self.ids.lists(), labels)]
+        return [{"input_ids": i, "labels": lab} for i, lab in zip(self.ids.lists(), self.labels.lists())]
 
 
 def tokenize_batch(
@@ -70,7 +69,7 @@ def tokenize_batch(
     truncated = np.zeros(len(ids), dtype=bool)
     for i in np.flatnonzero(lengths > max_seq_len).tolist():  # few: a loop over them
         start = int(ids.offsets[i])
-        if overlong == "drop" or np.all(labels[start + 1:start + max_seq_len] == IGNORE_INDEX):
+        if overlong == "drop" or np.all(labels.values[start + 1:start + max_seq_len] == IGNORE_INDEX):
             keep[i] = False
         else:
             truncated[i] = True
@@ -78,9 +77,7 @@ def tokenize_batch(
     if stats.truncated or stats.dropped:
         rows = np.flatnonzero(keep)
         cut = np.minimum(lengths[rows], max_seq_len)
-        kept = ids.take(rows, cut)
-        labels = Ragged(labels, ids.offsets).take(rows, cut).values
-        ids, lengths, truncated = kept, cut, truncated[rows]
+        ids, labels, lengths, truncated = ids.take(rows, cut), labels.take(rows, cut), cut, truncated[rows]
     stats.lengths = lengths.tolist()
     return TokenizedBatch(ids, labels, truncated), stats
 

@@ -15,10 +15,10 @@ and a `manifest.json` written last (rows, token count, shard sizes). The key is 
 records' identity (file paths, sizes and modification times, or a hub dataset's cached files),
 which of them are read (split, held-out selection, max_records, column mapping), the tokenizer
 (its serialized vocabulary and chat template), every data setting that changes tokens, and the
-code of this module and of the ones that make tokens. A folder is built under a temporary name and renamed whole; several
-processes that start together take a file lock, so one builds and the others read. A cache that
-does not match its manifest (missing or truncated shard, unreadable Arrow, other row or token
-counts) is removed with a warning and built again.
+code of this module and of the ones that make tokens. A folder is built under a temporary name
+and renamed whole; several processes that start together take a file lock, so one builds and the
+others read. A cache that does not match its manifest (missing or truncated shard, unreadable
+Arrow, other row or token counts) is removed with a warning and built again.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from tqdm.auto import tqdm
 from mistral_qlora.data import formats, ragged, spm, templates, tokenize
 from mistral_qlora.data.formats import records_to_conversations
 from mistral_qlora.data.templates import resolve_template
-from mistral_qlora.data.ragged import Ragged
 from mistral_qlora.data.tokenize import TokenizedBatch, tokenize_batch
 from mistral_qlora.errors import UserError
 from mistral_qlora.files import atomic_write_text
@@ -48,7 +47,7 @@ from mistral_qlora.runtime import log
 
 BATCH = 1000  # records per tokenizer call: large enough for the fast tokenizer's batch path
 TASK_BYTES = 64 << 20  # of the input table per task of the build (what a worker maps at a time)
-PROGRESS_RECORDS = 50_000  # tables at least this large show datasets' progress bars
+PROGRESS_RECORDS = 50_000  # builds of at least this many records show a progress bar
 CACHE_VERSION = 1
 # data settings that never change a record's tokens (everything else in DataSection does)
 NOT_TOKEN_SETTINGS = {"train", "eval", "eval_fraction", "packing", "tokens_per_row", "streaming", "stream_buffer",
@@ -128,7 +127,7 @@ class TokenizeBatch:
 
     def __call__(self, batch: dict, indices: list[int]) -> dict:
         out = self.tokenized(batch, indices)
-        return {"input_ids": out.ids.lists(), "labels": Ragged(out.labels, out.ids.offsets).lists(),
+        return {"input_ids": out.ids.lists(), "labels": out.labels.lists(),
                 "length": out.ids.lengths.tolist(), "truncated": out.truncated.tolist()}
 
     def columns(self, batch: dict, indices: list[int]):
@@ -137,7 +136,7 @@ class TokenizeBatch:
         import pyarrow as pa
 
         out = self.tokenized(batch, indices)
-        return pa.table({"input_ids": out.ids.to_arrow(), "labels": Ragged(out.labels, out.ids.offsets).to_arrow(),
+        return pa.table({"input_ids": out.ids.to_arrow(), "labels": out.labels.to_arrow(),
                          "length": pa.array(out.ids.lengths.astype(np.int32)),
                          "truncated": pa.array(out.truncated)})
 
@@ -266,18 +265,20 @@ def _start_worker() -> None:
     datasets.utils.logging.disable_progress_bar()
 
 
-def _run_task(table, rows, start: int, stop: int, out_file: str, fingerprint: str) -> int:
+def _run_task(table, rows, start: int, stop: int, out_file: str, fingerprint: str) -> tuple[int, int]:
     """Records [start, stop) of the selection mapped through the build's TokenizeBatch into
-    `out_file`; the rows written. `table` is None in a worker when the table is in memory (the
+    `out_file`; the rows and tokens written. `table` is None in a worker when the table is in memory (the
     worker reads the copy it inherited); a file-backed table comes pickled, so the worker maps its
     files for this task alone and unmaps them when the task ends."""
+    import pyarrow.compute as pc
+
     inherited, fn = _INHERITED
     table = inherited if table is None else table
     shard = table.select(range(start, stop) if rows is None else rows[start:stop])
     out = shard.map(lambda batch, idx: fn.columns(batch, [start + i for i in idx]), batched=True,
                     batch_size=BATCH, with_indices=True, remove_columns=shard.column_names, features=features(),
                     cache_file_name=out_file, new_fingerprint=fingerprint)
-    return len(out)
+    return len(out), pc.sum(out.data.column("length")).as_py() or 0
 
 
 def _build(table, rows, fn: TokenizeBatch, folder: Path, num_proc: int, what: str):
@@ -286,8 +287,6 @@ def _build(table, rows, fn: TokenizeBatch, folder: Path, num_proc: int, what: st
     than one task. The pool's processes live for the whole build, so each keeps the words its
     tokenizer has seen (spm.py) from task to task."""
     global _INHERITED
-    import pyarrow.compute as pc
-
     staging = folder.with_name(f".{folder.name}.{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -301,7 +300,7 @@ def _build(table, rows, fn: TokenizeBatch, folder: Path, num_proc: int, what: st
         with datasets_quiet(progress=False), tqdm(total=n, desc=f"tokenizing {what}", unit=" records",
                                                   disable=n < PROGRESS_RECORDS) as bar:
             if len(work) == 1:
-                _run_task(table, rows, *args[0])
+                written = [_run_task(table, rows, *args[0])]
                 bar.update(n)
             else:
                 if num_proc > 1:
@@ -311,25 +310,22 @@ def _build(table, rows, fn: TokenizeBatch, folder: Path, num_proc: int, what: st
                 sent = table if _file_backed(table) else None
                 with ProcessPoolExecutor(min(num_proc, len(work)), mp_context=multiprocessing.get_context("fork"),
                                          initializer=_start_worker) as pool:
-                    futures = {pool.submit(_run_task, sent, rows, *a): a[1] - a[0] for a in args}
+                    futures = [pool.submit(_run_task, sent, rows, *a) for a in args]
+                    records = {f: a[1] - a[0] for f, a in zip(futures, args)}
                     try:
                         for done in as_completed(futures):
                             done.result()
-                            bar.update(futures[done])
+                            bar.update(records[done])
                     except BaseException:
                         pool.shutdown(cancel_futures=True)
                         raise
-        import datasets
-
-        shards = [datasets.Dataset.from_file(name) for name in names]
-        ds = shards[0] if len(shards) == 1 else datasets.concatenate_datasets(shards)
-        manifest = {"records": n, "rows": len(ds), "tokens": pc.sum(ds.data.column("length")).as_py() or 0,
+                    written = [f.result() for f in futures]
+        manifest = {"records": n, "rows": sum(r for r, _ in written), "tokens": sum(t for _, t in written),
                     "shards": [{"file": Path(f).name, "bytes": Path(f).stat().st_size} for f in names]}
         for leftover in staging.iterdir():  # datasets' temporary files of the shards, if any
             if str(leftover) not in names:
                 leftover.unlink()
         atomic_write_text(staging / "manifest.json", json.dumps(manifest, indent=1))
-        del ds, shards
         os.replace(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
