@@ -6,7 +6,7 @@ import pytest
 
 from mistral_qlora.cli import main
 
-from conftest import ROOT, run_cli, story_records
+from testkit import ROOT, run_cli, story_records
 
 
 def cli(capsys, *args):

@@ -3,7 +3,7 @@ import pytest
 from mistral_qlora.config import RunConfig, load_config, parse_override
 from mistral_qlora.errors import UserError
 
-from conftest import ROOT
+from testkit import ROOT
 
 
 def test_tiny_and_7b_configs_validate():

@@ -7,7 +7,8 @@ import pytest
 
 from mistral_qlora import resources
 
-ROOT = Path(__file__).resolve().parents[1]
+from testkit import ROOT
+
 
 
 @pytest.mark.parametrize("folder, pattern", [("ds_configs", "*.json"), ("launch", "*.yaml")])

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_bench_parser(sub) -> None:
     from mistral_qlora.data.synthetic import DEFAULT_MAX_LEN, DEFAULT_MEDIAN, DEFAULT_MIN_LEN, DEFAULT_SIGMA
 
-    p = sub.add_parser("bench", help="tokens/s: the seed's padded recipe against packed rows with each backend")
+    p = sub.add_parser("bench", help="tokens/s: the tutorial's padded recipe against packed rows with each backend")
     p.add_argument("--model", default="tiny-random-mistral",
                    help="tiny-random-mistral (default), a local checkpoint folder, a hub id, or random:mistral-7b "
                         "(Mistral-7B-Instruct-v0.2's architecture with random weights, built once on local disk)")
@@ -115,17 +115,17 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN, help=f"longest sequence ({DEFAULT_MAX_LEN})")
     p.add_argument("--min-len", type=int, default=DEFAULT_MIN_LEN, help=f"shortest sequence ({DEFAULT_MIN_LEN})")
     p.add_argument("--tokens-per-row", type=int, default=8192, help="packed row budget (default 8192)")
-    p.add_argument("--padded-batch-size", type=int, default=8, help="the seed recipe's batch size (default 8)")
+    p.add_argument("--padded-batch-size", type=int, default=8, help="the tutorial recipe's batch size (default 8)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up rows, untimed (default 3)")
     p.add_argument("--timed-rows", type=int, default=8,
                    help="timed rows; the padded recipe is timed on the same sequences (default 8)")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed passes over the timed rows per recipe; tokens/s is their median (default 3: "
                         "the first pass of the padded recipe still warms up)")
-    p.add_argument("--recipes", help="comma-separated: seed (padded+sdpa), plain (packed+flex with the tutorial's "
+    p.add_argument("--recipes", help="comma-separated: tutorial (padded+sdpa; alias seed), plain (packed+flex with the tutorial's "
                                      "preparation), packed+BACKEND[+liger][+ckpt=all|none|auto|FRACTION]"
                                      "[+lora=fused|peft] "
-                                     "(default: seed, plain, every usable backend, then the fastest with Liger)")
+                                     "(default: tutorial, plain, every usable backend, then the fastest with Liger)")
     p.add_argument("--profile", action="store_true", help="profile one step of the last recipe: GPU time by kernel kind")
     p.add_argument("--compare", metavar="LEVERS",
                    help=f"comma-separated levers of the fast path ({', '.join(LEVERS)}): "
@@ -216,7 +216,7 @@ def _comma_list(text: str | None) -> list[str]:
 
 def cmd_train(args) -> int:
     from mistral_qlora.config import load_config
-    from mistral_qlora.launch import relaunch
+    from mistral_qlora.relaunch import relaunch
     from mistral_qlora.run.trackers import check_trackers
     from mistral_qlora.train import run_training
 
@@ -280,7 +280,7 @@ def cmd_bench_data(args) -> int:
 def cmd_generate(args) -> int:
     from mistral_qlora.data.formats import Conversation
     from mistral_qlora.data.templates import TEMPLATES, resolve_template
-    from mistral_qlora.model.generate import generate_answers
+    from mistral_qlora.model.greedy import greedy_answers
     from mistral_qlora.tools.generate import load_for_generation, run_template
 
     if args.template is not None and args.template not in TEMPLATES:
@@ -289,7 +289,7 @@ def cmd_generate(args) -> int:
     model, tokenizer = load_for_generation(args.adapter, args.model, bits=args.bits)
     template = resolve_template(args.template or run_template(args.adapter), tokenizer)
     prompts = [Conversation([(prompt, "")], args.system) for prompt in args.prompt]
-    for prompt, answer in zip(prompts, generate_answers(model, tokenizer, prompts, args.max_new_tokens, template)):
+    for prompt, answer in zip(prompts, greedy_answers(model, tokenizer, prompts, args.max_new_tokens, template)):
         # What the model was given, as the template rendered it (BOS left out).
         ids = template.generation_ids(prompt)
         shown = tokenizer.decode(ids[1:] if ids[:1] == [tokenizer.bos_token_id] else ids).strip()

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from mistral_qlora.config import RunConfig
-from mistral_qlora.data import PreparedData, prepare_data
+from mistral_qlora.data import TrainingData, build_data
 from mistral_qlora.data.stream import POSITION_FILE as STREAM_POSITION
 from mistral_qlora.errors import Preempted, UserError
 from mistral_qlora.files import atomic_write_text
@@ -31,7 +31,7 @@ from mistral_qlora.logs import close_run_log, open_run_log
 from mistral_qlora.model.adapter import publish_adapter
 from mistral_qlora.model.base import load_model_config, resolve_model_path
 from mistral_qlora.model.build import build_model
-from mistral_qlora.model.generate import generate_answers
+from mistral_qlora.model.greedy import greedy_answers
 from mistral_qlora.model.tokenizer import load_tokenizer
 from mistral_qlora.plan import Plan, lora_variants, make_plan
 from mistral_qlora.run import checkpoints
@@ -97,7 +97,7 @@ class RunInputs:
     model_path: str
     model_config: object  # the checkpoint's transformers config, with the run's overrides
     tokenizer: object
-    data: PreparedData
+    data: TrainingData
     fingerprint: dict
     resume_from: Path | None
 
@@ -111,7 +111,7 @@ def validate(cfg: RunConfig, rt: Runtime, overwrite: bool, force: bool) -> RunIn
     tokenizer = load_tokenizer(model_path, cfg.model.revision)
     if cfg.data.streaming and cfg.train.max_steps <= 0:
         raise UserError("data.streaming needs train.max_steps: a stream has no length to count epochs by")
-    data = prepare_data(cfg.data, tokenizer, cfg.train.seed, cfg.eval.samples)
+    data = build_data(cfg.data, tokenizer, cfg.train.seed, cfg.eval.samples)
     fingerprint = checkpoints.run_fingerprint(cfg, data.digest, rt.world_size)
     resume_from = checkpoints.find_resume_checkpoint(cfg, fingerprint, overwrite, force, warn=log)
     if data.stream is not None and resume_from is not None:
@@ -175,7 +175,7 @@ def finish(cfg: RunConfig, rt: Runtime, plan: Plan, inputs: RunInputs, trainer, 
         evals = [e for e in trainer.state.log_history if "eval_loss" in e]
     initial_eval_loss = evals[0]["eval_loss"] if evals else None
     final_eval_loss = evals[-1]["eval_loss"] if data.eval else None
-    samples_after = generate_answers(model, inputs.tokenizer, data.sample_prompts, cfg.eval.max_new_tokens,
+    samples_after = greedy_answers(model, inputs.tokenizer, data.sample_prompts, cfg.eval.max_new_tokens,
                                      data.template)
     publish_adapter(model, inputs.tokenizer, out, cfg.model.name_or_path, zero3=plan.zero3, is_main=rt.is_main)
 

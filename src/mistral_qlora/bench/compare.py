@@ -39,7 +39,7 @@ AS_PLANNED = "as planned"
 def compare_recipe(opts: BenchOptions, dtype) -> Recipe:
     """The recipe to compare: the last of --recipes, else the fast one."""
     recipe = Recipe.parse(expand_recipes(opts.recipes, dtype)[-1])
-    if recipe.preparation != "ours" or recipe.lora != "fused":
+    if recipe.kbit_setup != "ours" or recipe.lora != "fused":
         raise UserError(f"--compare needs a recipe of ours with the fused LoRA layer, not {recipe.name!r}")
     recipe.check_usable(dtype)
     return recipe

@@ -1,6 +1,6 @@
 """Recipe names and what each means.
 
-- `padded+sdpa (seed)` (`seed`): the tutorial's recipe: padded batches, SDPA, and peft's
+- `padded+sdpa (tutorial)` (`tutorial`, or `seed`): the tutorial's recipe: padded batches, SDPA, and peft's
   `prepare_model_for_kbit_training` (every non-4-bit weight cast to float32, reentrant activation
   checkpointing on every layer).
 - `packed+flex (plain)` (`plain`): plain transformers with packing: rows packed by best-fit
@@ -28,9 +28,9 @@ from mistral_qlora.plan.backends import fp8_problem, kernels_usable, usable_back
 from mistral_qlora.plan.layers import LayerPlan
 from mistral_qlora.runtime import Runtime
 
-SEED_RECIPE = "padded+sdpa (seed)"
+TUTORIAL_RECIPE = "padded+sdpa (tutorial)"
 PLAIN_RECIPE = "packed+flex (plain)"  # plain transformers: packing + FlexAttention, tutorial preparation
-ALIASES = {"seed": SEED_RECIPE, "padded": SEED_RECIPE, "padded+sdpa": SEED_RECIPE, "plain": PLAIN_RECIPE}
+ALIASES = {"tutorial": TUTORIAL_RECIPE, "seed": TUTORIAL_RECIPE, "padded": TUTORIAL_RECIPE, "padded+sdpa": TUTORIAL_RECIPE, "plain": PLAIN_RECIPE}
 PACKED_BACKENDS = ("sdpa", "flex", "varlen", "flash_attention_2")  # slowest to fastest
 BACKENDS = PACKED_BACKENDS + ("eager",)
 CKPT = {"all": True, "none": False, "auto": "auto"}
@@ -43,7 +43,7 @@ class Recipe:
     name: str
     batching: str  # padded | packed
     attention: str
-    preparation: str  # seed (peft's prepare_model_for_kbit_training) | ours
+    kbit_setup: str  # tutorial (peft's prepare_model_for_kbit_training) | ours
     kernels: str = "none"
     ckpt: str = "all"
     lora: str = "peft"  # peft (PEFT's LoRA layers) | fused (kernels/fused_lora.py)
@@ -53,13 +53,13 @@ class Recipe:
     @classmethod
     def parse(cls, name: str) -> "Recipe":
         name = ALIASES.get(name, name)
-        if name == SEED_RECIPE:
-            return cls(name, "padded", "sdpa", "seed")
+        if name == TUTORIAL_RECIPE:
+            return cls(name, "padded", "sdpa", "tutorial")
         if name == PLAIN_RECIPE:
-            return cls(name, "packed", "flex", "seed")
+            return cls(name, "packed", "flex", "tutorial")
         parts = name.split("+")
         if parts[0] != "packed" or len(parts) < 2 or parts[1] not in BACKENDS:
-            raise UserError(f"--recipes: unknown recipe {name!r} (seed, plain, or packed+BACKEND[+liger][+ckpt=X] "
+            raise UserError(f"--recipes: unknown recipe {name!r} (tutorial, plain, or packed+BACKEND[+liger][+ckpt=X] "
                             f"with BACKEND one of {', '.join(BACKENDS)})")
         kernels, ckpt, lora, compute, variant = "none", "all", "fused", "bf16", "lora"
         for extra in parts[2:]:
@@ -102,7 +102,7 @@ def default_recipes(dtype) -> list[str]:
     low-memory setting) and as few as memory allows (ckpt=auto)."""
     usable = usable_backends(dtype)
     backends = [b for b in PACKED_BACKENDS if usable[b] is None]
-    recipes = [SEED_RECIPE] + ([PLAIN_RECIPE] if usable["flex"] is None else []) + [f"packed+{b}" for b in backends]
+    recipes = [TUTORIAL_RECIPE] + ([PLAIN_RECIPE] if usable["flex"] is None else []) + [f"packed+{b}" for b in backends]
     if kernels_usable() is None:
         best = backends[-1]
         recipes += [f"packed+{best}+liger", f"packed+{best}+liger+ckpt=auto"]
@@ -136,7 +136,7 @@ def build_recipe_model(recipe: Recipe, opts, model_path: str, model_config, rt: 
     """(model, plan or None): ours through `make_plan` and `build_model`, as `train` builds it; the
     tutorial's preparation by peft's `prepare_model_for_kbit_training` on the same 4-bit base."""
     cfg = recipe_config(recipe, opts, model_path)
-    if recipe.preparation == "ours":
+    if recipe.kbit_setup == "ours":
         plan = make_plan(cfg, model_config, rt)
         return build_model(cfg, plan, rt, model_path, model_config, pad_token_id)[0], plan
     from peft import prepare_model_for_kbit_training

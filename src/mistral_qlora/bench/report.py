@@ -58,19 +58,19 @@ def format_report(report: dict) -> str:
         f"; LoRA r={report['lora_r']}, "
         f"activation checkpointing {'on' if report['gradient_checkpointing'] else 'off'}",
         "",
-        f"| {'recipe':<32} | {'real tok/s':>10} | {'MFU':>6} | {'padding':>7} | {'peak GiB':>8} | {'vs seed':>7} | "
+        f"| {'recipe':<32} | {'real tok/s':>10} | {'MFU':>6} | {'padding':>7} | {'peak GiB':>8} | {'vs tutorial':>11} | "
         f"{'vs plain':>8} | {'steps':>5} |",
-        f"|{'-' * 34}|{'-' * 11}:|{'-' * 7}:|{'-' * 8}:|{'-' * 9}:|{'-' * 8}:|{'-' * 9}:|{'-' * 6}:|",
+        f"|{'-' * 34}|{'-' * 11}:|{'-' * 7}:|{'-' * 8}:|{'-' * 9}:|{'-' * 12}:|{'-' * 9}:|{'-' * 6}:|",
     ]
     for r in report["results"]:
         if r["error"]:
             lines.append(f"| {r['recipe']:<32} | failed: {r['error']}")
             continue
-        ratio = {k: _fmt(r.get(k), '.2f') + 'x' if r.get(k) else 'n/a' for k in ("vs_seed", "vs_plain")}
+        ratio = {k: _fmt(r.get(k), '.2f') + 'x' if r.get(k) else 'n/a' for k in ("vs_tutorial", "vs_plain")}
         lines.append(
             f"| {r['recipe']:<32} | {_fmt(r['tokens_per_second'], ',.0f'):>10} | {_fmt(r.get('mfu'), '.1%'):>6} | "
             f"{_fmt(r['padding_fraction'], '.1%'):>7} | {_fmt(r['peak_memory_gib'], '.1f'):>8} | "
-            f"{ratio['vs_seed']:>7} | {ratio['vs_plain']:>8} | {r['steps']:>5} |"
+            f"{ratio['vs_tutorial']:>11} | {ratio['vs_plain']:>8} | {r['steps']:>5} |"
         )
     clocked = [r for r in report["results"] if r.get("gpu_clocks")]
     if clocked:

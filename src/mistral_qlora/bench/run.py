@@ -14,7 +14,7 @@ import torch
 
 from mistral_qlora.bench.options import BenchOptions
 from mistral_qlora.bench.profile import profile_step
-from mistral_qlora.bench.recipes import (PLAIN_RECIPE, SEED_RECIPE, Recipe, build_recipe_model, expand_recipes,
+from mistral_qlora.bench.recipes import (PLAIN_RECIPE, TUTORIAL_RECIPE, Recipe, build_recipe_model, expand_recipes,
                                          plan_lines)
 from mistral_qlora.bench.report import environment, now, write_report
 from mistral_qlora.bench.timing import time_recipe
@@ -34,7 +34,7 @@ class RecipeResult:
     recipe: str
     batching: str
     attention: str
-    preparation: str
+    kbit_setup: str  # prepare_model_for_kbit_training (the tutorial's) | ours
     steps: int = 0
     real_tokens: int = 0
     slots: int = 0
@@ -45,7 +45,7 @@ class RecipeResult:
     mean_loss: float | None = None
     repeat_tokens_per_second: list[float] | None = None
     mfu: float | None = None
-    vs_seed: float | None = None
+    vs_tutorial: float | None = None
     vs_plain: float | None = None
     kernels: str = "none"
     ckpt: str = "all"
@@ -98,12 +98,12 @@ def run_bench(opts: BenchOptions) -> dict:
     model, loaded, plan = None, None, None
     for recipe in recipes:
         res = RecipeResult(recipe.name, recipe.batching, recipe.attention,
-                           "prepare_model_for_kbit_training" if recipe.preparation == "seed" else "ours",
+                           "prepare_model_for_kbit_training" if recipe.kbit_setup == "tutorial" else "ours",
                            kernels=recipe.kernels, ckpt=recipe.ckpt, lora=recipe.lora, variant=recipe.variant,
                            compute=recipe.compute)
         print(f"bench: {recipe.name} ...", flush=True)
         try:
-            key = (recipe.preparation, recipe.kernels, recipe.ckpt, recipe.lora, recipe.variant, recipe.compute)
+            key = (recipe.kbit_setup, recipe.kernels, recipe.ckpt, recipe.lora, recipe.variant, recipe.compute)
             if loaded != key:
                 model, loaded = None, None
                 free_memory()
@@ -131,11 +131,11 @@ def run_bench(opts: BenchOptions) -> dict:
     model = None
     free_memory()
 
-    base = next((r.tokens_per_second for r in results if r.recipe == SEED_RECIPE and r.tokens_per_second), None)
+    base = next((r.tokens_per_second for r in results if r.recipe == TUTORIAL_RECIPE and r.tokens_per_second), None)
     plain = next((r.tokens_per_second for r in results if r.recipe == PLAIN_RECIPE and r.tokens_per_second), None)
     for r in results:
         if base and r.tokens_per_second:
-            r.vs_seed = r.tokens_per_second / base
+            r.vs_tutorial = r.tokens_per_second / base
         if plain and r.tokens_per_second:
             r.vs_plain = r.tokens_per_second / plain
         r.mfu = mfu(r.tokens_per_second, s.flops_per_token, s.peak_flops)

@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 
 from mistral_qlora.config import DataSection
-from mistral_qlora.data import prepare_data
+from mistral_qlora.data import build_data
 from mistral_qlora.data.collator import PackedCollator, PaddedCollator
 from mistral_qlora.data.packing import pack_best_fit_decreasing, packing_efficiency
 from mistral_qlora.data.synthetic import lognormal_lengths, token_examples
@@ -42,7 +42,7 @@ def build_sample(opts, tokenizer, vocab_size: int) -> Sample:
     if opts.data:
         cfg = DataSection(train=opts.data, eval_fraction=0.0, max_seq_len=opts.max_len,
                           tokens_per_row=opts.tokens_per_row)
-        data = prepare_data(cfg, tokenizer, opts.seed)
+        data = build_data(cfg, tokenizer, opts.seed)
         examples, rows = data.train, data.packed_rows
         lengths = data.train_stats.lengths
         note = f"{opts.data} ({len(examples)} sequences, max {opts.max_len} tokens)"

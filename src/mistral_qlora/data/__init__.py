@@ -1,5 +1,5 @@
 """Data: files -> records -> conversations -> token ids + labels -> packed rows -> batches."""
 
-from mistral_qlora.data.dataset import PreparedData, prepare_data
+from mistral_qlora.data.dataset import TrainingData, build_data
 
-__all__ = ["PreparedData", "prepare_data"]
+__all__ = ["TrainingData", "build_data"]

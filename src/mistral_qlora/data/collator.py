@@ -61,7 +61,7 @@ class PackedCollator:
 
 
 class PaddedCollator:
-    """Right-padded batches with an attention mask: the seed's recipe."""
+    """Right-padded batches with an attention mask: the tutorial's recipe."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id

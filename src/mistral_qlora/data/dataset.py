@@ -1,7 +1,7 @@
 """The data step of a run: sources -> validated, tokenized tables -> the train mix and the eval set.
 
 Everything here runs before anything is written to output_dir (only the data cache is written),
-so a bad record stops the run with nothing half-done. `prepare_data` is what `train` and
+so a bad record stops the run with nothing half-done. `build_data` is what `train` and
 `prepare` both call.
 
 Each source is opened as an Arrow table (sources.py), split into its train and held-out part when
@@ -29,9 +29,9 @@ from mistral_qlora.data.packing import pack_best_fit_decreasing, packing_efficie
 from mistral_qlora.data.sources import needed_columns, open_table, resolve, source_form, source_list, table_signature
 from mistral_qlora.data.stream import open_streams
 from mistral_qlora.data.templates import ChatTemplate, resolve_template
-from mistral_qlora.data.tokenize import TokenizeStats
-from mistral_qlora.data.tokenized import (
-    TokenizeBatch,
+from mistral_qlora.data.tokenize import TokenCounts
+from mistral_qlora.data.token_cache import (
+    RecordTokenizer,
     cache_key,
     cache_root,
     tokenize_table,
@@ -58,11 +58,11 @@ class SourceStats:
 
 
 @dataclass
-class PreparedData:
+class TrainingData:
     train: object  # datasets.Dataset (input_ids, labels, length) or None when streaming
     eval: object  # datasets.Dataset (input_ids, labels, length); empty list when there is none
-    train_stats: TokenizeStats
-    eval_stats: TokenizeStats
+    train_stats: TokenCounts
+    eval_stats: TokenCounts
     sample_prompts: list[Conversation]  # held-out first turns (system + prompt), for samples.md
     packed_rows: list[list[int]] | None  # rows of train example indices, when packing
     tokens_per_row: int
@@ -146,7 +146,7 @@ def open_source(spec, cfg: DataSection, index: int, role: str) -> _Opened:
 
 def _tokenize_part(opened: _Opened, rows, part: dict, cfg: DataSection, tokenizer, tok_sig: str, what: str):
     """The source's records `rows` (all when None) tokenized, and the cache key."""
-    fn = TokenizeBatch(tokenizer, opened.form, opened.name, cfg, rows)
+    fn = RecordTokenizer(tokenizer, opened.form, opened.name, cfg, rows)
     key = cache_key({**opened.identity, **part}, cfg, tok_sig)
     n = len(opened.table) if rows is None else len(rows)
     return tokenize_table(opened.table, rows, fn, key, cache_root(cfg), worker_count(cfg, n), what), key
@@ -158,8 +158,8 @@ def _lengths(table) -> np.ndarray:
     return np.asarray(table.with_format("numpy", columns=["length"])["length"][:], dtype=np.int64)
 
 
-def _stats(records: int, truncated: int, lengths: np.ndarray) -> TokenizeStats:
-    return TokenizeStats(records=records, truncated=truncated, dropped=records - len(lengths),
+def _stats(records: int, truncated: int, lengths: np.ndarray) -> TokenCounts:
+    return TokenCounts(records=records, truncated=truncated, dropped=records - len(lengths),
                          lengths=lengths.tolist())
 
 
@@ -175,16 +175,16 @@ def _first_prompts(parts: list[tuple[_Opened, object]], tokenizer, cfg: DataSect
         if len(prompts) >= n:
             break
         take = table.select(range(min(n - len(prompts), len(table))))
-        convs = TokenizeBatch(tokenizer, opened.form, opened.name, cfg).conversations(take[:], list(range(len(take))))
+        convs = RecordTokenizer(tokenizer, opened.form, opened.name, cfg).conversations(take[:], list(range(len(take))))
         prompts += [Conversation(conv[:1], getattr(conv, "system", "")) for conv in convs]
     return prompts
 
 
-def prepare_data(cfg: DataSection, tokenizer, seed: int, n_samples: int = 0) -> PreparedData:
+def build_data(cfg: DataSection, tokenizer, seed: int, n_samples: int = 0) -> TrainingData:
     template = resolve_template(cfg.template, tokenizer)  # a template that cannot work is refused before any data is read
     train_specs, eval_specs = source_list(cfg.train), source_list(cfg.eval)
     if cfg.streaming:
-        return prepare_stream(cfg, tokenizer, seed, n_samples, train_specs, eval_specs, template)
+        return build_stream(cfg, tokenizer, seed, n_samples, train_specs, eval_specs, template)
     tok_sig = tokenizer_signature(tokenizer)
     hold_out = not eval_specs and cfg.eval_fraction > 0
 
@@ -230,7 +230,7 @@ def prepare_data(cfg: DataSection, tokenizer, seed: int, n_samples: int = 0) -> 
         check_row_budget(cfg)
         rows = pack_best_fit_decreasing(train_stats.lengths, cfg.tokens_per_row, seed)
     digest = hashlib.sha256(json.dumps({"tokens": keys, "weights": weights, "seed": seed}).encode()).hexdigest()
-    return PreparedData(train.select_columns(["input_ids", "labels", "length"]), eval_data, train_stats, eval_stats,
+    return TrainingData(train.select_columns(["input_ids", "labels", "length"]), eval_data, train_stats, eval_stats,
                         prompts, rows, cfg.tokens_per_row, digest, sources, template=template)
 
 
@@ -246,7 +246,7 @@ def eval_set(eval_specs, cfg: DataSection, tokenizer, tok_sig: str, n_samples: i
         keys.append(key)
     prompts = _first_prompts(raw, tokenizer, cfg, n_samples) if n_samples else []
     if not parts:
-        return [], TokenizeStats(), prompts, keys
+        return [], TokenCounts(), prompts, keys
     from datasets import concatenate_datasets
 
     table = concatenate_datasets([p.dataset for p in parts]) if len(parts) > 1 else parts[0].dataset
@@ -262,9 +262,9 @@ def check_row_budget(cfg: DataSection) -> None:
         )
 
 
-def prepare_stream(cfg: DataSection, tokenizer, seed: int, n_samples: int, train_specs, eval_specs,
-                   template: ChatTemplate | None = None) -> PreparedData:
-    """PreparedData whose training rows come from a stream.PackedStream; the eval set is a cached table."""
+def build_stream(cfg: DataSection, tokenizer, seed: int, n_samples: int, train_specs, eval_specs,
+                   template: ChatTemplate | None = None) -> TrainingData:
+    """TrainingData whose training rows come from a stream.PackedStream; the eval set is a cached table."""
     if not cfg.packing:
         raise UserError("data.streaming packs rows as it reads; data.packing=false is not available with it")
     if not eval_specs and cfg.eval_fraction > 0:
@@ -282,5 +282,5 @@ def prepare_stream(cfg: DataSection, tokenizer, seed: int, n_samples: int, train
     digest = hashlib.sha256(json.dumps({"stream": key, "weights": stream.weights, "seed": seed,
                                         "buffer": cfg.stream_buffer, "row": cfg.tokens_per_row}).encode()).hexdigest()
     sources = [SourceStats(spec.path, spec.weight) for spec in train_specs]
-    return PreparedData(None, evals, sample, eval_stats, prompts, None, cfg.tokens_per_row, digest, sources, stream,
+    return TrainingData(None, evals, sample, eval_stats, prompts, None, cfg.tokens_per_row, digest, sources, stream,
                         template)

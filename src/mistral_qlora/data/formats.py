@@ -1,7 +1,7 @@
 """Turn records of any accepted form into conversations: (prompt, answer) turns and a system prompt.
 
 Forms (`data.format`, detected from the first record's keys when `auto`):
-- `text`: the seed's `<s>[INST] question [/INST] answer </s>` (turns may be chained);
+- `text`: the sample's (dataset/story.json) `<s>[INST] question [/INST] answer </s>` (turns may be chained);
 - `prompt_response`: `prompt` + `response` columns;
 - `instruction`: `instruction` (+ optional `input`) + `output` columns;
 - `messages`: a list of `{"role", "content"}` (an optional system message, then alternating

@@ -21,7 +21,7 @@ from pathlib import Path
 from mistral_qlora.config import DataSource
 from mistral_qlora.data.formats import FORM_KEYS, detect_format
 from mistral_qlora.data.load import _looks_like_jsonl, read_records
-from mistral_qlora.data.tokenized import datasets_quiet
+from mistral_qlora.data.token_cache import datasets_quiet
 from mistral_qlora.errors import UserError
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}

@@ -2,7 +2,7 @@
 
 A pass over the stream goes chunk by chunk. A chunk is `data.stream_buffer` records: for each one
 the mix draws a source (mix.Chooser, the same draws a table mix makes), the source gives its next
-record; the chunk is tokenized per source through tokenized.TokenizeBatch, packed best-fit
+record; the chunk is tokenized per source through tokenized.RecordTokenizer, packed best-fit
 decreasing into rows of `data.tokens_per_row`, the rows shuffled (both seeded by seed, pass and
 chunk) and yielded in that order. Memory is bounded by one chunk. The pass ends at the first chunk
 in which a drawn source has no record left; the next iteration starts the next pass.
@@ -27,8 +27,8 @@ from mistral_qlora.config import DataSection
 from mistral_qlora.data.mix import Chooser
 from mistral_qlora.data.packing import pack_best_fit_decreasing
 from mistral_qlora.data.sources import needed_columns, open_stream, resolve, source_form
-from mistral_qlora.data.tokenize import TokenizeStats
-from mistral_qlora.data.tokenized import TokenizeBatch
+from mistral_qlora.data.tokenize import TokenCounts
+from mistral_qlora.data.token_cache import RecordTokenizer
 from mistral_qlora.errors import UserError
 
 POSITION_FILE = "stream.json"  # the stream position, inside a checkpoint
@@ -37,7 +37,7 @@ POSITION_FILE = "stream.json"  # the stream position, inside a checkpoint
 class PackedStream(torch.utils.data.IterableDataset):
     """Packed rows (lists of {input_ids, labels}) from a weighted mix of streamed sources."""
 
-    def __init__(self, sources: list, batchers: list[TokenizeBatch], columns: list[list[str]], weights: list[float],
+    def __init__(self, sources: list, batchers: list[RecordTokenizer], columns: list[list[str]], weights: list[float],
                  seed: int, buffer: int, tokens_per_row: int):
         self.sources = sources
         self.batchers = batchers
@@ -119,12 +119,12 @@ class PackedStream(torch.utils.data.IterableDataset):
             if ended:
                 return
 
-    def scan(self, max_chunks: int | None = None) -> tuple[TokenizeStats, list[tuple], int]:
+    def scan(self, max_chunks: int | None = None) -> tuple[TokenCounts, list[tuple], int]:
         """One pass from the start (or its first chunks), counted: (stats, per-source counts, rows).
         The stream's own position is left as it was."""
         saved_marks, saved_rows = self._marks, self.rows_seen
         self._marks = deque(maxlen=2)
-        stats = TokenizeStats()
+        stats = TokenCounts()
         lengths = array("i")
         per_source = [[0, 0, 0, 0] for _ in self.sources]
         n_rows = 0
@@ -158,7 +158,7 @@ def open_streams(train_specs, cfg: DataSection, tokenizer, seed: int) -> tuple[P
             raise UserError(f"{res.name}: the source is empty (no records)")
         form = source_form(list(first), cfg.format, first, res.name)
         streams.append(ds)
-        batchers.append(TokenizeBatch(tokenizer, form, res.name, cfg))
+        batchers.append(RecordTokenizer(tokenizer, form, res.name, cfg))
         columns.append(needed_columns(form, list(first)))
         identities.append({"index": i, "source": res.signature() if res.kind != "hub" else res.spec.path,
                            "columns": spec.columns, "split": spec.split, "subset": spec.subset,

@@ -19,11 +19,11 @@ from mistral_qlora.data.formats import Turn
 from mistral_qlora.data.ragged import Ragged
 from mistral_qlora.data.templates import IGNORE_INDEX, ChatTemplate, resolve_template
 
-__all__ = ["IGNORE_INDEX", "TokenizeStats", "TokenizedBatch", "tokenize_batch", "tokenize_conversations"]
+__all__ = ["IGNORE_INDEX", "TokenCounts", "TokenBatch", "tokenize_batch", "tokenize_conversations"]
 
 
 @dataclass
-class TokenizeStats:
+class TokenCounts:
     records: int = 0
     truncated: int = 0
     dropped: int = 0
@@ -39,7 +39,7 @@ class TokenizeStats:
 
 
 @dataclass
-class TokenizedBatch:
+class TokenBatch:
     """The kept examples of a batch: their ids and labels (the same offsets), which were truncated."""
 
     ids: Ragged
@@ -57,7 +57,7 @@ def tokenize_batch(
     overlong: str = "truncate",
     train_on_prompt: bool = False,
     template: ChatTemplate | None = None,
-) -> tuple[TokenizedBatch, TokenizeStats]:
+) -> tuple[TokenBatch, TokenCounts]:
     """The kept examples of the conversations, in order, and the counts. A record longer than
     max_seq_len is dropped (`overlong=drop`) or cut to its first max_seq_len tokens, and then
     dropped too when no label is left after its first token (the prompt alone fills the budget).
@@ -73,13 +73,13 @@ def tokenize_batch(
             keep[i] = False
         else:
             truncated[i] = True
-    stats = TokenizeStats(records=len(ids), truncated=int(truncated.sum()), dropped=int((~keep).sum()))
+    stats = TokenCounts(records=len(ids), truncated=int(truncated.sum()), dropped=int((~keep).sum()))
     if stats.truncated or stats.dropped:
         rows = np.flatnonzero(keep)
         cut = np.minimum(lengths[rows], max_seq_len)
         ids, labels, lengths, truncated = ids.take(rows, cut), labels.take(rows, cut), cut, truncated[rows]
     stats.lengths = lengths.tolist()
-    return TokenizedBatch(ids, labels, truncated), stats
+    return TokenBatch(ids, labels, truncated), stats
 
 
 def tokenize_conversations(
@@ -89,7 +89,7 @@ def tokenize_conversations(
     overlong: str = "truncate",
     train_on_prompt: bool = False,
     template: ChatTemplate | None = None,
-) -> tuple[list[dict], TokenizeStats]:
+) -> tuple[list[dict], TokenCounts]:
     """`tokenize_batch` as examples {"input_ids", "labels"} (Python lists) and the counts."""
     batch, stats = tokenize_batch(conversations, tokenizer, max_seq_len, overlong, train_on_prompt, template)
     return batch.examples(), stats

@@ -26,7 +26,7 @@ from mistral_qlora.data.stream import POSITION_FILE as STREAM_POSITION
 from mistral_qlora.files import atomic_write_text
 from mistral_qlora.flops import mfu
 from mistral_qlora.model.adapter import check_adapter
-from mistral_qlora.model.generate import generate_answers
+from mistral_qlora.model.greedy import greedy_answers
 from mistral_qlora.run.artifacts import perplexity
 from mistral_qlora.run.checkpoints import commit, restore_rng_state, rotate
 from mistral_qlora.runtime import any_rank, barrier
@@ -227,11 +227,11 @@ class SamplesCallback(TrainerCallback):
 
     def __init__(self, model, tokenizer, prompts: list, max_new_tokens: int, template=None):
         self.model, self.tokenizer, self.prompts, self.max_new_tokens = model, tokenizer, prompts, max_new_tokens
-        self.template = template  # the run's chat template (PreparedData.template)
+        self.template = template  # the run's chat template (TrainingData.template)
         self.before: list[str] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.before = generate_answers(self.model, self.tokenizer, self.prompts, self.max_new_tokens, self.template)
+        self.before = greedy_answers(self.model, self.tokenizer, self.prompts, self.max_new_tokens, self.template)
 
 
 class RunAlreadyComplete(Exception):

@@ -161,7 +161,7 @@ def check_fingerprint(ckpt: Path, current: dict, force: bool, warn) -> None:
 
 def run_fingerprint(cfg: RunConfig, data_digest: str, world_size: int) -> dict:
     """What a checkpoint must agree with to be resumed: model and LoRA shape, data (the digest of
-    its tokens: data.PreparedData.digest), batch geometry."""
+    its tokens: data.TrainingData.digest), batch geometry."""
     return {
         "model": cfg.model.name_or_path,
         "revision": cfg.model.revision,

@@ -8,7 +8,7 @@ its worker processes together, sampled with psutil: the sum of their resident se
 1/n in each, so the input table that every worker maps is counted once, not once per worker):
 - `baseline`: the list-based data step the package had before the Arrow pipeline (read every record
   into a list, convert, tokenize all at once, hold out, pack), on the baseline file;
-- `first`: `prepare_data` on the full file with an empty cache (tables, tokenizing map, packing);
+- `first`: `build_data` on the full file with an empty cache (tables, tokenizing map, packing);
 - `cached`: the same again, reading the cache;
 - `streaming`: one pass of the packed stream over the full file (`data.streaming`).
 Nothing here is a test: the numbers go in docs/benchmarks.md.
@@ -104,7 +104,7 @@ def baseline_tokenize(conversations, tokenizer, max_seq_len: int, overlong: str,
 def run_phase(phase: str, path: str, cache: str, max_seq_len: int) -> dict:
     """One phase, in this process (the child): {'tokens': ..., 'records': ...}."""
     from mistral_qlora.config import load_config
-    from mistral_qlora.data import prepare_data
+    from mistral_qlora.data import build_data
     from mistral_qlora.model.base import resolve_model_path
     from mistral_qlora.model.tokenizer import load_tokenizer
 
@@ -116,7 +116,7 @@ def run_phase(phase: str, path: str, cache: str, max_seq_len: int) -> dict:
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.revision)
     if phase == "baseline":
         return {"tokens": baseline_prepare(path, tokenizer, cfg.data, cfg.train.seed)}
-    data = prepare_data(cfg.data, tokenizer, cfg.train.seed)
+    data = build_data(cfg.data, tokenizer, cfg.train.seed)
     if phase == "streaming":
         tokens = rows = 0
         for row in data.stream:

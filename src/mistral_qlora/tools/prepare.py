@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from mistral_qlora.config import RunConfig
-from mistral_qlora.data import prepare_data
+from mistral_qlora.data import build_data
 from mistral_qlora.model.base import resolve_model_path
 from mistral_qlora.model.tokenizer import load_tokenizer
 
@@ -57,7 +57,7 @@ def source_lines(data) -> list[str]:
 
 def describe_data(cfg: RunConfig, world_size: int = 1) -> str:
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.revision)
-    data = prepare_data(cfg.data, tokenizer, cfg.train.seed, n_samples=0)
+    data = build_data(cfg.data, tokenizer, cfg.train.seed, n_samples=0)
     stream_rows = None
     if data.stream is not None:  # one pass over the stream: what the mix draws and how it packs
         data.train_stats, per_source, stream_rows = data.stream.scan()

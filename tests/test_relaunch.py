@@ -1,0 +1,233 @@
+"""The launch glue without launching: strategies, the memory estimate behind `auto`, the accelerate
+command line, the launch files, the per-node shell entry and the adapter check."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from mistral_qlora import resources
+from mistral_qlora.config import RunConfig, load_config
+from mistral_qlora.errors import UserError
+from mistral_qlora.relaunch import LaunchSpec, accelerate_command, launch_spec
+from mistral_qlora.plan.memory import GIB, estimate_memory
+from mistral_qlora.plan.strategy import launcher_deepspeed, plan_strategy, resolve_strategy, strategy_of_ds_config
+from mistral_qlora.runtime import launched_processes
+
+from testkit import ROOT
+
+
+# Mistral-7B-Instruct-v0.2's shape
+MISTRAL_7B = SimpleNamespace(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, vocab_size=32000,
+                             num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)
+
+
+def _cfg(**train) -> RunConfig:
+    cfg = RunConfig()
+    cfg.data.tokens_per_row = 8192
+    cfg.data.max_seq_len = 4096
+    cfg.train.micro_batch_size = 1
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory estimate and `auto`
+
+
+def test_estimate_matches_the_h100_measurements():
+    # DESIGN.md, one H100, NF4 + LoRA r16 all linear, 8192-token rows: 10.0-10.2 GiB with every layer
+    # checkpointed, 69.1 GiB with none (that one with Liger's fused loss, i.e. without the logits)
+    ckpt = estimate_memory(MISTRAL_7B, _cfg(), 2).per_gpu("single") / GIB
+    assert 9.0 < ckpt < 12.0
+    full = estimate_memory(MISTRAL_7B, _cfg(gradient_checkpointing=False), 2).per_gpu("single") / GIB
+    assert 60.0 < full < 76.0
+
+
+def test_estimate_parts_shrink_with_partitioning():
+    e = estimate_memory(MISTRAL_7B, _cfg(), 2)
+    assert 3.5 * GIB < e.base < 4.5 * GIB  # ~7.2B weights in NF4 + 16-bit embeddings and head
+    assert e.per_gpu("zero3", 4) < e.per_gpu("zero2", 4) < e.per_gpu("ddp", 4)
+    assert e.per_gpu("zero3_offload", 4) < e.per_gpu("zero3", 4)
+    assert e.tokens_per_micro_batch == 8192
+
+
+def test_auto_picks_by_processes_and_memory():
+    e = estimate_memory(MISTRAL_7B, _cfg(), 2)
+    assert resolve_strategy("auto", 1, e, 70 * GIB)[0] == "single"
+    strategy, why = resolve_strategy("auto", 2, e, 70 * GIB)
+    assert strategy == "ddp" and "GiB" in why
+    strategy, why = resolve_strategy("auto", 4, e, 8 * GIB)
+    assert strategy == "zero3" and "ZeRO-3" in why
+    assert resolve_strategy("auto", 2, None, None)[0] == "ddp"  # CPU processes
+    assert resolve_strategy("zero2", 2, e, 70 * GIB) == ("zero2", "set in the run config")
+    with pytest.raises(UserError, match="single runs one process"):
+        resolve_strategy("single", 2, e, 70 * GIB)
+
+
+def test_strategy_is_validated():
+    with pytest.raises(UserError, match="train.strategy"):
+        load_config(None, ["train.strategy=zero4"])
+    assert load_config(None, ["train.strategy=zero3"]).train.strategy == "zero3"
+
+
+def test_plan_follows_accelerate_deepspeed_config():
+    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds_configs/zero3.json",
+           "LOCAL_RANK": "0", "WORLD_SIZE": "2"}
+    cfg = load_config(None, [])
+    strategy, why, path = plan_strategy(cfg, 2, MISTRAL_7B, 2, None, env)
+    assert strategy == "zero3" and path == ROOT / "ds_configs" / "zero3.json"  # as named, from the current folder
+    with pytest.raises(UserError, match="set train.strategy=auto or zero3"):
+        plan_strategy(load_config(None, ["train.strategy=ddp"]), 2, MISTRAL_7B, 2, None, env)
+    # our own launcher hands its reason down
+    env2 = {"MISTRAL_QLORA_STRATEGY_WHY": "auto: because", "LOCAL_RANK": "0"}
+    assert plan_strategy(load_config(None, ["train.strategy=ddp"]), 2, None, 2, None, env2)[:2] == \
+        ("ddp", "auto: because")
+    # a strategy of its own gets the DeepSpeed file shipped in the package
+    assert plan_strategy(load_config(None, ["train.strategy=zero2"]), 2, None, 2, None, {})[2] == \
+        resources.ds_config_path("zero2")
+
+
+def test_launcher_detection():
+    assert launched_processes({}) is None
+    assert launched_processes({"LOCAL_RANK": "1", "WORLD_SIZE": "4"}) == 4
+    assert launcher_deepspeed({}) is None
+    assert launcher_deepspeed({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}) == \
+        ("zero3", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The launch files
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload"])
+def test_deepspeed_configs(name):
+    ds = json.loads((ROOT / "ds_configs" / f"{name}.json").read_text())
+    assert ds["bf16"]["enabled"] == "auto"
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "gradient_clipping"):
+        assert ds[key] == "auto", key  # the run config is the one source
+    assert "optimizer" not in ds and "scheduler" not in ds  # the Trainer's, from the run config
+    assert strategy_of_ds_config(ds) == name
+    if name.startswith("zero3"):
+        assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+@pytest.mark.parametrize("name", ["single_gpu", "ddp", "zero2", "zero3", "zero3_offload", "multi_node"])
+def test_accelerate_configs(name):
+    conf = yaml.safe_load((ROOT / "launch" / f"{name}.yaml").read_text())
+    assert conf["compute_environment"] == "LOCAL_MACHINE"
+    if conf["distributed_type"] == "DEEPSPEED":
+        ds = conf["deepspeed_config"]
+        assert (ROOT / ds["deepspeed_config_file"]).is_file()
+        assert ds["deepspeed_multinode_launcher"] == "standard"
+        assert "mixed_precision" not in conf  # it comes from the DeepSpeed file ("auto")
+    else:
+        assert conf["mixed_precision"] == "no"  # the run config decides
+
+
+def test_accelerate_command_one_node():
+    spec = LaunchSpec(nproc=4, main_port=12345)
+    cmd = accelerate_command(spec, "zero3", ["train", "c.yaml"], python="py")
+    assert cmd[:3] == ["py", "-m", "accelerate.commands.launch"]
+    assert cmd[cmd.index("--config_file") + 1] == str(resources.root() / "launch" / "zero3.yaml")
+    assert cmd[cmd.index("--num_processes") + 1] == "4"
+    assert cmd[cmd.index("--main_process_port") + 1] == "12345"
+    assert cmd[cmd.index("--deepspeed_config_file") + 1] == str(resources.root() / "ds_configs" / "zero3.json")
+    assert cmd[-4:] == ["-m", "mistral_qlora", "train", "c.yaml"]
+    ddp = accelerate_command(LaunchSpec(nproc=2), "ddp", ["train", "c.yaml"])
+    assert ddp[ddp.index("--config_file") + 1].endswith("launch/ddp.yaml")
+    assert "--deepspeed_config_file" not in ddp
+    assert int(ddp[ddp.index("--main_process_port") + 1]) > 0  # a free port
+
+
+def test_accelerate_command_multi_node():
+    spec = launch_spec(nproc=8, nnodes=4, node_rank=3, main_addr="10.0.0.1", env={})
+    cmd = accelerate_command(spec, "zero3", ["train", "c.yaml"])
+    flags = dict(zip(cmd[3:-4:2], cmd[4:-4:2]))
+    assert flags["--config_file"].endswith("launch/multi_node.yaml")
+    assert flags["--num_processes"] == "32" and flags["--num_machines"] == "4" and flags["--machine_rank"] == "3"
+    assert flags["--main_process_ip"] == "10.0.0.1" and flags["--main_process_port"] == "29500"
+
+
+def test_launch_spec_from_environment():
+    env = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "node0", "MASTER_PORT": "7000", "NPROC_PER_NODE": "4"}
+    assert launch_spec(env=env) == LaunchSpec(4, 2, 1, "node0", 7000)
+    assert launch_spec(nproc=2, node_rank=0, env=env) == LaunchSpec(2, 2, 0, "node0", 7000)  # arguments win
+    with pytest.raises(UserError, match="main node's address"):
+        launch_spec(nproc=1, nnodes=2, env={})
+    with pytest.raises(UserError, match="less than --nnodes"):
+        launch_spec(nproc=1, nnodes=2, node_rank=2, main_addr="a", env={})
+    with pytest.raises(UserError, match="--nproc"):
+        launch_spec(nproc=0, env={})
+
+
+def test_train_sh_turns_environment_into_arguments(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
+                                                             "NPROC_PER_NODE", "SLURM_NNODES", "SLURM_NODEID")}
+    env.update(MISTRAL_QLORA="echo mq", NNODES="2", SLURM_NODEID="1", MASTER_ADDR="h0", MASTER_PORT="7001",
+               NPROC_PER_NODE="8")
+    out = subprocess.run([str(ROOT / "launch" / "train.sh"), "c.yaml", "--set", "a=1"], env=env,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["mq", "train", "c.yaml", "--set", "a=1", "--nproc", "8", "--nnodes", "2", "--node-rank", "1",
+                   "--main-addr", "h0", "--main-port", "7001"]
+
+
+def test_cli_refuses_nproc_disagreeing_with_its_launcher(tmp_path, monkeypatch):
+    from mistral_qlora.cli import main
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exc:
+        main(["train", str(ROOT / "configs" / "tiny.yaml"), "--nproc", "4", "--set", f"output_dir={tmp_path}"])
+    assert exc.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The adapter check
+
+
+def test_check_adapter_refuses_empty_tensors(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from mistral_qlora.model.adapter import check_adapter
+
+    good = {"m.q_proj.lora_A.weight": torch.ones(4, 8), "m.q_proj.lora_B.weight": torch.zeros(8, 4)}
+    save_file(good, str(tmp_path / "adapter_model.safetensors"))
+    assert check_adapter(tmp_path, {k: tuple(v.shape) for k, v in good.items()}) == 2
+    with pytest.raises(RuntimeError, match="missing"):
+        check_adapter(tmp_path, {"m.k_proj.lora_A.weight": (4, 8)})
+    save_file({"m.q_proj.lora_A.weight": torch.ones(0)}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(RuntimeError, match="empty"):
+        check_adapter(tmp_path)
+    with pytest.raises(RuntimeError, match="not saved"):
+        check_adapter(tmp_path / "nowhere")
+
+
+def test_train_help_lists_process_flags():
+    out = subprocess.run([sys.executable, "-m", "mistral_qlora", "train", "--help"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, check=True).stdout
+    for flag in ("--nproc", "--nnodes", "--node-rank", "--main-addr", "--main-port"):
+        assert flag in out
+
+
+def test_launcher_facts_are_read_from_the_current_environment(monkeypatch):
+    """`datasets.map(num_proc=N)` rebinds os.environ to a copy: the launcher check must read the
+    environment as it is now, not the object it was when the module loaded."""
+    import copy
+    import os
+
+    from mistral_qlora.runtime import launched_processes
+
+    monkeypatch.setattr(os, "environ", copy.deepcopy(os.environ))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launched_processes() == 2

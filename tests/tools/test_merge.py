@@ -1,0 +1,67 @@
+"""Merge: the adapter folded into a 16-bit base gives the adapter model's logits."""
+
+import json
+
+import pytest
+import torch
+
+from testkit import ROOT, run_cli, story_records
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    from mistral_qlora.config import load_config
+    from mistral_qlora.train import run_training
+
+    tmp = tmp_path_factory.mktemp("merge")
+    data = tmp / "qa.json"
+    data.write_text(json.dumps(story_records(40)))
+    cfg = load_config(ROOT / "configs/tiny.yaml", [
+        f"data.train={data}", "data.max_seq_len=128", "data.tokens_per_row=128", "train.max_steps=12",
+        "train.eval_steps=1000", "eval.samples=0", f"output_dir={tmp / 'run'}"])
+    run_training(cfg)
+    return tmp / "run" / "adapter"
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def test_merged_model_equals_adapter_on_16bit_base(adapter, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mistral_qlora.model.base import resolve_model_path
+    from mistral_qlora.tools.merge import merge_adapter
+
+    out = merge_adapter(str(adapter), str(tmp_path / "merged"), dtype="bf16")
+    assert sorted(p.name for p in out.glob("*.safetensors"))
+    assert (out / "tokenizer_config.json").is_file() and (out / "config.json").is_file()
+    assert not list(tmp_path.glob(".merged*"))  # no staging folder left behind
+
+    base_path = resolve_model_path("tiny-random-mistral")
+    ids = torch.tensor([[1, 733, 16289, 28793, 1824, 349, 264, 307, 1068, 28804, 733, 28748, 16289, 28793]])
+    plain = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16)
+    base_logits = _logits(plain, ids)
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16),
+                                             str(adapter))
+    adapter_logits = _logits(with_adapter, ids)
+    merged_logits = _logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16), ids)
+
+    tolerance = 0.05 * adapter_logits.abs().max().item()  # bf16: 8 bits of mantissa, summed over layers
+    assert (merged_logits - adapter_logits).abs().max().item() < tolerance
+    # and the adapter matters: without it the logits are far off
+    assert (base_logits - adapter_logits).abs().max().item() > 4 * tolerance
+
+
+def test_generate_with_the_merged_model_and_merge_refuses_a_full_folder(adapter, tmp_path):
+    merged = tmp_path / "merged"
+    proc = run_cli("merge", "--adapter", str(adapter), "--output", str(merged))
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("generate", "--model", str(merged), "--bits", "16", "--prompt", "What is a noun?",
+                   "--max-new-tokens", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("[INST] What is a noun? [/INST]")
+    proc = run_cli("merge", "--adapter", str(adapter), "--output", str(merged))
+    assert proc.returncode == 2 and "folder exists and is not empty" in proc.stderr
