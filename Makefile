@@ -1,6 +1,8 @@
 # Two commands do all the set-up on a fresh machine:
 #   make train   create .venv, install, fine-tune the embedded default (configs/tiny.yaml)
-#   make test    create .venv, install, run the test suite
+#   make test    create .venv, install, run the test suite (what CI runs)
+# While editing: make test-fast (the unit tests; no end-to-end runs, no multi-process or container
+# tests) and make lint (ruff's pyflakes rules and the import layering).
 # torch is pinned first: a plain `torch` requirement would pull a multi-GB CUDA build where a
 # CPU one is wanted. On a GPU machine set TORCH_SPEC (e.g. TORCH_SPEC=torch) for the CUDA wheel.
 VENV       ?= .venv
@@ -12,7 +14,7 @@ PYTEST_ARGS ?=
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test prepare docs clean
+.PHONY: install train test test-fast lint prepare docs clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +33,14 @@ prepare: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Everything but tests/e2e/ and the tests marked slow (setup.cfg's markers).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not e2e and not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check --select F src tests
+	$(VENV)/bin/lint-imports
 
 # docs/config.md from the config schema (tests/test_config.py fails when it is stale)
 docs: $(STAMP)

@@ -245,6 +245,7 @@ def test_one_optimizer_step_same_packed_and_unpacked_with_grad_accum(lora_model,
     assert _max_diff(w_row_means, w_padded) > 1e-2 * moved
 
 
+@pytest.mark.slow  # processes of their own
 def test_two_ranks_with_grad_accum_take_the_mean_over_the_global_batch(tmp_path):
     """2 ranks x 2 accumulated rows == 1 rank x 4 rows: the Trainer's num_items_in_batch, gathered
     across ranks (average_tokens_across_devices, as train.py sets it), makes the loss the mean over

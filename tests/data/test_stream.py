@@ -83,6 +83,7 @@ def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
             "--set", "train.keep_checkpoints=10", "--set", "eval.samples=0", "--set", f"output_dir={out}", *extra]
 
 
+@pytest.mark.slow  # processes of their own
 def test_a_streaming_run_resumed_from_a_checkpoint_is_exact(tmp_path):
     data = tmp_path / "qa.json"
     data.write_text(json.dumps(story_records(60)))
