@@ -88,3 +88,99 @@ def test_resolved_config_roundtrips(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(cfg.to_yaml())
     assert load_config(path) == cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules between keys: refused in load_config, before any data or model file is opened
+
+# (the overrides that break the rule, what the one line says (naming the keys), overrides that keep it)
+RULES = [
+    (["data.tokens_per_row=256", "data.max_seq_len=512"],
+     "data.tokens_per_row (256) must be >= data.max_seq_len (512)", ["data.packing=false"]),
+    (["data.streaming=true", "data.packing=false", "data.eval_fraction=0", "train.max_steps=5"],
+     "data.streaming packs rows as it reads; data.packing=false is not available", ["data.packing=true"]),
+    (["data.streaming=true", "data.eval_fraction=0.1", "train.max_steps=5"],
+     "data.streaming cannot hold out data.eval_fraction", ["data.eval_fraction=0"]),
+    (["data.streaming=true", "data.eval_fraction=0"],
+     "data.streaming needs train.max_steps", ["train.max_steps=5"]),
+    (["train.strategy=zero3", "lora.dora=true"],
+     "lora.dora cannot run with train.strategy=zero3", ["train.strategy=ddp"]),
+    (["train.strategy=zero3_offload", "lora.modules_to_save=[lm_head]"],
+     "lora.modules_to_save cannot run with train.strategy=zero3_offload", ["train.strategy=auto"]),
+    (["quantization.compute=fp8", "train.strategy=zero3"],
+     "quantization.compute=fp8 runs in the fused 4-bit LoRA layer only, and this run has train.strategy=zero3",
+     ["train.strategy=auto"]),
+    (["quantization.compute=fp8", "lora.fused=false"],
+     "quantization.compute=fp8 runs in the fused 4-bit LoRA layer only, and this run has lora.fused=false",
+     ["lora.fused=true"]),
+    (["quantization.compute=fp8", "quantization.bits=16"],
+     "quantization.compute=fp8 runs in the fused 4-bit LoRA layer only, and this run has quantization.bits=16",
+     ["quantization.compute=bf16"]),
+    (["quantization.compute=fp8", "lora.dora=true"],
+     "quantization.compute=fp8 runs in the fused 4-bit LoRA layer only, and this run has lora.dora=true",
+     ["lora.dora=false"]),
+    (["quantization.compute=fp8", "model.dtype=float32"],
+     "quantization.compute=fp8 runs with model.dtype bfloat16 only (got model.dtype=float32)",
+     ["model.dtype=bfloat16"]),
+    (["model.name_or_path=random:llama"],
+     "model.name_or_path: the random architecture known here is 'random:mistral-7b'",
+     ["model.name_or_path=random:mistral-7b"]),
+]
+RULE_IDS = [",".join(r[0]) for r in RULES]
+
+
+@pytest.fixture
+def no_data_step(monkeypatch):
+    """The data step fails the test if reached: a rule must be refused before it."""
+    import mistral_qlora.data
+    import mistral_qlora.data.dataset
+    import mistral_qlora.tools.prepare
+
+    def reached(*args, **kwargs):
+        pytest.fail("the data step was reached; the rule must be refused in load_config")
+
+    for module in (mistral_qlora.data, mistral_qlora.data.dataset, mistral_qlora.tools.prepare):
+        monkeypatch.setattr(module, "build_data", reached)
+
+
+@pytest.mark.parametrize("broken, message, kept", RULES, ids=RULE_IDS)
+def test_a_config_breaking_a_rule_between_keys_fails_in_load_config(tmp_path, no_data_step, broken, message, kept):
+    missing = tmp_path / "no-such-data.jsonl"  # reaching the data step would say "data file not found"
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data:\n  train: {missing}\noutput_dir: {tmp_path / 'out'}\n")
+    with pytest.raises(UserError) as info:
+        load_config(config, broken)
+    text = str(info.value)
+    assert text.startswith(f"{config}: ") and message in text and "\n" not in text
+    assert str(missing) not in text
+    load_config(config, broken + kept)  # the same config with the rule kept loads
+
+
+@pytest.mark.parametrize("broken, message, kept", RULES, ids=RULE_IDS)
+def test_prepare_refuses_a_rule_between_keys_in_one_line_with_exit_2(tmp_path, capsys, no_data_step,
+                                                                      broken, message, kept):
+    from mistral_qlora.cli import main
+
+    missing = tmp_path / "no-such-data.jsonl"
+    args = ["prepare", str(ROOT / "configs/tiny.yaml"), "--set", f"data.train={missing}",
+            "--set", f"output_dir={tmp_path / 'out'}"]
+    for item in broken:
+        args += ["--set", item]
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert info.value.code == 2 and out == ""
+    assert len(lines) == 1 and lines[0].startswith("mistral-qlora: error: ") and message in lines[0]
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_rules_between_keys_are_listed_together():
+    """A config that breaks several rules names all of them in its one line."""
+    with pytest.raises(UserError) as info:
+        load_config(None, ["data.streaming=true", "train.strategy=zero3", "lora.dora=true"])
+    text = str(info.value)
+    assert "data.streaming cannot hold out data.eval_fraction" in text
+    assert "data.streaming needs train.max_steps" in text
+    assert "lora.dora cannot run with train.strategy=zero3" in text
+    assert "\n" not in text

@@ -3,6 +3,12 @@
 Every key is declared here, with its default, its allowed range and its description (from which
 docs/config.md is generated: tools/config_reference.py). A value outside the range, a wrong type
 or an unknown key is refused with a message naming the key; nothing is changed silently.
+
+Rules between keys that depend on nothing but the config (`config_problems`: a packed row must
+hold the longest sequence, streaming's needs, what ZeRO-3 and FP8 cannot run with) are checked here
+too, in `load_config`, before any file is read. Rules that depend on the machine or the launcher
+(`train.strategy: auto` resolving to ZeRO-3, FP8 on a GPU without FP8 tensor cores) are the plan's
+(plan/).
 """
 
 from __future__ import annotations
@@ -12,11 +18,13 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mistral_qlora.errors import UserError
 
 TINY_MODEL = "tiny-random-mistral"
+RANDOM_7B = "random:mistral-7b"  # Mistral-7B's architecture with random weights (model/builtin.py)
+ZERO3_STRATEGIES = ("zero3", "zero3_offload")
 
 
 class _Section(BaseModel):
@@ -49,6 +57,13 @@ class ModelSection(_Section):
         "auto", "Liger's fused Triton kernels: RoPE, RMSNorm, SwiGLU, and the lm_head fused with the loss so "
         "the logits are never materialised. `auto` uses them on a CUDA GPU where liger-kernel is installed "
         "(`pip install mistral-qlora[kernels]`).")
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _random_architecture(cls, v):
+        if v.startswith("random:") and v != RANDOM_7B:
+            raise ValueError(f"the random architecture known here is {RANDOM_7B!r}")
+        return v
 
     @field_validator("sliding_window")
     @classmethod
@@ -279,8 +294,77 @@ class RunConfig(_Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     output_dir: str = _key("runs/tiny", "Where the run writes its adapter, checkpoints, logs, plots and summary.")
 
+    @model_validator(mode="after")
+    def _rules_between_keys(self):
+        problems = config_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules between keys
+
+
+def data_problems(data: DataSection) -> list[str]:
+    """What the data section asks for that cannot run, one line each naming the keys. The data
+    step (data/dataset.py) checks a section built without a RunConfig with the same lines."""
+    problems = []
+    if data.packing and data.tokens_per_row < data.max_seq_len:
+        problems.append(f"data.tokens_per_row ({data.tokens_per_row}) must be >= data.max_seq_len "
+                        f"({data.max_seq_len}) so every sequence fits in a row; raise data.tokens_per_row or lower "
+                        "data.max_seq_len")
+    if data.streaming and not data.packing:
+        problems.append("data.streaming packs rows as it reads; data.packing=false is not available with it")
+    if data.streaming and data.eval is None and data.eval_fraction > 0:
+        problems.append("data.streaming cannot hold out data.eval_fraction of a stream; set data.eval to "
+                        "evaluation data, or data.eval_fraction=0 for none")
+    return problems
+
+
+def _fp8_problems(cfg: RunConfig) -> list[str]:
+    """FP8 runs in the fused 4-bit LoRA layer only (kernels/fused_lora.py), in bfloat16. The
+    config alone rules the fused layer out for PEFT's layers (lora.fused=false, a 16-bit base,
+    DoRA) and for an explicit ZeRO-3 (DeepSpeed gathers the partitioned weights through module
+    hooks the fused layer would bypass); `auto` resolving to ZeRO-3 is the plan's to refuse."""
+    if cfg.quantization.compute != "fp8":
+        return []
+    problems = []
+    if cfg.model.dtype in ("float16", "float32"):
+        problems.append(f"quantization.compute=fp8 runs with model.dtype bfloat16 only (got "
+                        f"model.dtype={cfg.model.dtype}); set model.dtype to bfloat16 or auto, or "
+                        "quantization.compute=bf16")
+    peft = [why for why, on in (
+        ("lora.fused=false: PEFT's LoRA layers", not cfg.lora.fused),
+        ("quantization.bits=16, a 16-bit base: PEFT's LoRA layers", cfg.quantization.bits != 4),
+        ("lora.dora=true: PEFT's DoRA layers", cfg.lora.dora),
+        (f"train.strategy={cfg.train.strategy}: PEFT's LoRA layers", cfg.train.strategy in ZERO3_STRATEGIES),
+    ) if on]
+    if peft:
+        problems.append(f"quantization.compute=fp8 runs in the fused 4-bit LoRA layer only, and this run has "
+                        f"{' and '.join(peft)}; set quantization.compute=bf16")
+    return problems
+
+
+def config_problems(cfg: RunConfig) -> list[str]:
+    """Every rule between keys that the config alone decides, one line each naming the keys;
+    load_config refuses a config with any."""
+    problems = data_problems(cfg.data)
+    if cfg.data.streaming and cfg.train.max_steps <= 0:
+        problems.append("data.streaming needs train.max_steps: a stream has no length to count epochs by")
+    if cfg.train.strategy in ZERO3_STRATEGIES:
+        # ZeRO-3 loads the base block by block into partitions (model/zero3.py): DoRA's magnitudes
+        # start from the norms of whole weights and modules_to_save copies whole modules.
+        asked = [k for k, on in (("lora.dora", cfg.lora.dora), ("lora.modules_to_save", cfg.lora.modules_to_save))
+                 if on]
+        if asked:
+            problems.append(f"{' and '.join(asked)} cannot run with train.strategy={cfg.train.strategy} (each "
+                            "rank holds a slice of the base weights); use train.strategy=ddp or single, or turn "
+                            "them off")
+    return problems + _fp8_problems(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,6 +411,8 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 def _describe(err: dict, known: list[str]) -> str:
+    if not err["loc"]:  # a rule between keys (config_problems): its lines name the keys
+        return err["msg"].removeprefix("Value error, ")
     key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("literal[", "int", "bool", "list")))
     kind = err["type"]
     ctx = err.get("ctx") or {}
@@ -371,7 +457,7 @@ def validate_config(raw: dict, source: str = "config") -> RunConfig:
         # Union types report one error per branch; keep the first per key so the line stays short.
         seen, parts = set(), []
         for err in errors:
-            if err["loc"][-1] == "str" and isinstance(err.get("input"), list):
+            if err["loc"] and err["loc"][-1] == "str" and isinstance(err.get("input"), list):
                 continue  # a list of sources: the plain-path branch of the union says nothing useful
             text = _describe(err, known)
             key = text.split(":")[0]

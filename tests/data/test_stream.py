@@ -37,7 +37,7 @@ def _stream(a: Path, b: Path, buffer: int = 16):
     cfg = load_config(None, [f"data.train=[{{path: {a}, weight: 2}}, {{path: {b}, weight: 1, "
                              "columns: {prompt: question, response: answer}}]", "data.streaming=true",
                              "data.eval_fraction=0", f"data.stream_buffer={buffer}", "data.max_seq_len=256",
-                             "data.tokens_per_row=512"])
+                             "data.tokens_per_row=512", "train.max_steps=1"])
     return build_data(cfg.data, load_tokenizer(tiny_path()), seed=3).stream
 
 

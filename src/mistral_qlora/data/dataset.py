@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mistral_qlora.config import DataSection
+from mistral_qlora.config import DataSection, data_problems
 from mistral_qlora.data.collator import PackedCollator, PackedRows, PaddedCollator
 from mistral_qlora.data.formats import Conversation
 from mistral_qlora.data.mix import mix_tables
@@ -181,6 +181,11 @@ def _first_prompts(parts: list[tuple[_Opened, object]], tokenizer, cfg: DataSect
 
 
 def build_data(cfg: DataSection, tokenizer, seed: int, n_samples: int = 0) -> TrainingData:
+    # load_config has refused these already; a section built without a RunConfig (the bench, the API)
+    # is refused the same way, before any data is read.
+    problems = data_problems(cfg)
+    if problems:
+        raise UserError("; ".join(problems))
     template = resolve_template(cfg.template, tokenizer)  # a template that cannot work is refused before any data is read
     train_specs, eval_specs = source_list(cfg.train), source_list(cfg.eval)
     if cfg.streaming:
@@ -227,7 +232,6 @@ def build_data(cfg: DataSection, tokenizer, seed: int, n_samples: int = 0) -> Tr
 
     rows = None
     if cfg.packing:
-        check_row_budget(cfg)
         rows = pack_best_fit_decreasing(train_stats.lengths, cfg.tokens_per_row, seed)
     digest = hashlib.sha256(json.dumps({"tokens": keys, "weights": weights, "seed": seed}).encode()).hexdigest()
     return TrainingData(train.select_columns(["input_ids", "labels", "length"]), eval_data, train_stats, eval_stats,
@@ -254,23 +258,9 @@ def eval_set(eval_specs, cfg: DataSection, tokenizer, tok_sig: str, n_samples: i
     return table.select_columns(["input_ids", "labels", "length"]), stats, prompts, keys
 
 
-def check_row_budget(cfg: DataSection) -> None:
-    if cfg.tokens_per_row < cfg.max_seq_len:
-        raise UserError(
-            f"data.tokens_per_row ({cfg.tokens_per_row}) must be >= data.max_seq_len ({cfg.max_seq_len}) "
-            "so every sequence fits in a row"
-        )
-
-
 def build_stream(cfg: DataSection, tokenizer, seed: int, n_samples: int, train_specs, eval_specs,
                    template: ChatTemplate | None = None) -> TrainingData:
     """TrainingData whose training rows come from a stream.PackedStream; the eval set is a cached table."""
-    if not cfg.packing:
-        raise UserError("data.streaming packs rows as it reads; data.packing=false is not available with it")
-    if not eval_specs and cfg.eval_fraction > 0:
-        raise UserError("data.streaming cannot hold out data.eval_fraction of a stream; set data.eval to evaluation "
-                        "data, or data.eval_fraction=0 for none")
-    check_row_budget(cfg)
     stream, identities = open_streams(train_specs, cfg, tokenizer, seed)
     sample, _, _ = stream.scan(max_chunks=1)  # the first chunk: lengths for FLOPs and the summary
     if not sample.lengths:

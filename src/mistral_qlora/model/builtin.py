@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from mistral_qlora.config import RANDOM_7B
 from mistral_qlora.model.tokenizer import write_mistral_v1_tokenizer
 
 TINY_VERSION = "v2"
@@ -42,7 +43,6 @@ TINY_CONFIG = dict(
     eos_token_id=2,
 )
 
-RANDOM_7B = "random:mistral-7b"
 RANDOM_7B_SEED = 0
 # Mistral-7B-Instruct-v0.2's config.json, less the weights.
 MISTRAL_7B_V02 = dict(

@@ -62,7 +62,8 @@ def check_variants(cfg: RunConfig, strategy: str) -> None:
     """LoRA variants the strategy cannot run, refused before a weight loads. Under ZeRO-3 the base
     is loaded block by block straight into 4-bit partitions (model/zero3.py): DoRA's magnitudes
     start from the norms of the whole weights and `modules_to_save` copies whole modules, neither
-    of which a rank holding a slice can do."""
+    of which a rank holding a slice can do. An explicit `train.strategy: zero3` is refused in
+    load_config (config.config_problems); this refuses `auto` that resolved to ZeRO-3."""
     if not is_zero3(strategy):
         return
     asked = [k for k, on in (("lora.dora", cfg.lora.dora), ("lora.modules_to_save", cfg.lora.modules_to_save)) if on]

@@ -73,7 +73,10 @@ def lora_layer(cfg: RunConfig, strategy: str) -> tuple[str, str]:
 
 def compute_for(cfg: RunConfig, layer: str, strategy: str, fp8_problem: str | None) -> tuple[str, str]:
     """(`quantization.compute` for this run, why); fp8 where it cannot run is refused, never
-    dropped: it runs in the fused layer only, on a GPU with FP8 tensor cores."""
+    dropped: it runs in the fused layer only, on a GPU with FP8 tensor cores. What the config
+    alone rules out (PEFT's layers, an explicit ZeRO-3, a 16-bit dtype) load_config has refused
+    (config.config_problems); what is left here depends on the machine or the launcher: the GPU,
+    and `train.strategy: auto` resolved to ZeRO-3."""
     if cfg.quantization.compute == "bf16":
         return "bf16", "the base's matmuls in bf16"
     where = "quantization.compute=fp8"

@@ -111,7 +111,7 @@ def run_phase(phase: str, path: str, cache: str, max_seq_len: int) -> dict:
     sets = [f"data.train={path}", f"data.max_seq_len={max_seq_len}", f"data.tokens_per_row={max_seq_len}",
             f"data.cache_dir={cache}"]
     if phase == "streaming":
-        sets += ["data.streaming=true", "data.eval_fraction=0"]
+        sets += ["data.streaming=true", "data.eval_fraction=0", "train.max_steps=1"]  # a stream needs a step count
     cfg = load_config(None, sets)
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.revision)
     if phase == "baseline":
