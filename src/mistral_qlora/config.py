@@ -176,7 +176,7 @@ class DataSection(_Section):
                                "train.micro_batch_size counts rows.", ge=16, le=1_048_576)
     streaming: bool = _key(
         False, "Read the training sources as streams (for data larger than RAM or disk): mixed, tokenized and "
-        "packed on the fly in a bounded buffer; needs train.max_steps, and data.eval or data.eval_fraction=0.")
+        "packed on the fly in a bounded buffer; needs train.max_steps, data.packing=true, and data.eval or data.eval_fraction=0.")
     stream_buffer: int = _key(2000, "Streaming: records tokenized and packed together; memory stays bounded by "
                               "this many records.", ge=1, le=10_000_000)
     num_proc: Union[Literal["auto"], int] = _key(
