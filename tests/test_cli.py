@@ -1,6 +1,9 @@
 """Bad input at the command line: one clear line on stderr, exit code 2, nothing written."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -106,13 +109,53 @@ def test_finished_run_is_not_overwritten_without_flag(tmp_path, capsys):
     assert sorted(p.name for p in out_dir.iterdir()) == ["summary.json"]
 
 
-def test_subprocess_error_has_no_traceback_unless_debug(tmp_path):
+def test_subprocess_error_has_no_traceback_unless_debug_and_exits_2_either_way(tmp_path):
+    line = "mistral-qlora: error: --set train.epochs=-1: train.epochs: must be > 0 (got -1)"
     args = ["train", "configs/tiny.yaml", "--set", "train.epochs=-1", "--set", f"output_dir={tmp_path / 'o'}"]
     proc = run_cli(*args)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("mistral-qlora: error: configs/tiny.yaml: train.epochs: must be > 0 (got -1)")
-    proc = run_cli("--debug", *args)
-    assert proc.returncode != 0 and "Traceback" in proc.stderr
+    assert proc.stderr.strip() == line
+    # --debug before or after the command: the traceback, then the same line, and still exit 2
+    for argv in (["--debug", *args], [*args, "--debug"]):
+        proc = run_cli(*argv)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" in proc.stderr and proc.stderr.strip().endswith(line)
+
+
+@pytest.mark.parametrize("command", ["train CONFIG", "prepare CONFIG", "generate --prompt x", "merge --adapter a --output o",
+                                     "export --adapter a --output o", "env"])
+def test_debug_is_taken_before_or_after_every_command(command):
+    from mistral_qlora.cli import build_parser
+
+    argv = command.replace("CONFIG", "c.yaml").split()
+    parser = build_parser()
+    assert parser.parse_args(argv).debug is False
+    assert parser.parse_args(["--debug", *argv]).debug is True
+    assert parser.parse_args([*argv, "--debug"]).debug is True
+
+
+def test_bad_config_for_train_fails_before_torch_is_imported(tmp_path):
+    """The config is checked first: a mistake costs a moment, not the seconds torch takes to load."""
+    code = ("import sys\nfrom mistral_qlora.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit as exc:\n"
+            "    print(exc.code, 'torch' in sys.modules, 'transformers' in sys.modules)\n")
+    for argv in (["train", "configs/tiny.yaml", "--set", "train.epochs=0"], ["train", str(tmp_path)],
+                 ["prepare", "configs/tiny.yaml", "--set", "lora.rank=8"]):
+        proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=300)
+        assert proc.stdout.split() == ["2", "False", "False"], (argv, proc.stdout, proc.stderr)
+        assert proc.stderr.count("\n") == 1 and "mistral-qlora: error: " in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "prepare", "generate", "merge", "export", "env"])
+def test_every_option_of_the_commands_has_help(command):
+    import argparse
+
+    from mistral_qlora.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [a.option_strings or a.dest for a in sub.choices[command]._actions if not a.help]
+    assert not missing, f"{command}: no help for {missing}"
 
 
 def test_env_names_the_attention_backend(capsys):

@@ -72,6 +72,38 @@ def test_bad_values_name_the_key(override, expected):
     assert "\n" not in str(info.value)
 
 
+def test_errors_name_the_set_item_or_the_file_their_value_came_from(tmp_path):
+    """test_bad_values_name_the_key checks the key's text only: a --set typo used to be blamed on the file."""
+    with pytest.raises(UserError) as info:
+        load_config(ROOT / "configs/tiny.yaml", ["train.lerning_rate=1e-4"])
+    assert str(info.value) == ("--set train.lerning_rate=1e-4: unknown key 'train.lerning_rate'; "
+                               "did you mean 'train.learning_rate'?")
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  epochs: 0\n")
+    with pytest.raises(UserError) as info:
+        load_config(config, ["lora.r=0", "train.seed=1"])
+    assert str(info.value) == f"--set lora.r=0: lora.r: must be >= 1 (got 0); {config}: train.epochs: must be > 0 (got 0)"
+    # a --set that replaces the file's value takes the blame for it
+    with pytest.raises(UserError, match=r"^--set train=\{epochs: -1\}: train.epochs: must be > 0"):
+        load_config(config, ["train={epochs: -1}"])
+
+
+def test_unknown_key_of_a_data_source_suggests_a_key_of_a_source(tmp_path):
+    """The suggestion looks among the keys valid where the typo is: `weight` of a source, not `data.train`."""
+    config = tmp_path / "c.yaml"
+    config.write_text("data:\n  train: [{path: a.json, wieght: 2}]\n  eval: [{path: b.json, splt: test}]\n")
+    with pytest.raises(UserError) as info:
+        load_config(config)
+    assert str(info.value) == (f"{config}: unknown key 'data.train.0.wieght'; did you mean 'data.train.0.weight'?; "
+                               "unknown key 'data.eval.0.splt'; did you mean 'data.eval.0.split'?")
+
+
+def test_a_folder_given_as_the_config_is_named_a_folder(tmp_path):
+    with pytest.raises(UserError) as info:
+        load_config(tmp_path)
+    assert str(info.value) == f"{tmp_path}: is a directory; give a config YAML file (for example configs/tiny.yaml)"
+
+
 def test_missing_and_malformed_config_files(tmp_path):
     with pytest.raises(UserError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
@@ -151,7 +183,9 @@ def test_a_config_breaking_a_rule_between_keys_fails_in_load_config(tmp_path, no
     with pytest.raises(UserError) as info:
         load_config(config, broken)
     text = str(info.value)
-    assert text.startswith(f"{config}: ") and message in text and "\n" not in text
+    # a rule between keys is blamed on the file; a rule of one key on the --set that gave its value
+    origin = f"{config}: " if len(broken) > 1 or "=random:" not in broken[0] else f"--set {broken[0]}: "
+    assert text.startswith(origin) and message in text and "\n" not in text
     assert str(missing) not in text
     load_config(config, broken + kept)  # the same config with the rule kept loads
 

@@ -169,6 +169,23 @@ def test_launch_spec_from_environment():
         launch_spec(nproc=0, env={})
 
 
+def test_more_processes_than_gpus_are_refused_and_than_cpu_cores_warned(capsys):
+    """tests/e2e/test_bad_input.py::test_more_processes_than_gpus covers the GPU refusal through the
+    command line; without a GPU nothing was said when the processes outnumber the cores."""
+    from mistral_qlora.relaunch import check_gpus
+
+    with pytest.raises(UserError, match="--nproc 3 asks for 3 GPUs on this node but 2 are visible"):
+        check_gpus(LaunchSpec(nproc=3), visible=2)
+    check_gpus(LaunchSpec(nproc=2), visible=2, cores=1)  # one GPU each: the cores do not matter
+    check_gpus(LaunchSpec(nproc=2), visible=0, cores=2)
+    check_gpus(LaunchSpec(nproc=1), visible=0, cores=1)
+    assert capsys.readouterr().err == ""
+    check_gpus(LaunchSpec(nproc=3), visible=0, cores=2)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mistral-qlora: warning: no GPU: the 3 processes of --nproc 3 "
+                                                    "share this machine's 2 CPU cores")
+
+
 def test_train_sh_turns_environment_into_arguments(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
                                                              "NPROC_PER_NODE", "SLURM_NNODES", "SLURM_NODEID")}

@@ -1,8 +1,9 @@
 """Command line: `mistral-qlora {train,prepare,generate,merge,export,bench,env}` (also `python -m mistral_qlora`).
 
 Each subcommand parses its flags and calls one function of the package; nothing else happens
-here. A `UserError` ends the program with one line on stderr and exit code 2; `--debug` shows the
-traceback instead. Heavy imports (torch, transformers) happen inside the subcommands.
+here. A `UserError` ends the program with one line on stderr and exit code 2; `--debug` (before or
+after the command) shows its traceback too. Heavy imports (torch, transformers) happen inside the
+subcommands, after their arguments and config are checked.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 
 from mistral_qlora import __version__
 from mistral_qlora.bench.levers import LEVERS
@@ -23,10 +25,20 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set train.epochs=1 (repeatable)")
 
 
+DEBUG_HELP = "show tracebacks and library logs"
+
+
+def _add_debug_flag(sub) -> None:
+    """`--debug` after any command as well as before it. SUPPRESS: a command that does not get the
+    flag leaves the value the top-level parser set (argparse would otherwise reset it to False)."""
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mistral-qlora", description="4-bit QLoRA fine-tuning of Mistral-7B-Instruct, from one GPU to many nodes.")
     parser.add_argument("--version", action="version", version=f"mistral-qlora {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="fine-tune: data -> 4-bit model + LoRA -> adapter in output_dir")
@@ -59,15 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", metavar="NAME",
                    help="the chat template: auto, mistral-v1, mistral-v3 or tokenizer (default: the run's data.template, read from the adapter's run folder; "
                         "else auto)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
+                   help="the longest answer, in tokens; generation stops earlier at the template's end token "
+                        "(default 128)")
     p.add_argument("--bits", type=int, choices=(4, 16), default=4, help="load the base in 4-bit or 16-bit")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("merge", help="merge an adapter into a 16-bit copy of its base (safetensors)")
     p.add_argument("--adapter", required=True, help="a run's adapter/ folder")
     p.add_argument("--output", required=True, help="new folder for the merged model")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                   help="the dtype the base is loaded in, merged in and saved in (default bf16)")
     p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (the new model is written before the old one is removed)")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("export", help="merge an adapter and write GGUF (llama.cpp, Ollama) or safetensors")
@@ -97,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("env", help="versions, GPUs, usable attention backends and kernels")
     p.set_defaults(func=cmd_env)
+    _add_debug_flag(sub)
     return parser
 
 
@@ -215,12 +233,11 @@ def _comma_list(text: str | None) -> list[str]:
 
 
 def cmd_train(args) -> int:
-    from mistral_qlora.config import load_config
     from mistral_qlora.relaunch import relaunch
     from mistral_qlora.run.trackers import check_trackers
     from mistral_qlora.train import run_training
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = args.cfg  # validated by main
     check_trackers(cfg)  # before --nproc starts processes that would each refuse it
     code = relaunch(cfg, args.config, args.overrides, nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
                     main_addr=args.main_addr, main_port=args.main_port, overwrite=args.overwrite, force=args.force,
@@ -247,13 +264,11 @@ def _print_summary(output_dir: str, s: dict) -> None:
 
 
 def cmd_prepare(args) -> int:
-    from mistral_qlora.config import load_config
     from mistral_qlora.tools.prepare import describe_data
 
     if args.nproc < 1 or args.nnodes < 1:
         raise UserError("--nproc and --nnodes must be at least 1")
-    cfg = load_config(args.config, args.overrides)
-    print(describe_data(cfg, world_size=args.nproc * args.nnodes))
+    print(describe_data(args.cfg, world_size=args.nproc * args.nnodes))
     return 0
 
 
@@ -300,7 +315,7 @@ def cmd_generate(args) -> int:
 def cmd_merge(args) -> int:
     from mistral_qlora.tools.merge import merge_adapter
 
-    out = merge_adapter(args.adapter, args.output, dtype=args.dtype, model=args.model)
+    out = merge_adapter(args.adapter, args.output, dtype=args.dtype, model=args.model, overwrite=args.overwrite)
     print(f"merged model ({args.dtype}) written to {out}; try: mistral-qlora generate --model {out} --bits 16 "
           "--prompt ...")
     return 0
@@ -339,17 +354,21 @@ def _close_progress_bars() -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    # Library logs and warnings: to output_dir/run.log (train), on the console only as errors
-    # unless --debug (mistral_qlora/logs.py).
     from mistral_qlora.logs import setup_logging
 
-    setup_logging(debug=args.debug)
     try:
+        if hasattr(args, "config"):  # train, prepare: a bad config fails in a moment, before torch loads
+            from mistral_qlora.config import load_config
+
+            args.cfg = load_config(args.config, args.overrides)
+        # Library logs and warnings (this imports torch, transformers, datasets): to
+        # output_dir/run.log (train), on the console only as errors unless --debug (logs.py).
+        setup_logging(debug=args.debug)
         code = args.func(args)
     except UserError as exc:
-        if args.debug:
-            raise
         _close_progress_bars()
+        if args.debug:
+            traceback.print_exc()
         print(f"mistral-qlora: error: {exc}", file=sys.stderr)
         code = exc.exit_code
     except Preempted as exc:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -399,18 +399,26 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    keys = []
-    for name, field in model.model_fields.items():
-        dotted = f"{prefix}{name}"
-        keys.append(dotted)
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys.extend(_known_keys(ann, dotted + "."))
-    return keys
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """The sections an annotation holds: the model itself, or those inside a list or a union."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
 
 
-def _describe(err: dict, known: list[str]) -> str:
+def _keys_at(loc: tuple) -> list[str]:
+    """The key names valid where an error's location ends: the fields of the section that holds
+    its last part (a source of data.train for `data.train.0.wieght`, not the top level)."""
+    section: type[BaseModel] | None = RunConfig
+    for part in loc[:-1]:
+        if section is not None and isinstance(part, str) and part in section.model_fields:
+            inner = _models_in(section.model_fields[part].annotation)
+            section = inner[0] if inner else None
+        # a list index or a union branch's tag ('list[DataSource]') stays in the same section
+    return list(section.model_fields) if section is not None else []
+
+
+def _describe(err: dict) -> str:
     if not err["loc"]:  # a rule between keys (config_problems): its lines name the keys
         return err["msg"].removeprefix("Value error, ")
     key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("literal[", "int", "bool", "list")))
@@ -418,11 +426,13 @@ def _describe(err: dict, known: list[str]) -> str:
     ctx = err.get("ctx") or {}
     got = err.get("input")
     if kind == "extra_forbidden":
-        hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        if not hint:  # a misspelt key in the right section: compare the last part alone
-            section, _, leaf = key.rpartition(".")
-            peers = [k for k in known if k.rpartition(".")[0] == section]
-            leaves = difflib.get_close_matches(leaf, [k.rpartition(".")[2] for k in peers], n=1, cutoff=0.5)
+        # the closest key among those valid at this position, as the whole dotted key, else by its last part
+        section, _, leaf = key.rpartition(".")
+        names = _keys_at(err["loc"])
+        peers = [f"{section}.{n}" if section else n for n in names]
+        hint = difflib.get_close_matches(key, peers, n=1, cutoff=0.6)
+        if not hint:
+            leaves = difflib.get_close_matches(leaf, names, n=1, cutoff=0.5)
             hint = [f"{section}.{leaves[0]}" if section else leaves[0]] if leaves else []
         return f"unknown key '{key}'" + (f"; did you mean '{hint[0]}'?" if hint else "")
     def num(v):
@@ -446,25 +456,41 @@ def _describe(err: dict, known: list[str]) -> str:
     return f"{key}: {msg} (got {got!r})"
 
 
-def validate_config(raw: dict, source: str = "config") -> RunConfig:
+def _override_of(loc: tuple, overrides: list[str]) -> str | None:
+    """The `--set` item that put the value at an error's location there (the last one that set
+    it or a section above it), or None when the value came from the file. A rule between keys has
+    no location: its line names the keys, and it is blamed on the file."""
+    if not loc:
+        return None
+    parts = [str(p) for p in loc if isinstance(p, str) and not p.startswith(("literal[", "list["))]
+    found = None
+    for item in overrides:
+        path, _ = parse_override(item)
+        if parts[:len(path)] == path or path[:len(parts)] == parts:
+            found = item
+    return found
+
+
+def validate_config(raw: dict, source: str = "config", overrides: list[str] | None = None) -> RunConfig:
+    """`raw` (the file's mapping with `overrides` applied) as a RunConfig; each problem is named
+    against where its value came from: `source` (the file) or the `--set KEY=VALUE` that set it."""
     if not isinstance(raw, dict):
         raise UserError(f"{source}: the top level must be a mapping of sections (model:, data:, train:, ...)")
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
-        known = _known_keys(RunConfig)
-        errors = exc.errors()
         # Union types report one error per branch; keep the first per key so the line stays short.
-        seen, parts = set(), []
-        for err in errors:
+        seen, by_origin = set(), {}
+        for err in exc.errors():
             if err["loc"] and err["loc"][-1] == "str" and isinstance(err.get("input"), list):
                 continue  # a list of sources: the plain-path branch of the union says nothing useful
-            text = _describe(err, known)
+            text = _describe(err)
             key = text.split(":")[0]
             if key not in seen:
                 seen.add(key)
-                parts.append(text)
-        raise UserError(f"{source}: " + "; ".join(parts)) from None
+                item = _override_of(err["loc"], overrides or [])
+                by_origin.setdefault(source if item is None else f"--set {item}", []).append(text)
+        raise UserError("; ".join(f"{origin}: " + "; ".join(texts) for origin, texts in by_origin.items())) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
@@ -474,6 +500,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if path is not None:
         source = str(path)
         p = Path(path)
+        if p.is_dir():
+            raise UserError(f"{path}: is a directory; give a config YAML file (for example configs/tiny.yaml)")
         if not p.is_file():
             raise UserError(f"{path}: config file not found (try configs/tiny.yaml)")
         try:
@@ -486,4 +514,4 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(raw, dict):
             raise UserError(f"{path}: the top level must be a mapping of sections (model:, data:, train:, ...)")
     raw = apply_overrides(raw, overrides or [])
-    return validate_config(raw, source)
+    return validate_config(raw, source, overrides)

@@ -27,7 +27,7 @@ from mistral_qlora.errors import EXIT_PREEMPTED, UserError
 from mistral_qlora.model.base import load_model_config, resolve_model_path
 from mistral_qlora.plan.strategy import STRATEGY_WHY_ENV, is_deepspeed, plan_strategy
 from mistral_qlora.run.artifacts import check_output_dir
-from mistral_qlora.runtime import free_port, gpu_budget, launched_processes, resolve_dtype
+from mistral_qlora.runtime import free_port, gpu_budget, launched_processes, log, resolve_dtype
 
 DEFAULT_PORT = 29500
 
@@ -65,9 +65,18 @@ def default_nproc() -> int:
         return 1
 
 
-def check_gpus(spec: LaunchSpec, visible: int | None = None) -> None:
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity: a container's or scheduler's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def check_gpus(spec: LaunchSpec, visible: int | None = None, cores: int | None = None) -> None:
     """On a GPU machine each process takes one GPU: refuse to start more processes than GPUs.
-    (Without GPUs, processes run on the CPU, as the tests do, and any number is allowed.)"""
+    Without GPUs, processes run on the CPU (as the tests do) and any number is allowed, but more
+    processes than cores share them: one line says so, since each step then takes longer."""
     if visible is None:
         try:
             import torch
@@ -80,6 +89,10 @@ def check_gpus(spec: LaunchSpec, visible: int | None = None) -> None:
         where = f" (CUDA_VISIBLE_DEVICES={shown})" if shown is not None else ""
         raise UserError(f"--nproc {spec.nproc} asks for {spec.nproc} GPUs on this node but {visible} "
                         f"{'is' if visible == 1 else 'are'} visible{where}; use --nproc {visible} or fewer")
+    cores = cpu_cores() if cores is None else cores
+    if not visible and spec.nproc > 1 and spec.nproc > cores:
+        log(f"warning: no GPU: the {spec.nproc} processes of --nproc {spec.nproc} share this machine's "
+            f"{cores} CPU core{'s' if cores != 1 else ''}, each slower than alone")
 
 
 def launch_spec(nproc=None, nnodes=None, node_rank=None, main_addr=None, main_port=None, env=None) -> LaunchSpec:

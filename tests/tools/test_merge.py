@@ -55,6 +55,40 @@ def test_merged_model_equals_adapter_on_16bit_base(adapter, tmp_path):
     assert (base_logits - adapter_logits).abs().max().item() > 4 * tolerance
 
 
+def test_merge_replaces_an_existing_output_only_with_overwrite_and_only_once_written(adapter, tmp_path, capsys,
+                                                                                    monkeypatch):
+    from mistral_qlora.cli import main
+    from mistral_qlora.tools import merge
+
+    def cli(*args):
+        with pytest.raises(SystemExit) as info:
+            main(["merge", "--adapter", str(adapter), "--output", str(out), *args])
+        return info.value.code, capsys.readouterr().err
+
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    code, err = cli()
+    assert code == 2 and err.strip() == (f"mistral-qlora: error: --output {out}: folder exists and is not empty; "
+                                         "choose a new folder or pass --overwrite to replace it")
+    # a failure while writing the new model leaves the old output whole, and no staging folder
+    real = merge.load_tokenizer
+
+    class Failing:
+        def save_pretrained(self, path):
+            raise RuntimeError("disk full")
+
+    monkeypatch.setattr(merge, "load_tokenizer", lambda src: Failing())
+    with pytest.raises(RuntimeError, match="disk full"):
+        main(["merge", "--adapter", str(adapter), "--output", str(out), "--overwrite"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"] and (out / "old.txt").read_text() == "old"
+    monkeypatch.setattr(merge, "load_tokenizer", real)
+    code, err = cli("--overwrite")
+    assert code == 0, err
+    assert not (out / "old.txt").exists() and (out / "config.json").is_file() and list(out.glob("*.safetensors"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
 def test_generate_with_the_merged_model_and_merge_refuses_a_full_folder(adapter, tmp_path):
     merged = tmp_path / "merged"
     proc = run_cli("merge", "--adapter", str(adapter), "--output", str(merged))

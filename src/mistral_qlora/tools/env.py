@@ -1,4 +1,5 @@
-"""`mistral-qlora env`: what this machine can run (versions, GPUs, attention backends, kernels)."""
+"""`mistral-qlora env`: what this machine can run (versions, GPUs, attention backends, kernels,
+experiment trackers and the optional extras)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,11 @@ import importlib.metadata
 import platform
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "deepspeed", "datasets",
-            "mistral-common", "flash-attn", "liger-kernel", "triton")
+            "mistral-common", "triton")
+# train.report_to's trackers and the packages of setup.cfg's extras (`pip install mistral-qlora[NAME]`;
+# tests/tools/test_env.py keeps this table equal to setup.cfg's, dev left out).
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+EXTRAS = {"flash": ("flash-attn",), "kernels": ("liger-kernel",), "trackers": ("wandb", "mlflow")}
 
 
 def _version(name: str) -> str:
@@ -25,6 +30,10 @@ def environment_report() -> str:
 
     lines = [f"mistral-qlora {__version__}", f"python {platform.python_version()} ({platform.machine()})"]
     lines += [f"{name:<15} {_version(name)}" for name in PACKAGES]
+    lines.append("trackers (train.report_to): " + ", ".join(f"{t} {_version(t)}" for t in TRACKERS))
+    lines.append("extras (pip install mistral-qlora[NAME]):")
+    for extra, names in EXTRAS.items():
+        lines.append(f"  {extra:<13} " + ", ".join(f"{n} {_version(n)}" for n in names))
     if torch.cuda.is_available():
         lines.append(f"cuda {torch.version.cuda}, {torch.cuda.device_count()} GPU(s):")
         for i in range(torch.cuda.device_count()):

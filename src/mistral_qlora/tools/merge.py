@@ -51,20 +51,30 @@ def load_merged(adapter: str, dtype: str = "bf16", model: str | None = None):
 
 def merge_adapter(adapter: str, output: str, dtype: str = "bf16", model: str | None = None,
                   max_shard_size: str = "5GB", overwrite: bool = False) -> Path:
+    """Write the merged model to the folder `output`. An existing non-empty folder is refused
+    unless `overwrite`; then it is replaced whole, and only once the new model is complete beside it
+    (a failure before that leaves it as it was)."""
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {output}: exists and is not a folder; choose a new folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--output {output}: folder exists and is not empty; choose a new folder")
+        raise UserError(f"--output {output}: folder exists and is not empty; choose a new folder or pass "
+                        "--overwrite to replace it")
     merged, path = load_merged(adapter, dtype, model)
     tokenizer_src = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else path
     tokenizer = load_tokenizer(str(tokenizer_src))
 
     staging = out.parent / f".{out.name}.staging"
+    old = out.parent / f".{out.name}.replaced"
     shutil.rmtree(staging, ignore_errors=True)
-    merged.save_pretrained(str(staging), safe_serialization=True, max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(str(staging))
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(staging, out)
+    try:
+        merged.save_pretrained(str(staging), safe_serialization=True, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(str(staging))
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(out, old)  # moved aside, not yet deleted: the rename below is the switch
+        os.rename(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     return out
