@@ -14,13 +14,14 @@ import torch
 from mistral_qlora.config import LoraSection, QuantizationSection, validate_config
 from mistral_qlora.errors import UserError
 from mistral_qlora.kernels import fp8
-from mistral_qlora.kernels.fused_lora import FusedLoraLinear4bit, _dequantize
+from mistral_qlora.kernels.fused_lora import FusedLoraLinear4bit
+from mistral_qlora.kernels.lora_autograd import dequantize
 from mistral_qlora.model.base import load_model_config
 from mistral_qlora.model.lora import add_lora
 from mistral_qlora.plan import make_plan
 from mistral_qlora.plan.layers import LayerPlan
 from mistral_qlora.flops import decoder_linear_shapes
-from mistral_qlora.plan.memory import estimate_memory, fp8_transient_bytes, kept_weight_bytes
+from mistral_qlora.plan.memory import estimate_memory, fp8_transient_bytes, kept_weight_bytes, layer_shapes
 from mistral_qlora.runtime import Runtime
 
 from testkit import load_tiny_base, run_cli, tiny_path
@@ -135,7 +136,7 @@ def test_the_fused_fp8_layer_is_the_formula(dropout):
     A = layer.lora_A["default"].weight.detach().clone().requires_grad_()
     B = layer.lora_B["default"].weight.detach().clone().requires_grad_()
     weight = layer.get_base_layer().weight
-    w8 = fp8.quantize_rows_reference(_dequantize(weight, layer.block_scales(weight), torch.float32))
+    w8 = fp8.quantize_rows_reference(dequantize(weight, layer.block_scales(weight), torch.float32))
     x2 = x.detach().reshape(-1, x.shape[-1]).requires_grad_()
     torch.manual_seed(7)
     dropped = torch.native_dropout(x2, dropout, True)[0] if dropout else x2
@@ -151,7 +152,7 @@ def test_readers_of_one_input_add_their_fp8_gradients_in_one_pass(monkeypatch, d
     """gate and up read one input: up's FP8 input gradient and its adapter's share go into gate's
     buffer in one pass (the product kernel's `addend`), and the sum equals autograd's sum of the
     two linears' gradients computed each on its own."""
-    from mistral_qlora.kernels import fused_lora
+    from mistral_qlora.kernels import lora_autograd
 
     torch.manual_seed(0)
     plan = LayerPlan(lora_layer="fused", recompute=0, compute="fp8")
@@ -171,8 +172,8 @@ def test_readers_of_one_input_add_their_fp8_gradients_in_one_pass(monkeypatch, d
         return xi.grad
 
     addends = []
-    product = fused_lora.add_lora_product_torch_
-    monkeypatch.setattr(fused_lora, "add_lora_product_torch_",
+    product = lora_autograd.add_lora_product_torch_
+    monkeypatch.setattr(lora_autograd, "add_lora_product_torch_",
                         lambda *a, **k: addends.append(k.get("addend") is not None) or product(*a, **k))
     shared = x_grad()
     assert addends.count(True) == 1  # the second reader joined the first one's buffer
@@ -200,7 +201,8 @@ def test_the_fused_layer_in_fp8_trains_like_bf16(batch, monkeypatch, recompute, 
 
     calls = []
     quantize = fp8.quantize_rows
-    for where in ("mistral_qlora.kernels.fused_lora.quantize_rows", "mistral_qlora.kernels.fp8.quantize_rows"):
+    for where in ("mistral_qlora.kernels.fused_lora.quantize_rows", "mistral_qlora.kernels.lora_autograd.quantize_rows",
+                  "mistral_qlora.kernels.fp8.quantize_rows"):
         monkeypatch.setattr(where, lambda x, col_scale=None: calls.append(tuple(x.shape)) or quantize(x, col_scale))
     loss, grads = loss_and_grads(model, batch)
     assert math.isfinite(loss) and abs(loss - ref_loss) < 0.01 * abs(ref_loss)
@@ -225,7 +227,7 @@ def test_fp8_weights_kept_for_the_run_are_the_e4m3_copy(batch):
     kept = layer._fp8
     assert kept is not None and kept.data.dtype == torch.float8_e4m3fn and getattr(layer, "_dequantized", None) is None
     weight = layer.get_base_layer().weight
-    want = fp8.quantize_rows_reference(_dequantize(weight, layer.block_scales(weight), torch.float32))
+    want = fp8.quantize_rows_reference(dequantize(weight, layer.block_scales(weight), torch.float32))
     assert torch.equal(kept.scale, want.scale) and torch.equal(kept.data.float(), want.data.float())
     assert torch.equal(kept.data_t.float(), want.data.float().t())  # the layout the input gradient reads
 
@@ -236,11 +238,12 @@ def test_memory_plan_counts_fp8_weights_at_one_byte():
     mc = load_model_config(tiny_path(), cfg16.model)
     # two e4m3 layouts (1 byte a weight each) and a float32 scale per output channel, against 2 bytes a weight
     shapes = decoder_linear_shapes(mc).values()
-    assert kept_weight_bytes(mc, cfg16, 2) == sum(2 * i * o for i, o in shapes)
-    assert kept_weight_bytes(mc, cfg8, 2) == sum(2 * i * o + 4 * o for i, o in shapes)
+    layer = layer_shapes(mc, cfg16.lora.target_modules)
+    assert kept_weight_bytes(layer, cfg16, 2) == sum(2 * i * o for i, o in shapes)
+    assert kept_weight_bytes(layer, cfg8, 2) == sum(2 * i * o + 4 * o for i, o in shapes)
     a = estimate_memory(mc, cfg16, 2, recompute_layers=0, kept_weight_layers=4)
     b = estimate_memory(mc, cfg8, 2, recompute_layers=0, kept_weight_layers=4)
-    assert b.activations - a.activations == 4 * 4 * sum(o for _, o in shapes) + fp8_transient_bytes(mc, a.tokens_per_micro_batch)
+    assert b.activations - a.activations == 4 * 4 * sum(o for _, o in shapes) + fp8_transient_bytes(layer, a.tokens_per_micro_batch)
 
 
 def _plan(overrides: dict, monkeypatch, capability=None, strategy_env=None):

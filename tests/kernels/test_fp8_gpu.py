@@ -49,7 +49,7 @@ def test_nf4_to_fp8_kernel_is_dequantize_then_quantize(shape):
     import bitsandbytes as bnb
 
     from mistral_qlora.kernels import fp8
-    from mistral_qlora.kernels.fused_lora import _dequantize, _fp8_weight, dequantized_absmax
+    from mistral_qlora.kernels.lora_autograd import dequantize, dequantized_absmax, requantize_fp8
 
     torch.manual_seed(0)
     linear = bnb.nn.Linear4bit(shape[1], shape[0], bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
@@ -58,8 +58,8 @@ def test_nf4_to_fp8_kernel_is_dequantize_then_quantize(shape):
     linear = linear.cuda()
     weight = linear.weight
     absmax = dequantized_absmax(weight)
-    got = _fp8_weight(weight, absmax)
-    want = fp8.quantize_rows_reference(_dequantize(weight, absmax, torch.float32))
+    got = requantize_fp8(weight, absmax)
+    want = fp8.quantize_rows_reference(dequantize(weight, absmax, torch.float32))
     assert torch.allclose(got.scale, want.scale, rtol=1e-6, atol=0)
     differs = (got.data.float() != want.data.float()).float().mean().item()
     assert differs < 1e-4 and not one_step_apart(got.data, want.data).any(), differs
@@ -100,13 +100,13 @@ def test_fp8_matmul_error_per_7b_linear(captured):
     """Y = X W^T and dX = dY W in FP8 against bf16, per linear of Mistral-7B: on the captured
     activations, and on the same with 4 input channels 100x larger (outliers, as real models have)."""
     from mistral_qlora.kernels import fp8
-    from mistral_qlora.kernels.fused_lora import _dequantize, _fp8_weight, dequantized_absmax
+    from mistral_qlora.kernels.lora_autograd import dequantize, dequantized_absmax, requantize_fp8
 
     rows = []
     for name, (weight, x, g) in captured.items():
         absmax = dequantized_absmax(weight)
-        w = _dequantize(weight, absmax, torch.bfloat16)
-        w8 = _fp8_weight(weight, absmax)
+        w = dequantize(weight, absmax, torch.bfloat16)
+        w8 = requantize_fp8(weight, absmax)
         outliers = x.clone()
         outliers[:, torch.randperm(x.shape[1], generator=torch.Generator().manual_seed(0))[:4]] *= 100
         errors = {}

@@ -131,7 +131,7 @@ def rel(a, b):
 def test_block_scales_are_kept_and_dequantize_as_bitsandbytes_does():
     import bitsandbytes as bnb
 
-    from mistral_qlora.kernels.fused_lora import _dequantize
+    from mistral_qlora.kernels.lora_autograd import dequantize
 
     model = lora_model(True, 0.0)
     q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
@@ -140,7 +140,7 @@ def test_block_scales_are_kept_and_dequantize_as_bitsandbytes_does():
     scales = q_proj.block_scales()
     assert scales.dtype == torch.float32 and q_proj.block_scales() is scales  # computed once
     want = bnb.functional.dequantize_4bit(weight, weight.quant_state)
-    assert torch.equal(_dequantize(weight, scales, want.dtype), want)
+    assert torch.equal(dequantize(weight, scales, want.dtype), want)
 
 
 @pytest.mark.parametrize("checkpoint_layers", [0, 2])
@@ -149,16 +149,16 @@ def test_kept_weights_skip_dequantization_and_change_nothing(batch, monkeypatch,
     once per recompute, never in backward; the layers kept for the run dequantize in the run's
     first forward and never again. Loss and gradients, step after step, are those of dequantizing
     every time."""
-    from mistral_qlora.kernels import fused_lora
+    from mistral_qlora.kernels import lora_autograd
 
     calls = []
-    dequantize = fused_lora._dequantize
+    dequantize = lora_autograd.dequantize
 
     def counted(weight, absmax, dtype):
         calls.append(weight)
         return dequantize(weight, absmax, dtype)
 
-    monkeypatch.setattr(fused_lora, "_dequantize", counted)
+    monkeypatch.setattr(lora_autograd, "dequantize", counted)
     results = {}
     for kept in (None, 0, 4):  # None: no layer keeps (dequantize again everywhere)
         plan = {"keep_weights": False} if kept is None else {"kept_for_run": kept}
@@ -207,7 +207,7 @@ def test_cached_weight_follows_its_4bit_weight_and_outlives_inference_mode(batch
 def test_readers_of_one_input_sum_their_gradient_in_one_buffer(batch, monkeypatch, checkpoint_layers):
     """q/k/v (and gate/up) add their input gradients into one buffer and only the last one hands
     it to autograd; the gradients are those of autograd's own sum."""
-    from mistral_qlora.kernels.fused_lora import LoraLinear4bitFunction
+    from mistral_qlora.kernels.lora_autograd import LoraLinear4bitFunction
 
     def grads_without_groups():
         model = lora_model(True, 0.1, checkpoint_layers, shared_input_grad=False)

@@ -6,7 +6,7 @@ with it as without it. On the CPU the kernel runs in Triton's interpreter."""
 import pytest
 import torch
 
-from mistral_qlora.kernels import fused_lora
+from mistral_qlora.kernels import fused_lora, lora_autograd
 from mistral_qlora.kernels import lora_product as lora_kernels
 from mistral_qlora.kernels.lora_product import add_lora_product_, lora_product_usable, triton_problem
 
@@ -130,7 +130,7 @@ def test_fused_layer_adds_its_gemm_onto_the_product_with_the_same_result(device,
         writes.append(accumulate)
         return kernel(out, u, v, scale, mask, accumulate, addend)
 
-    monkeypatch.setattr(fused_lora, "add_lora_product_", spy)
+    monkeypatch.setattr(lora_autograd, "add_lora_product_", spy)
 
     def run(product_first: bool, dropout: float):
         model, x = fused_nf4_layer(device, dropout)
@@ -179,7 +179,7 @@ def test_fused_layer_with_dropout_uses_the_kernel_and_keeps_its_gradients(device
             calls.append(use_kernel and usable(g))
             return calls[-1]
 
-        monkeypatch.setattr(fused_lora, "lora_product_usable", decide)
+        monkeypatch.setattr(lora_autograd, "lora_product_usable", decide)
         torch.manual_seed(3)  # the same dropout masks in both runs
         y = model(x)
         y.float().pow(2).mean().backward()

@@ -199,7 +199,7 @@ def test_dora_layers_are_counted_in_float32_with_their_extra_tensors():
     from mistral_qlora.config import load_config
     from mistral_qlora.flops import decoder_linear_shapes, lora_target_names
     from mistral_qlora.model.builtin import MISTRAL_7B_V02
-    from mistral_qlora.plan.memory import dora_layer_bytes, estimate_memory
+    from mistral_qlora.plan.memory import dora_layer_bytes, estimate_memory, layer_shapes
 
     c = MistralConfig(**{k: v for k, v in MISTRAL_7B_V02.items() if k != "architectures"})
     sets = ["data.tokens_per_row=8192", "train.micro_batch_size=1", "lora.dropout=0.05"]
@@ -209,9 +209,10 @@ def test_dora_layers_are_counted_in_float32_with_their_extra_tensors():
     targets = lora_target_names(cfg.lora.target_modules)
     shapes = {n: s for n, s in decoder_linear_shapes(c).items() if n in targets}
     outs, weights = sum(o for i, o in shapes.values()), sum(i * o for i, o in shapes.values())
-    assert dora_layer_bytes(c, cfg, targets, 8192, 2, 1000) == 2000 + 2 * 8192 * 2 * outs + 2 * weights
+    layer = layer_shapes(c, cfg.lora.target_modules)
+    assert dora_layer_bytes(layer, cfg, 8192, 2, 1000) == 2000 + 2 * 8192 * 2 * outs + 2 * weights
     no_dropout = load_config(None, ["lora.dora=true", "lora.dropout=0"])
-    assert dora_layer_bytes(c, no_dropout, targets, 8192, 2, 1000) == 2000 + 2 * 8192 * 2 * outs
+    assert dora_layer_bytes(layer, no_dropout, 8192, 2, 1000) == 2000 + 2 * 8192 * 2 * outs
     assert dora.per_gpu("single") > 139.8 * 2**30 > plain.per_gpu("single")
 
 

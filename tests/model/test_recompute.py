@@ -127,10 +127,10 @@ def test_kept_weights_spend_what_checkpointing_leaves():
     estimate counts them, and one layer's worth wherever layers recompute."""
     from mistral_qlora.plan import layers as speed
     from mistral_qlora.plan.layers import plan_kept_weights
-    from mistral_qlora.plan.memory import estimate_memory, kept_weight_bytes
+    from mistral_qlora.plan.memory import estimate_memory, kept_weight_bytes, layer_shapes
 
     cfg = _cfg(gradient_checkpointing="auto")
-    per_layer = kept_weight_bytes(Mistral7B, cfg, 2)
+    per_layer = kept_weight_bytes(layer_shapes(Mistral7B, cfg.lora.target_modules), cfg, 2)
     assert per_layer == 2 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
     plans = {}
     h100 = 81559 * 2**20 - int(0.08 * 81559 * 2**20)  # gpu_budget of an H100 80GB (nvidia-smi's total)
@@ -157,10 +157,9 @@ def test_kept_weights_spend_what_checkpointing_leaves():
     peft = RunConfig.model_validate({**cfg.model_dump(), "lora": {"fused": False}})
     assert plan_kept_weights(peft, Mistral7B, 2, "liger", 129 * GIB, 0) == (0, "PEFT's LoRA layers dequantize in backward")
     # recomputing layers keep theirs one at a time: one layer's worth in the estimate
-    from mistral_qlora.flops import lora_target_names
     from mistral_qlora.plan.memory import fast_path_layer_bytes
 
-    inputs, recompute = 32 * 8192 * 4096 * 2, 8192 * fast_path_layer_bytes(Mistral7B, lora_target_names("all-linear"), 2, True)
+    inputs, recompute = 32 * 8192 * 4096 * 2, 8192 * fast_path_layer_bytes(layer_shapes(Mistral7B, "all-linear"), 2, True)
     assert estimate_memory(Mistral7B, cfg, 2, 32, fused_loss=True).activations == inputs + recompute + per_layer
 
 

@@ -1,6 +1,6 @@
 """A Triton kernel for the fused LoRA layer's two rank-r products.
 
-Both passes of the fused layer (kernels/fused_lora.py) add a rank-r product to a full-width
+Both passes of the fused layer (kernels/lora_autograd.py) add a rank-r product to a full-width
 tensor: the forward adds the adapter's output to the base's, `out += scaling * xa @ B.T`, and the
 backward, under LoRA dropout, adds the adapter's share of the input gradient,
 `grad_x += keep_scale * mask * (ga @ A)` (ga = scaling * grad_out @ B, [tokens x r]; mask is the
@@ -16,7 +16,7 @@ value in bf16, 5 with the mask), the product is never stored, and the sum is rou
 the PyTorch path rounds twice (the product to bf16, then the sum). With `accumulate=False` it
 stores the tile without reading `out` (2 bytes a value): that is how the fused layer uses it, the
 adapter's share written first and cuBLAS adding the base matmul onto it in its GEMM's epilogue
-(`fused_lora._matmul_plus_product`). With an `addend` it also adds a third tensor of out's shape in
+(`lora_autograd._matmul_plus_product`). With an `addend` it also adds a third tensor of out's shape in
 the same pass, `out += addend + scale * (u @ v)`: the FP8 layer's input gradient, whose matmul
 (`torch._scaled_mm`) cannot add onto an existing tensor, joins the shared input-gradient buffer
 that way (6 bytes a value instead of 10 for a separate `add_` and product pass).

@@ -1,11 +1,14 @@
 """The run's plan: every decision taken from the config, the checkpoint's shapes and this machine,
 before a weight is loaded.
 
-`make_plan` is what `train` and `bench` both call: the strategy (plan/strategy.py), the attention
-backend and kernels (plan/backends.py), the LoRA layer, the recompute and kept-weights plan
-(plan/layers.py), each with the reason it is what it is, resting on the memory estimate
-(plan/memory.py). The model is then built from the plan (model/build.py) and nothing downstream
+`make_plan` (here) is what `train` and `bench` both call; each decision comes with the reason it
+is what it is. The model is then built from the plan (model/build.py) and nothing downstream
 decides again.
+
+- strategy.py: how the run is spread over processes (`train.strategy`) and its DeepSpeed config
+- backends.py: the attention backend and kernels this machine can run and the run takes; FP8
+- layers.py: the LoRA layer (fused or PEFT's), which layers recompute, which keep their weights
+- memory.py: the memory estimate the other decisions rest on (shapes only, no torch)
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from mistral_qlora.config import RunConfig
 from mistral_qlora.errors import UserError
 from mistral_qlora.plan.memory import (GIB, ZERO3, counts_fast_path, estimate_memory, fused_lora, kept_weight_bytes,
-                                       recompute_layers_for)
+                                       layer_shapes, recompute_layers_for)
 
 FAST_PATH_HEADROOM = 0.04
 FAST_PATH_HEADROOM_MIN = GIB
@@ -133,7 +133,7 @@ def plan_kept_weights(cfg: RunConfig, model_config, dtype_bytes: int, kernels: s
         why = "train.memory=low" if cfg.train.memory == "low" else "no GPU" if budget is None else "every layer recomputes"
         return 0, f"{why}: recomputing layers only, from their recompute to their backward"
     need = estimate_memory(model_config, cfg, dtype_bytes, recompute_layers=recompute, fused_loss=kernels == "liger")
-    per_layer = kept_weight_bytes(model_config, cfg, dtype_bytes)
+    per_layer = kept_weight_bytes(layer_shapes(model_config, cfg.lora.target_modules), cfg, dtype_bytes)
     spare = budget - auto_headroom(cfg, kernels, budget, strategy) - need.per_gpu(strategy, world_size)
     n = max(0, min(L - recompute, int(spare // per_layer)))
     return n, (f"{n} of {L - recompute} layers that do not recompute keep them for the whole run "

@@ -76,38 +76,52 @@ def counts_fast_path(cfg: RunConfig, fused_loss: bool, strategy: str = "single")
     return fused_loss and fused_lora(cfg, strategy)
 
 
-def fast_path_layer_bytes(model_config, targets: set[str], dtype_bytes: int, dropout: bool) -> int:
+@dataclass(frozen=True)
+class LayerShapes:
+    """One decoder layer's linears as the estimate reads them, worked out once per estimate."""
+
+    linears: dict[str, tuple[int, int]]  # name -> (in, out) features (flops.decoder_linear_shapes)
+    targets: set[str]  # the names that carry LoRA (`lora.target_modules`)
+    adapted: tuple[tuple[int, int], ...]  # (in, out) of those adapted linears, in the decoder's order
+
+
+def layer_shapes(model_config, target_modules) -> LayerShapes:
+    """The shapes of one decoder layer's linears, and of those LoRA adapts for `target_modules`."""
+    linears = decoder_linear_shapes(model_config)
+    targets = lora_target_names(target_modules)
+    return LayerShapes(linears, targets, tuple(shape for name, shape in linears.items() if name in targets))
+
+
+def fast_path_layer_bytes(shapes: LayerShapes, dtype_bytes: int, dropout: bool) -> int:
     """Bytes one decoder layer keeps for backward per token on the fast path (module docstring)."""
-    shapes = decoder_linear_shapes(model_config)
-    H, I = model_config.hidden_size, model_config.intermediate_size
-    q, kv = shapes["q_proj"][1], shapes["k_proj"][1]
+    linears, targets = shapes.linears, shapes.targets
+    I, H = linears["down_proj"]  # down_proj maps the intermediate size back to the hidden size
+    q, kv = linears["q_proj"][1], linears["k_proj"][1]
     kept = dtype_bytes * (2 * H + 2 * q + 2 * kv + 2 * I)
     if dropout:
-        return kept + (dtype_bytes + 1) * sum(shapes[name][0] for name in targets)
+        return kept + (dtype_bytes + 1) * sum(i for i, o in shapes.adapted)
     read = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"down_proj"})
-    return kept + dtype_bytes * sum(shapes[min(group)][0] for group in read if group & targets)
+    return kept + dtype_bytes * sum(linears[min(group)][0] for group in read if group & targets)
 
 
-def kept_weight_bytes(model_config, cfg: RunConfig, dtype_bytes: int) -> int:
+def kept_weight_bytes(shapes: LayerShapes, cfg: RunConfig, dtype_bytes: int) -> int:
     """What keeping one decoder layer's dequantized weights costs (kernels/fused_lora.py): its
     adapted linears in 16 bits, or under `quantization.compute=fp8` in e4m3 in the two layouts the
     forward and the input gradient read (1 byte a weight each) with a float32 scale per output
     channel."""
-    targets = lora_target_names(cfg.lora.target_modules)
-    shapes = [(i, o) for name, (i, o) in decoder_linear_shapes(model_config).items() if name in targets]
     if cfg.quantization.compute == "fp8":
-        return sum(2 * i * o + 4 * o for i, o in shapes)
-    return dtype_bytes * sum(i * o for i, o in shapes)
+        return sum(2 * i * o + 4 * o for i, o in shapes.adapted)
+    return dtype_bytes * sum(i * o for i, o in shapes.adapted)
 
 
-def fp8_transient_bytes(model_config, tokens: int) -> int:
+def fp8_transient_bytes(shapes: LayerShapes, tokens: int) -> int:
     """Under FP8, the largest buffers one fused linear adds while it runs: its input or output
     gradient quantized by row (1 byte a value) and, in backward, its e4m3 weight transposed."""
-    shapes = decoder_linear_shapes(model_config).values()
-    return tokens * max(max(i, o) for i, o in shapes) + max(i * o for i, o in shapes)
+    linears = shapes.linears.values()
+    return tokens * max(max(i, o) for i, o in linears) + max(i * o for i, o in linears)
 
 
-def dora_layer_bytes(model_config, cfg: RunConfig, targets: set[str], tokens: int, dtype_bytes: int,
+def dora_layer_bytes(shapes: LayerShapes, cfg: RunConfig, tokens: int, dtype_bytes: int,
                      lora_layer_bytes: int) -> int:
     """What one decoder layer of PEFT's DoRA layers keeps for backward, from `lora_layer_bytes`,
     the same layer's bytes with plain LoRA on PEFT's layers:
@@ -119,10 +133,9 @@ def dora_layer_bytes(model_config, cfg: RunConfig, targets: set[str], tokens: in
       base output and its adapter output (`dtype_bytes` each);
     - under LoRA dropout DoRA computes the base output again from the dropped input with the
       dequantized weight (`F.linear(dropout(x), W)`), which keeps that weight until backward."""
-    adapted = [(i, o) for name, (i, o) in decoder_linear_shapes(model_config).items() if name in targets]
-    kept = lora_layer_bytes * 4 // dtype_bytes + 2 * tokens * dtype_bytes * sum(o for i, o in adapted)
+    kept = lora_layer_bytes * 4 // dtype_bytes + 2 * tokens * dtype_bytes * sum(o for i, o in shapes.adapted)
     if cfg.lora.dropout > 0:
-        kept += dtype_bytes * sum(i * o for i, o in adapted)
+        kept += dtype_bytes * sum(i * o for i, o in shapes.adapted)
     return kept
 
 
@@ -134,8 +147,8 @@ def estimate_memory(model_config, cfg: RunConfig, dtype_bytes: int, recompute_la
     on the fused path also keeps one layer's weights from its recompute to its backward."""
     c = model_config
     H, L, V = c.hidden_size, c.num_hidden_layers, c.vocab_size
-    shapes = decoder_linear_shapes(c)
-    linear_per_layer = sum(i * o for i, o in shapes.values())
+    shapes = layer_shapes(c, cfg.lora.target_modules)
+    linear_per_layer = sum(i * o for i, o in shapes.linears.values())
     if cfg.quantization.bits == 4:
         # 4 bits a weight, one absmax per 64 (uint8 with double quantization, else fp32)
         per_weight = 0.5 + (1 / 64 + 4 / (64 * 256) if cfg.quantization.double_quant else 4 / 64)
@@ -147,10 +160,9 @@ def estimate_memory(model_config, cfg: RunConfig, dtype_bytes: int, recompute_la
     embeddings = V * H * (1 if getattr(c, "tie_word_embeddings", False) else 2)
     base = L * layer_bytes + (embeddings + H) * dtype_bytes
 
-    targets = lora_target_names(cfg.lora.target_modules)
-    lora_params = L * sum(cfg.lora.r * (i + o) for name, (i, o) in shapes.items() if name in targets)
+    lora_params = L * sum(cfg.lora.r * (i + o) for i, o in shapes.adapted)
     if cfg.lora.dora:  # one magnitude per output feature of each adapted linear
-        lora_params += L * sum(o for name, (i, o) in shapes.items() if name in targets)
+        lora_params += L * sum(o for i, o in shapes.adapted)
     # lm_head / embed_tokens trained in full (lora.modules_to_save): a trainable copy of V x H each
     lora_params += V * H * sum(1 for m in cfg.lora.modules_to_save if m.rpartition(".")[2] in ("lm_head",
                                                                                               "embed_tokens"))
@@ -158,16 +170,16 @@ def estimate_memory(model_config, cfg: RunConfig, dtype_bytes: int, recompute_la
     row = cfg.data.tokens_per_row if cfg.data.packing else cfg.data.max_seq_len
     T = cfg.train.micro_batch_size * row
     if counts_fast_path(cfg, fused_loss):
-        one_layer = T * fast_path_layer_bytes(c, targets, dtype_bytes, cfg.lora.dropout > 0)
+        one_layer = T * fast_path_layer_bytes(shapes, dtype_bytes, cfg.lora.dropout > 0)
     else:
         # (16H + 4I) values a token with LoRA dropout on every linear: the inputs of the seven
         # linears (6H + I values) each kept once more as a dropped copy plus a one-byte mask.
         one_layer = T * ((16 * H + 4 * c.intermediate_size) * dtype_bytes
                          - (6 * H + c.intermediate_size) * (dtype_bytes + 1))
         if cfg.lora.dropout > 0:
-            one_layer += T * (dtype_bytes + 1) * sum(i for name, (i, o) in shapes.items() if name in targets)
+            one_layer += T * (dtype_bytes + 1) * sum(i for i, o in shapes.adapted)
         if cfg.lora.dora:
-            one_layer = dora_layer_bytes(c, cfg, targets, T, dtype_bytes, one_layer)
+            one_layer = dora_layer_bytes(shapes, cfg, T, dtype_bytes, one_layer)
     k = recompute_layers
     if k is None:
         k = recompute_layers_for(cfg.train.gradient_checkpointing, L)
@@ -176,9 +188,9 @@ def estimate_memory(model_config, cfg: RunConfig, dtype_bytes: int, recompute_la
     checkpoint_bytes = 4 if cfg.lora.dora else dtype_bytes
     activations = k * T * H * checkpoint_bytes + (L - k) * one_layer + (one_layer if k else 0)
     recomputing_keeps = k > 0 and cfg.lora.fused and cfg.quantization.bits == 4
-    activations += (kept_weight_layers + recomputing_keeps) * kept_weight_bytes(model_config, cfg, dtype_bytes)
+    activations += (kept_weight_layers + recomputing_keeps) * kept_weight_bytes(shapes, cfg, dtype_bytes)
     if cfg.quantization.compute == "fp8":
-        activations += fp8_transient_bytes(model_config, T)
+        activations += fp8_transient_bytes(shapes, T)
     if not fused_loss:
         activations += T * V * (dtype_bytes + 8)
     return MemoryEstimate(base, layer_bytes, 4 * lora_params, 12 * lora_params, activations, T)
