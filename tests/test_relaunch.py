@@ -7,92 +7,26 @@ import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from mistral_qlora import resources
-from mistral_qlora.config import RunConfig, load_config
 from mistral_qlora.errors import UserError
 from mistral_qlora.relaunch import LaunchSpec, accelerate_command, launch_spec
-from mistral_qlora.plan.memory import GIB, estimate_memory
-from mistral_qlora.plan.strategy import launcher_deepspeed, plan_strategy, resolve_strategy, strategy_of_ds_config
+from mistral_qlora.plan.strategy import launcher_deepspeed, strategy_of_ds_config
 from mistral_qlora.runtime import launched_processes
 
 from testkit import ROOT
 
 
-# Mistral-7B-Instruct-v0.2's shape
-MISTRAL_7B = SimpleNamespace(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, vocab_size=32000,
-                             num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)
 
-
-def _cfg(**train) -> RunConfig:
-    cfg = RunConfig()
-    cfg.data.tokens_per_row = 8192
-    cfg.data.max_seq_len = 4096
-    cfg.train.micro_batch_size = 1
-    for k, v in train.items():
-        setattr(cfg.train, k, v)
-    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
 # Memory estimate and `auto`
 
 
-def test_estimate_matches_the_h100_measurements():
-    # DESIGN.md, one H100, NF4 + LoRA r16 all linear, 8192-token rows: 10.0-10.2 GiB with every layer
-    # checkpointed, 69.1 GiB with none (that one with Liger's fused loss, i.e. without the logits)
-    ckpt = estimate_memory(MISTRAL_7B, _cfg(), 2).per_gpu("single") / GIB
-    assert 9.0 < ckpt < 12.0
-    full = estimate_memory(MISTRAL_7B, _cfg(gradient_checkpointing=False), 2).per_gpu("single") / GIB
-    assert 60.0 < full < 76.0
-
-
-def test_estimate_parts_shrink_with_partitioning():
-    e = estimate_memory(MISTRAL_7B, _cfg(), 2)
-    assert 3.5 * GIB < e.base < 4.5 * GIB  # ~7.2B weights in NF4 + 16-bit embeddings and head
-    assert e.per_gpu("zero3", 4) < e.per_gpu("zero2", 4) < e.per_gpu("ddp", 4)
-    assert e.per_gpu("zero3_offload", 4) < e.per_gpu("zero3", 4)
-    assert e.tokens_per_micro_batch == 8192
-
-
-def test_auto_picks_by_processes_and_memory():
-    e = estimate_memory(MISTRAL_7B, _cfg(), 2)
-    assert resolve_strategy("auto", 1, e, 70 * GIB)[0] == "single"
-    strategy, why = resolve_strategy("auto", 2, e, 70 * GIB)
-    assert strategy == "ddp" and "GiB" in why
-    strategy, why = resolve_strategy("auto", 4, e, 8 * GIB)
-    assert strategy == "zero3" and "ZeRO-3" in why
-    assert resolve_strategy("auto", 2, None, None)[0] == "ddp"  # CPU processes
-    assert resolve_strategy("zero2", 2, e, 70 * GIB) == ("zero2", "set in the run config")
-    with pytest.raises(UserError, match="single runs one process"):
-        resolve_strategy("single", 2, e, 70 * GIB)
-
-
-def test_strategy_is_validated():
-    with pytest.raises(UserError, match="train.strategy"):
-        load_config(None, ["train.strategy=zero4"])
-    assert load_config(None, ["train.strategy=zero3"]).train.strategy == "zero3"
-
-
-def test_plan_follows_accelerate_deepspeed_config():
-    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds_configs/zero3.json",
-           "LOCAL_RANK": "0", "WORLD_SIZE": "2"}
-    cfg = load_config(None, [])
-    strategy, why, path = plan_strategy(cfg, 2, MISTRAL_7B, 2, None, env)
-    assert strategy == "zero3" and path == ROOT / "ds_configs" / "zero3.json"  # as named, from the current folder
-    with pytest.raises(UserError, match="set train.strategy=auto or zero3"):
-        plan_strategy(load_config(None, ["train.strategy=ddp"]), 2, MISTRAL_7B, 2, None, env)
-    # our own launcher hands its reason down
-    env2 = {"MISTRAL_QLORA_STRATEGY_WHY": "auto: because", "LOCAL_RANK": "0"}
-    assert plan_strategy(load_config(None, ["train.strategy=ddp"]), 2, None, 2, None, env2)[:2] == \
-        ("ddp", "auto: because")
-    # a strategy of its own gets the DeepSpeed file shipped in the package
-    assert plan_strategy(load_config(None, ["train.strategy=zero2"]), 2, None, 2, None, {})[2] == \
-        resources.ds_config_path("zero2")
 
 
 def test_launcher_detection():

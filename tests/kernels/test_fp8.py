@@ -20,8 +20,6 @@ from mistral_qlora.model.base import load_model_config
 from mistral_qlora.model.lora import add_lora
 from mistral_qlora.plan import make_plan
 from mistral_qlora.plan.layers import LayerPlan
-from mistral_qlora.flops import decoder_linear_shapes
-from mistral_qlora.plan.memory import estimate_memory, fp8_transient_bytes, kept_weight_bytes, layer_shapes
 from mistral_qlora.runtime import Runtime
 
 from testkit import load_tiny_base, run_cli, tiny_path
@@ -231,19 +229,6 @@ def test_fp8_weights_kept_for_the_run_are_the_e4m3_copy(batch):
     assert torch.equal(kept.scale, want.scale) and torch.equal(kept.data.float(), want.data.float())
     assert torch.equal(kept.data_t.float(), want.data.float().t())  # the layout the input gradient reads
 
-
-def test_memory_plan_counts_fp8_weights_at_one_byte():
-    cfg16 = validate_config({}, "test")
-    cfg8 = validate_config({"quantization": {"compute": "fp8"}}, "test")
-    mc = load_model_config(tiny_path(), cfg16.model)
-    # two e4m3 layouts (1 byte a weight each) and a float32 scale per output channel, against 2 bytes a weight
-    shapes = decoder_linear_shapes(mc).values()
-    layer = layer_shapes(mc, cfg16.lora.target_modules)
-    assert kept_weight_bytes(layer, cfg16, 2) == sum(2 * i * o for i, o in shapes)
-    assert kept_weight_bytes(layer, cfg8, 2) == sum(2 * i * o + 4 * o for i, o in shapes)
-    a = estimate_memory(mc, cfg16, 2, recompute_layers=0, kept_weight_layers=4)
-    b = estimate_memory(mc, cfg8, 2, recompute_layers=0, kept_weight_layers=4)
-    assert b.activations - a.activations == 4 * 4 * sum(o for _, o in shapes) + fp8_transient_bytes(layer, a.tokens_per_micro_batch)
 
 
 def _plan(overrides: dict, monkeypatch, capability=None, strategy_env=None):
