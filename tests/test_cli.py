@@ -34,8 +34,8 @@ BAD_DATA = {
     "malformed.json": ('[{"text": "<s>[INST] a [/INST] b </s>"},\n {"text": }]', r"malformed.json:2:\d+: malformed JSON"),
     "bad.jsonl": ('{"text": "<s>[INST] a [/INST] b </s>"}\n{"text": "x"\n', r"bad.jsonl:2:\d+: bad JSON line"),
     "noinst.json": (json.dumps([{"text": "<s>[INST] a [/INST] b </s>"}, {"text": "plain words"}]),
-                    r"noinst.json record 1: text has no '\[INST\] ... \[/INST\]' pair: 'plain words'"),
-    "nonstring.json": (json.dumps([{"text": ["a"]}]), r"nonstring.json record 0: 'text' must be a string, got list"),
+                    r"noinst.json record 1 \(0-based\): text has no '\[INST\] ... \[/INST\]' pair: 'plain words'"),
+    "nonstring.json": (json.dumps([{"text": ["a"]}]), r"nonstring.json record 0 \(0-based\): 'text' must be a string, got list"),
     "empty.json": ("[]", r"empty.json: the dataset is empty"),
 }
 

@@ -149,10 +149,16 @@ class DataSection(_Section):
     train: Union[str, list[DataSource]] = _key(
         "dataset/story.json", "Training data: a path (JSON, JSONL, Parquet, CSV, a glob of them, a `datasets` "
         "folder or a hub dataset id; dataset/README.md shows the record forms) or a list of sources "
-        "`{path, weight, split, subset, columns, max_records}` mixed by weight (docs/data.md).")
+        "`{path, weight, split, subset, columns, max_records}` mixed by weight (docs/data.md). A relative path is "
+        "read from the current directory, not the config file's folder (as `--set` paths are).")
     eval: Union[None, str, list[DataSource]] = _key(
-        None, "Evaluation data in the same forms (every record of every source, no weights); null holds out "
-        "`data.eval_fraction` of each training source.")
+        None, "Evaluation data in the same forms (every record of every source, no weights; relative paths from the "
+        "current directory); null holds out `data.eval_fraction` of each training source.")
+    mix: Literal["first_exhausted", "all_exhausted"] = _key(
+        "first_exhausted", "Where a mix of several training sources ends: `first_exhausted` when a drawn source has "
+        "no record left (no record repeated; the larger sources partly unused), `all_exhausted` once every record "
+        "of every source has been drawn, the smaller sources repeated to keep their weight's share "
+        "(docs/data.md#mixing-by-weight). `prepare` and the run's log say how much of each source is used.")
     eval_fraction: float = _key(0.1, "Share of the training records held out for evaluation when `data.eval` "
                                 "is null (chosen with train.seed); 0 for none.", ge=0, lt=1)
     format: Literal["auto", "text", "prompt_response", "instruction", "messages"] = _key(

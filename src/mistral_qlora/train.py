@@ -23,6 +23,7 @@ import torch
 
 from mistral_qlora.config import RunConfig
 from mistral_qlora.data import TrainingData, build_data
+from mistral_qlora.data.dataset import source_lines
 from mistral_qlora.data.stream import POSITION_FILE as STREAM_POSITION
 from mistral_qlora.errors import Preempted, UserError
 from mistral_qlora.files import atomic_write_text
@@ -56,6 +57,8 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
     inputs = validate(cfg, rt, overwrite, force)
     plan = make_plan(cfg, inputs.model_config, rt)  # the last step that can refuse the run: log after it
     log(f"chat template: {inputs.data.template.describe()}")
+    for line in source_lines(inputs.data.sources, cfg.data.mix):
+        log(line)
     for line in plan.log_lines(cfg):
         log(line)
     if plan.ds_config is not None and launched_processes() is None:

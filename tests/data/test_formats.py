@@ -126,7 +126,7 @@ def test_instruction_input_is_merged_and_the_system_prompt_kept_apart():
     convs = records_to_conversations([{"prompt": "Hi?", "response": "Hello.", "system": " Be brief. "},
                                       {"prompt": "Yo?", "response": "Hey."}], "auto", "x")
     assert [c.system for c in convs] == ["Be brief.", ""]
-    with pytest.raises(UserError, match=r"x record 0: 'system' must be a string, got int 3"):
+    with pytest.raises(UserError, match=r"x record 0 \(0-based\): 'system' must be a string, got int 3"):
         records_to_conversations([{"prompt": "Hi?", "response": "Hello.", "system": 3}], "auto", "x")
     assert parse_text("<s>[INST] a [/INST] b </s>[INST] c [/INST] d </s>", "x") == [("a", "b"), ("c", "d")]
 
@@ -146,10 +146,10 @@ def test_bad_jsonl_line_names_its_number(tmp_path):
 
 
 @pytest.mark.parametrize("record, message", [
-    ({"text": "just some prose without the template"}, r"record 1: text has no '\[INST\] ... \[/INST\]' pair: 'just some"),
-    ({"text": 42}, r"record 1: 'text' must be a string, got int 42"),
-    ({"text": "<s>[INST] question [/INST] </s>"}, r"record 1: no answer after \[/INST\]"),
-    ({"prompt": "q"}, r"record 1: no 'text' key"),
+    ({"text": "just some prose without the template"}, r"record 1 \(0-based\): text has no '\[INST\] ... \[/INST\]' pair: 'just some"),
+    ({"text": 42}, r"record 1 \(0-based\): 'text' must be a string, got int 42"),
+    ({"text": "<s>[INST] question [/INST] </s>"}, r"record 1 \(0-based\): no answer after \[/INST\]"),
+    ({"prompt": "q"}, r"record 1 \(0-based\): no 'text' key"),
 ])
 def test_bad_records_name_their_index_and_a_snippet(record, message):
     records = [{"text": "<s>[INST] a [/INST] b </s>"}, record]
@@ -166,3 +166,11 @@ def test_empty_and_missing_datasets(tmp_path):
     with pytest.raises(UserError, match="unsupported data file type"):
         (tmp_path / "data.csv").write_text("a,b\n")
         read_records(tmp_path / "data.csv")
+
+
+def test_a_missing_field_is_named_as_missing_not_as_a_nonetype():
+    records = [{"prompt": "q", "response": "a"}, {"prompt": "q"}, {"prompt": "q", "response": None}]
+    for bad in records[1:]:  # the key absent, or null (what an Arrow table gives for an absent key)
+        with pytest.raises(UserError, match=r"data.json record 1 \(0-based\): the 'response' field is missing or "
+                                            r"null; every record needs a non-empty 'response'$"):
+            records_to_conversations([records[0], bad], "prompt_response", "data.json")

@@ -123,8 +123,9 @@ def test_prepare_reports_each_source_and_its_share_of_the_mix(tmp_path, capsys):
     assert code == 0, err
     lines = {line.split(":")[0].strip(): line for line in out.splitlines() if line.startswith("  /")}
     la, lb = lines[str(a)], lines[str(b)]
-    assert "270 / 270 records" in la and "drawn" in la and "(weight 25.0%)" in la and "(weight 75.0%)" in lb
-    share_b = float(lb.split("records, ")[-1].split("% of the mix")[0].split(", ")[-1])
+    assert "270 records read, 270 kept" in la and "kept records drawn" in la
+    assert "weight 25.0%" in la and "weight 75.0%" in lb
+    share_b = float(lb.split("% of the mix")[0].split(", ")[-1])
     assert 65 < share_b < 85
     assert "[cached]" not in la
     code, out, _ = cli(capsys, *args)
@@ -327,3 +328,74 @@ def test_prose_records_read_like_a_language_not_a_word_list():
     kinds = {w.strip(",.?").lower() for w in words}
     assert len(kinds) > 20_000 and any(re.fullmatch(r"\d+", k) for k in kinds)
     assert all(r["prompt"].endswith("?") and r["response"].endswith(".") for r in a)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_byte_that_is_not_utf8_is_one_line_naming_file_line_and_offset(tmp_path, capsys, suffix):
+    """JSON Lines go through datasets/pyarrow, which load the bad byte into a string and fail when
+    it is first read (a traceback before); a JSON array is decoded whole by load.py. Both: one line."""
+    records = [{"prompt": f"question {i}?", "response": f"answer {i}."} for i in range(30)]
+    text = "".join(json.dumps(r) + "\n" for r in records) if suffix == ".jsonl" else \
+        "[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n"
+    raw = text.encode()
+    at = raw.index(b"question 12?")
+    path = tmp_path / f"latin1{suffix}"
+    path.write_bytes(raw[:at] + b"\xe9" + raw[at + 1:])  # a latin-1 e-acute
+    line = raw[:at].count(b"\n") + 1
+    err = _bad(capsys, tmp_path, f"data.train={path}", command="prepare")
+    assert f"{path}:{line}: not UTF-8 text: byte 0xe9 at byte offset {at} " in err, err
+
+
+def test_a_jsonl_record_without_its_response_names_the_record_counted_from_0(tmp_path, capsys):
+    """Through the table path (datasets' Arrow table, the token cache renumbering the batch's
+    records): the record's index in the file, said to be 0-based, and the field said to be missing."""
+    records = [{"prompt": f"question {i}?", "response": f"answer {i}."} for i in range(30)]
+    del records[17]["response"]
+    path = _jsonl(tmp_path / "gap.jsonl", records)
+    err = _bad(capsys, tmp_path, f"data.train={path}", "data.eval_fraction=0", command="prepare")
+    assert err.endswith(f"{path} record 17 (0-based): the 'response' field is missing or null; "
+                        "every record needs a non-empty 'response'"), err
+
+
+def test_no_lock_file_outlives_a_cache_build_and_the_lock_still_excludes(tmp_path, tok):
+    """The lock of a cache entry is removed with its release; a process that waited on the removed
+    file locks the new one, so two holders never overlap (threads here: flock locks each open file)."""
+    import threading
+    import time
+
+    from mistral_qlora.data.token_cache import entry_lock
+
+    cfg = _cfg(tmp_path, f"data.train={_jsonl(tmp_path / 'a.jsonl', qa_records(40, seed=5))}", "data.eval_fraction=0.2")
+    build_data(cfg.data, tok, SEED)
+    build_data(cfg.data, tok, SEED)  # read from the cache
+    root = tmp_path / "cache"
+    assert len([p for p in root.glob("tokens-*") if p.is_dir()]) == 2
+    assert list(root.glob("*.lock")) == [] and list(root.glob(".*lock*")) == []
+
+    path, inside, overlaps = tmp_path / "entry.lock", [], []
+
+    def hold(n):
+        with entry_lock(path):
+            inside.append(n)
+            overlaps.append(len(inside))
+            time.sleep(0.05)
+            inside.remove(n)
+
+    threads = [threading.Thread(target=hold, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == [1] * 6 and not path.exists()
+
+
+def test_a_relative_data_path_is_read_from_the_current_directory_not_the_configs(tmp_path, tok, monkeypatch):
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "work").mkdir()
+    _jsonl(tmp_path / "conf/a.jsonl", qa_records(10, seed=1))  # beside the config: not this one
+    _jsonl(tmp_path / "work/a.jsonl", qa_records(30, seed=2))
+    config = tmp_path / "conf/run.yaml"
+    config.write_text(f"data:\n  train: a.jsonl\n  eval_fraction: 0\n  cache_dir: {tmp_path / 'cache'}\n")
+    monkeypatch.chdir(tmp_path / "work")
+    data = build_data(load_config(str(config), []).data, tok, SEED)
+    assert data.train_stats.records == 30

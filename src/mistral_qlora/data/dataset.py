@@ -6,7 +6,7 @@ so a bad record stops the run with nothing half-done. `build_data` is what `trai
 
 Each source is opened as an Arrow table (sources.py), split into its train and held-out part when
 `data.eval` is null (the same seeded shuffle of record indices as a list would get), tokenized
-once into the cache (tokenized.py), and the train parts are mixed by weight (mix.py). The rows
+once into the cache (token_cache.py), and the train parts are mixed by weight as data.mix says (mix.py). The rows
 packed for training are lists of indices into the mixed table; nothing holds the records or
 tokens as Python lists, only the lengths. With `data.streaming` the train sources are streams
 instead (stream.py) and only the eval set is a table.
@@ -26,7 +26,15 @@ from mistral_qlora.data.collator import PackedCollator, PackedRows, PaddedCollat
 from mistral_qlora.data.formats import Conversation
 from mistral_qlora.data.mix import mix_tables
 from mistral_qlora.data.packing import pack_best_fit_decreasing, packing_efficiency
-from mistral_qlora.data.sources import needed_columns, open_table, resolve, source_form, source_list, table_signature
+from mistral_qlora.data.sources import (
+    decode_errors,
+    needed_columns,
+    open_table,
+    resolve,
+    source_form,
+    source_list,
+    table_signature,
+)
 from mistral_qlora.data.stream import open_streams
 from mistral_qlora.data.templates import ChatTemplate, resolve_template
 from mistral_qlora.data.tokenize import TokenCounts
@@ -43,7 +51,9 @@ from mistral_qlora.errors import UserError
 
 @dataclass
 class SourceStats:
-    """One source as `prepare` reports it: records read, kept after tokenizing, drawn into the mix."""
+    """One training source as `prepare` and the run's log report it: records read, kept after
+    tokenizing, and what the mix used of them. `drawn` counts draws (a repeated record each time),
+    `drawn_records` the distinct records drawn; `truncated` counts the truncated records among those."""
 
     name: str
     weight: float
@@ -53,8 +63,35 @@ class SourceStats:
     truncated: int = 0
     dropped: int = 0
     drawn: int = 0
+    drawn_records: int = 0
     drawn_tokens: int = 0
     from_cache: bool = False
+    counted: bool = True  # False for a stream before `prepare` has made its pass
+
+    def describe(self, total_drawn: int, total_weight: float) -> str:
+        """One line: what was read and kept, how much of it the mix uses, and its share."""
+        head = f"  {self.name}: weight {self.weight / total_weight:.1%}"
+        if not self.counted:
+            return head + " (a stream: `prepare` makes a pass to count it)"
+        used = f"{self.drawn_records:,} of {self.kept:,} kept records drawn ({self.drawn_records / max(1, self.kept):.0%})"
+        repeats = self.drawn - self.drawn_records
+        if repeats:
+            used += f", {repeats:,} repeats ({self.drawn / max(1, self.drawn_records):.2f} draws a record)"
+        return (f"{head}; {self.records:,} records read, {self.kept:,} kept, {self.tokens:,} tokens; {used}; "
+                f"{self.drawn:,} draws, {self.drawn_tokens:,} tokens, {self.drawn / max(1, total_drawn):.1%} of the mix"
+                + ("  [cached]" if self.from_cache else ""))
+
+
+def source_lines(sources: list[SourceStats], mix: str) -> list[str]:
+    """The training sources, one line each, under a line naming data.mix (what `prepare` prints and
+    `train` logs)."""
+    if not sources:
+        return []
+    total_drawn = sum(s.drawn for s in sources)
+    total_weight = sum(s.weight for s in sources)
+    ends = {"first_exhausted": "ends at the first source that runs out; no record repeated",
+            "all_exhausted": "ends once every record of every source is drawn; smaller sources repeated"}[mix]
+    return [f"sources (data.mix={mix}: {ends}):", *(s.describe(total_drawn, total_weight) for s in sources)]
 
 
 @dataclass
@@ -129,19 +166,21 @@ class _Opened:
     name: str
     weight: float
     identity: dict
+    resolved: object = None  # sources.Resolved: its files, searched for a byte that is not UTF-8
 
 
 def open_source(spec, cfg: DataSection, index: int, role: str) -> _Opened:
     res = resolve(spec)
     table = open_table(res, cfg.format, cache_root(cfg))
-    first = table[0]
+    with decode_errors(res):
+        first = table[0]
     form = source_form(table.column_names, cfg.format, first, res.name)
     table = table.select_columns(needed_columns(form, table.column_names))
     signature = res.signature() if res.kind != "hub" else table_signature(table)
     identity = {"role": role, "index": index, "source": signature, "hub": res.spec.path if res.kind == "hub" else None,
                 "split": spec.split, "subset": spec.subset, "columns": spec.columns, "max_records": spec.max_records,
                 "form": form, "records": len(table)}
-    return _Opened(table, form, res.name, spec.weight, identity)
+    return _Opened(table, form, res.name, spec.weight, identity, res)
 
 
 def _tokenize_part(opened: _Opened, rows, part: dict, cfg: DataSection, tokenizer, tok_sig: str, what: str):
@@ -149,7 +188,8 @@ def _tokenize_part(opened: _Opened, rows, part: dict, cfg: DataSection, tokenize
     fn = RecordTokenizer(tokenizer, opened.form, opened.name, cfg, rows)
     key = cache_key({**opened.identity, **part}, cfg, tok_sig)
     n = len(opened.table) if rows is None else len(rows)
-    return tokenize_table(opened.table, rows, fn, key, cache_root(cfg), worker_count(cfg, n), what), key
+    with decode_errors(opened.resolved):
+        return tokenize_table(opened.table, rows, fn, key, cache_root(cfg), worker_count(cfg, n), what), key
 
 
 def _lengths(table) -> np.ndarray:
@@ -175,7 +215,9 @@ def _first_prompts(parts: list[tuple[_Opened, object]], tokenizer, cfg: DataSect
         if len(prompts) >= n:
             break
         take = table.select(range(min(n - len(prompts), len(table))))
-        convs = RecordTokenizer(tokenizer, opened.form, opened.name, cfg).conversations(take[:], list(range(len(take))))
+        with decode_errors(opened.resolved):
+            convs = RecordTokenizer(tokenizer, opened.form, opened.name, cfg).conversations(take[:],
+                                                                                          list(range(len(take))))
         prompts += [Conversation(conv[:1], getattr(conv, "system", "")) for conv in convs]
     return prompts
 
@@ -217,14 +259,17 @@ def build_data(cfg: DataSection, tokenizer, seed: int, n_samples: int = 0) -> Tr
             )
         train_parts.append(tok)
         sources.append(SourceStats(opened.name, spec.weight, tok.records, tok.kept, int(_lengths(tok.dataset).sum()),
-                                   _truncated(tok.dataset), tok.dropped, from_cache=tok.from_cache))
+                                   0, tok.dropped, from_cache=tok.from_cache))
     weights = [s.weight for s in sources]
-    train, source_of_row = mix_tables([p.dataset for p in train_parts], weights, seed)
+    train, source_of_row, _ = mix_tables([p.dataset for p in train_parts], weights, seed, cfg.mix)
     lengths = _lengths(train)
     drawn = np.bincount(source_of_row, minlength=len(sources))
     drawn_tokens = np.bincount(source_of_row, weights=lengths, minlength=len(sources))
-    for s, d, t in zip(sources, drawn, drawn_tokens):
-        s.drawn, s.drawn_tokens = int(d), int(t)
+    for k, (s, d, t) in enumerate(zip(sources, drawn, drawn_tokens)):
+        # a source gives its records in order (again from the first when repeated), so the distinct
+        # records drawn are its first ones
+        s.drawn, s.drawn_records, s.drawn_tokens = int(d), min(int(d), s.kept), int(t)
+        s.truncated = _truncated(train_parts[k].dataset.select(range(s.drawn_records)))
     train_stats = _stats(sum(p.records for p in train_parts), sum(s.truncated for s in sources), lengths)
     train_stats.dropped = sum(s.dropped for s in sources)
 
@@ -233,9 +278,15 @@ def build_data(cfg: DataSection, tokenizer, seed: int, n_samples: int = 0) -> Tr
     rows = None
     if cfg.packing:
         rows = pack_best_fit_decreasing(train_stats.lengths, cfg.tokens_per_row, seed)
-    digest = hashlib.sha256(json.dumps({"tokens": keys, "weights": weights, "seed": seed}).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps({"tokens": keys, "weights": weights, "seed": seed, **_mix_part(cfg)})
+                            .encode()).hexdigest()
     return TrainingData(train.select_columns(["input_ids", "labels", "length"]), eval_data, train_stats, eval_stats,
                         prompts, rows, cfg.tokens_per_row, digest, sources, template=template)
+
+
+def _mix_part(cfg: DataSection) -> dict:
+    """data.mix in the digest; the default left out, so the digests of runs before the key stay."""
+    return {} if cfg.mix == "first_exhausted" else {"mix": cfg.mix}
 
 
 def eval_set(eval_specs, cfg: DataSection, tokenizer, tok_sig: str, n_samples: int, raw=(), parts=()):
@@ -270,7 +321,8 @@ def build_stream(cfg: DataSection, tokenizer, seed: int, n_samples: int, train_s
     evals, eval_stats, prompts, _ = eval_set(eval_specs, cfg, tokenizer, tok_sig, n_samples)
     key = cache_key({"stream": identities}, cfg, tok_sig)
     digest = hashlib.sha256(json.dumps({"stream": key, "weights": stream.weights, "seed": seed,
-                                        "buffer": cfg.stream_buffer, "row": cfg.tokens_per_row}).encode()).hexdigest()
-    sources = [SourceStats(spec.path, spec.weight) for spec in train_specs]
+                                        "buffer": cfg.stream_buffer, "row": cfg.tokens_per_row, **_mix_part(cfg)})
+                            .encode()).hexdigest()
+    sources = [SourceStats(spec.path, spec.weight, counted=False) for spec in train_specs]
     return TrainingData(None, evals, sample, eval_stats, prompts, None, cfg.tokens_per_row, digest, sources, stream,
                         template)

@@ -67,7 +67,7 @@ def detect_format(record: dict, source: str) -> str:
         if all(k in record for k in keys):
             return form
     raise UserError(
-        f"{source}: record 0 has keys {sorted(record)}; expected 'text', 'messages', "
+        f"{source}: {record_label(0)} has keys {sorted(record)}; expected 'text', 'messages', "
         "'prompt'+'response' or 'instruction'+'output' (see dataset/README.md)"
     )
 
@@ -95,6 +95,8 @@ def _string_field(record: dict, key: str, where: str, required: bool = True) -> 
     value = record.get(key)
     if value is None and not required:
         return ""
+    if value is None:  # absent from the record, or null (an Arrow table gives None for both)
+        raise UserError(f"{where}: the '{key}' field is missing or null; every record needs a non-empty '{key}'")
     if not isinstance(value, str):
         raise UserError(f"{where}: '{key}' must be a string, got {type(value).__name__} {_snippet(value)}")
     if required and not value.strip():
@@ -160,4 +162,10 @@ def records_to_conversations(records: list[dict], form: str, source: str) -> lis
         raise UserError(f"{source}: the dataset is empty (no records)")
     if form == "auto":
         form = detect_format(records[0], source)
-    return [to_turns(rec, form, f"{source} record {i}") for i, rec in enumerate(records)]
+    return [to_turns(rec, form, f"{source} {record_label(i)}") for i, rec in enumerate(records)]
+
+
+def record_label(index: int) -> str:
+    """How errors name a record: its index in the source, counted from 0 (and said so, since file
+    lines are counted from 1; in a JSON Lines file without blank lines record i is line i + 1)."""
+    return f"record {index} (0-based)"

@@ -30,15 +30,42 @@ def read_records(path: str | Path) -> list[dict]:
         raise UserError(f"{path}: unsupported data file type '{p.suffix}' (use .json, .jsonl, .parquet or a datasets folder)")
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
-            raise UserError(f"{path}: record {i} is a {type(rec).__name__}, expected an object like {{\"text\": ...}}")
+            raise UserError(f"{path}: record {i} (0-based) is a {type(rec).__name__}, expected an object like {{\"text\": ...}}")
     return records
 
 
 def _read_text(p: Path) -> str:
     try:
         return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{p}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
+    except UnicodeDecodeError:
+        raise UserError(utf8_problem(p) or f"{p}: not UTF-8 text; save the file as UTF-8") from None
+
+
+def utf8_problem(path: str | Path, block: int = 16 << 20) -> str | None:
+    """Where a file stops being UTF-8, as one line naming the file, the line (1-based) and the byte
+    offset (0-based) of the first bad byte; None when it all decodes. Read in blocks, a character
+    cut by a block's end carried into the next."""
+    offset, lines, carry = 0, 0, b""
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(block)
+            chunk, last = carry + data, not data
+            try:
+                chunk.decode("utf-8")
+                carry = b""
+            except UnicodeDecodeError as exc:
+                if exc.reason == "unexpected end of data" and not last:
+                    carry = chunk[exc.start:]  # a character the next block completes
+                    chunk = chunk[:exc.start]
+                else:
+                    at = offset + exc.start
+                    line = lines + chunk.count(b"\n", 0, exc.start) + 1
+                    return (f"{path}:{line}: not UTF-8 text: byte 0x{chunk[exc.start]:02x} at byte offset {at} "
+                            "(line 1-based, offset 0-based); save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+            lines += chunk.count(b"\n")
+            offset += len(chunk)
+            if last:
+                return None
 
 
 def _looks_like_jsonl(text: str) -> bool:

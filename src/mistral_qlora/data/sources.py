@@ -15,12 +15,13 @@ from __future__ import annotations
 import glob as globlib
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from mistral_qlora.config import DataSource
 from mistral_qlora.data.formats import FORM_KEYS, detect_format
-from mistral_qlora.data.load import _looks_like_jsonl, read_records
+from mistral_qlora.data.load import _looks_like_jsonl, read_records, utf8_problem
 from mistral_qlora.data.token_cache import datasets_quiet
 from mistral_qlora.errors import UserError
 
@@ -128,6 +129,23 @@ def _diagnose(res: Resolved, exc: Exception, form: str) -> UserError:
             records_to_conversations(records, form, f)  # raises on a bad field, naming the record
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return UserError(f"{res.name}: cannot read it as a table: {first}")
+
+
+@contextmanager
+def decode_errors(res: Resolved):
+    """A string that is not UTF-8 in the source's files, as one line naming the file, line and byte
+    offset. `datasets` reads JSON Lines and CSV into Arrow without checking the bytes of strings;
+    the first read of such a string (a record's field) fails deep inside pyarrow, so the files are
+    searched for the bad byte only then."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        for f in res.files:
+            problem = utf8_problem(f)
+            if problem:
+                raise UserError(problem) from None
+        raise UserError(f"{res.name}: not UTF-8 text ({exc.reason} at byte {exc.start} of a string); "
+                        "save the data as UTF-8") from None
 
 
 def open_table(res: Resolved, form: str, cache_dir: Path):

@@ -2,13 +2,16 @@
 
 A pass over the stream goes chunk by chunk. A chunk is `data.stream_buffer` records: for each one
 the mix draws a source (mix.Chooser, the same draws a table mix makes), the source gives its next
-record; the chunk is tokenized per source through tokenized.RecordTokenizer, packed best-fit
+record; the chunk is tokenized per source through token_cache.RecordTokenizer, packed best-fit
 decreasing into rows of `data.tokens_per_row`, the rows shuffled (both seeded by seed, pass and
-chunk) and yielded in that order. Memory is bounded by one chunk. The pass ends at the first chunk
-in which a drawn source has no record left; the next iteration starts the next pass.
+chunk) and yielded in that order. Memory is bounded by one chunk. The pass ends where the table
+mix would (mix.py, `data.mix`): with `first_exhausted` at the first draw that finds its source
+empty; with `all_exhausted` a source found empty starts again from its first record, and the pass
+ends at the first draw that finds a source empty once all the others have been. The next
+iteration starts the next pass.
 
-The position before each chunk is kept: the pass, the chunk number, the chooser's generator state
-and each source's `IterableDataset.state_dict()`. `position_at(n)` is where row n (counted over
+The position before each chunk is kept: the pass, the chunk number, the chooser's state, each
+source's `IterableDataset.state_dict()` and which sources have been found empty. `position_at(n)` is where row n (counted over
 all passes) starts: a chunk's position and the rows of it already used. A checkpoint stores it;
 `resume(position)` makes the next iteration restore the sources and the chooser, rebuild that
 chunk and skip its used rows, so a resumed run sees exactly the rows an uninterrupted one would.
@@ -26,7 +29,7 @@ import torch
 from mistral_qlora.config import DataSection
 from mistral_qlora.data.mix import Chooser
 from mistral_qlora.data.packing import pack_best_fit_decreasing
-from mistral_qlora.data.sources import needed_columns, open_stream, resolve, source_form
+from mistral_qlora.data.sources import decode_errors, needed_columns, open_stream, resolve, source_form
 from mistral_qlora.data.tokenize import TokenCounts
 from mistral_qlora.data.token_cache import RecordTokenizer
 from mistral_qlora.errors import UserError
@@ -38,7 +41,7 @@ class PackedStream(torch.utils.data.IterableDataset):
     """Packed rows (lists of {input_ids, labels}) from a weighted mix of streamed sources."""
 
     def __init__(self, sources: list, batchers: list[RecordTokenizer], columns: list[list[str]], weights: list[float],
-                 seed: int, buffer: int, tokens_per_row: int):
+                 seed: int, buffer: int, tokens_per_row: int, mix: str = "first_exhausted"):
         self.sources = sources
         self.batchers = batchers
         self.columns = columns
@@ -46,6 +49,8 @@ class PackedStream(torch.utils.data.IterableDataset):
         self.seed = seed
         self.buffer = buffer
         self.tokens_per_row = tokens_per_row
+        self.mix = mix
+        self.source_sizes: list[int | None] = [None] * len(sources)  # records, once the pass has found each empty
         self._start: dict | None = None  # where the next iteration starts
         self._marks: deque = deque(maxlen=4096)  # (rows before the chunk, the chunk's position)
         self.rows_seen = 0
@@ -75,9 +80,10 @@ class PackedStream(torch.utils.data.IterableDataset):
                 yield [examples[i] for i in row]
 
     def chunks(self, start: dict):
-        """(chunk number, rows, examples, per-source (records, kept, tokens, truncated)) of one pass."""
+        """(chunk number, rows, examples, per-source (records, kept, tokens, truncated)) of one pass;
+        `self.source_sizes` holds each source's record count once a draw has found it empty."""
         pass_no = start["pass"]
-        chooser = Chooser(self.weights, self.seed + pass_no)
+        chooser = Chooser(self.weights, self.seed + pass_no, self.mix)
         if start["chooser"] is not None:
             chooser.restore(start["chooser"])
         # Fresh copies: a source restored from a state_dict would start there on every later pass.
@@ -87,27 +93,40 @@ class PackedStream(torch.utils.data.IterableDataset):
                 src.load_state_dict(copy.deepcopy(state))
         iters = [iter(src) for src in sources]
         chunk_no = start["chunk"]
-        read = [0] * len(self.sources)  # records read from each source in this iteration (for error messages)
+        read = [0] * len(self.sources)  # records read from each source since it (re)started (for error messages)
         states = start["sources"]  # before the first record is read, a source's state_dict is stale
+        emptied = list(start.get("emptied") or [False] * len(sources))  # sources found empty in this pass
+        self.source_sizes = [None] * len(sources)
         while True:
-            mark = {"pass": pass_no, "chunk": chunk_no, "chooser": chooser.state(), "sources": copy.deepcopy(states)}
+            mark = {"pass": pass_no, "chunk": chunk_no, "chooser": chooser.state(), "sources": copy.deepcopy(states),
+                    "emptied": list(emptied)}
             self._marks.append((self.rows_seen, mark))
             picked: list[list[dict]] = [[] for _ in self.sources]
+            numbers: list[list[int]] = [[] for _ in self.sources]  # each picked record's number in its source
             ended = False
             for s in chooser.draw(self.buffer):
                 record = next(iters[s], None)
                 if record is None:
-                    ended = True
-                    break
+                    if not emptied[s]:
+                        self.source_sizes[s] = read[s]
+                    emptied[s] = True
+                    if self.mix == "first_exhausted" or all(emptied):
+                        ended = True
+                        break
+                    sources[s] = copy.deepcopy(self.sources[s])  # from its first record, not a restored state
+                    iters[s] = iter(sources[s])
+                    read[s] = 0
+                    record = next(iters[s])
                 picked[s].append(record)
+                numbers[s].append(read[s])
+                read[s] += 1
             examples, counts = [], []
             for s, records in enumerate(picked):
                 if not records:
                     counts.append((0, 0, 0, 0))
                     continue
                 batch = {c: [r.get(c) for r in records] for c in self.columns[s]}
-                out = self.batchers[s](batch, list(range(read[s], read[s] + len(records))))
-                read[s] += len(records)
+                out = self.batchers[s](batch, numbers[s])
                 examples += [{"input_ids": i, "labels": lab} for i, lab in zip(out["input_ids"], out["labels"])]
                 counts.append((len(records), len(out["length"]), sum(out["length"]), sum(out["truncated"])))
             tag = f"{self.seed}/{pass_no}/{chunk_no}"
@@ -152,8 +171,9 @@ def open_streams(train_specs, cfg: DataSection, tokenizer, seed: int) -> tuple[P
     streams, batchers, columns, identities = [], [], [], []
     for i, spec in enumerate(train_specs):
         res = resolve(spec)
-        ds = open_stream(res, cfg.format)
-        first = next(iter(ds), None)
+        with decode_errors(res):
+            ds = open_stream(res, cfg.format)
+            first = next(iter(ds), None)
         if first is None:
             raise UserError(f"{res.name}: the source is empty (no records)")
         form = source_form(list(first), cfg.format, first, res.name)
@@ -164,4 +184,5 @@ def open_streams(train_specs, cfg: DataSection, tokenizer, seed: int) -> tuple[P
                            "columns": spec.columns, "split": spec.split, "subset": spec.subset,
                            "max_records": spec.max_records, "form": form})
     weights = [s.weight for s in train_specs]
-    return PackedStream(streams, batchers, columns, weights, seed, cfg.stream_buffer, cfg.tokens_per_row), identities
+    return PackedStream(streams, batchers, columns, weights, seed, cfg.stream_buffer, cfg.tokens_per_row,
+                        cfg.mix), identities

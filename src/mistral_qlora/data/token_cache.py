@@ -16,8 +16,8 @@ records' identity (file paths, sizes and modification times, or a hub dataset's 
 which of them are read (split, held-out selection, max_records, column mapping), the tokenizer
 (its serialized vocabulary and chat template), every data setting that changes tokens, and the
 code of this module and of the ones that make tokens. A folder is built under a temporary name
-and renamed whole; several processes that start together take a file lock, so one builds and the
-others read. A cache that does not match its manifest (missing or truncated shard, unreadable
+and renamed whole; several processes that start together take a file lock (`entry_lock`, whose
+file is removed when it is let go), so one builds and the others read. A cache that does not match its manifest (missing or truncated shard, unreadable
 Arrow, other row or token counts) is removed with a warning and built again.
 """
 
@@ -50,7 +50,7 @@ TASK_BYTES = 64 << 20  # of the input table per task of the build (what a worker
 PROGRESS_RECORDS = 50_000  # builds of at least this many records show a progress bar
 CACHE_VERSION = 1
 # data settings that never change a record's tokens (everything else in DataSection does)
-NOT_TOKEN_SETTINGS = {"train", "eval", "eval_fraction", "packing", "tokens_per_row", "streaming", "stream_buffer",
+NOT_TOKEN_SETTINGS = {"train", "eval", "mix", "eval_fraction", "packing", "tokens_per_row", "streaming", "stream_buffer",
                       "num_proc", "cache_dir"}
 
 
@@ -215,14 +215,52 @@ def _open_cached(folder: Path):
         return None
 
 
+@contextmanager
+def entry_lock(path: Path):
+    """An exclusive lock on `path`, the file removed when the lock is let go.
+
+    The holder unlinks the file while it still holds the lock; a process that was waiting on it
+    then holds a lock on a file no longer at `path`, sees that (its descriptor's inode is not the
+    one at `path`) and locks the file at `path` anew. So no lock file outlives its build, and two
+    processes never both think they hold the lock. Without fcntl (Windows), filelock's lock, whose
+    file stays."""
+    try:
+        import fcntl
+    except ImportError:
+        from filelock import FileLock
+
+        with FileLock(str(path)):
+            yield
+        return
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)  # the holder before removed it: lock the one now at `path`
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        finally:
+            os.close(fd)  # lets go of the lock
+
+
 def tokenize_table(table, rows, fn: RecordTokenizer, key: str, root: Path, num_proc: int, what: str) -> TokenTable:
     """The records `rows` of `table` (all when None, else ascending row numbers) tokenized through
     `fn`, read from the cache under `key` or built into it."""
-    from filelock import FileLock
-
     root.mkdir(parents=True, exist_ok=True)
     folder = root / f"tokens-{key}"
-    with FileLock(str(root / f"tokens-{key}.lock")):
+    with entry_lock(root / f"tokens-{key}.lock"):
         if folder.is_dir():
             opened = _open_cached(folder)
             if opened is not None:

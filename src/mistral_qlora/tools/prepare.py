@@ -1,7 +1,8 @@
-"""`mistral-qlora prepare`: validate the data and describe it, writing nothing.
+"""`mistral-qlora prepare`: validate the data and describe it.
 
-Runs the same data step as training (same tokenizer, same split, same packing), so what it
-reports is what the run will see.
+Runs the same data step as training (same tokenizer, same split, same mix, same packing), so what
+it reports is what the run will see. It writes nothing but what that step writes: the token cache
+(data.cache_dir), which the run then reads instead of tokenizing again.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import math
 
 from mistral_qlora.config import RunConfig
 from mistral_qlora.data import build_data
+from mistral_qlora.data.dataset import source_lines
 from mistral_qlora.model.base import resolve_model_path
 from mistral_qlora.model.tokenizer import load_tokenizer
 
@@ -40,30 +42,18 @@ def length_histogram(lengths: list[int], bins: int = 8, width: int = 40) -> list
     return lines
 
 
-def source_lines(data) -> list[str]:
-    """One line per training source: records read, kept, tokens, and what the mix drew of them."""
-    if not data.sources:
-        return []
-    total_drawn = sum(s.drawn for s in data.sources) or 1
-    total_weight = sum(s.weight for s in data.sources)
-    lines = ["sources (records read / kept, tokens kept, drawn into the mix: records, tokens, share of the mix "
-             "vs weight share):"]
-    for s in data.sources:
-        lines.append(f"  {s.name}: {s.records:,} / {s.kept:,} records, {s.tokens:,} tokens; drawn {s.drawn:,} "
-                     f"records, {s.drawn_tokens:,} tokens, {s.drawn / total_drawn:.1%} of the mix "
-                     f"(weight {s.weight / total_weight:.1%})" + ("  [cached]" if s.from_cache else ""))
-    return lines
-
-
 def describe_data(cfg: RunConfig, world_size: int = 1) -> str:
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.revision)
     data = build_data(cfg.data, tokenizer, cfg.train.seed, n_samples=0)
     stream_rows = None
     if data.stream is not None:  # one pass over the stream: what the mix draws and how it packs
         data.train_stats, per_source, stream_rows = data.stream.scan()
-        for s, (records, kept, tokens, truncated) in zip(data.sources, per_source):
-            s.records, s.kept, s.tokens, s.truncated, s.dropped = records, kept, tokens, truncated, records - kept
-            s.drawn, s.drawn_tokens = records, tokens
+        for s, (draws, kept, tokens, truncated), size in zip(data.sources, per_source, data.stream.source_sizes):
+            # a source the pass found empty has `size` records, drawn `draws` times; another was read as far
+            # as the pass drew it, no record twice. Kept, tokens and truncations count draws here.
+            records = draws if size is None else size
+            s.records, s.kept, s.tokens, s.truncated, s.dropped = records, kept, tokens, truncated, draws - kept
+            s.drawn, s.drawn_records, s.drawn_tokens, s.counted = draws, records, tokens, True
     ts, es = data.train_stats, data.eval_stats
     lengths = sorted(ts.lengths)
     answer_tokens = data.answer_tokens()
@@ -73,7 +63,7 @@ def describe_data(cfg: RunConfig, world_size: int = 1) -> str:
     lines = [
         f"data: {train_text}  (eval: {eval_text})" + ("  [streaming]" if cfg.data.streaming else ""),
         f"chat template: {data.template.describe()}",
-        *source_lines(data),
+        *source_lines(data.sources, cfg.data.mix),
         f"records: {ts.records} train, {es.records} eval",
         f"kept: {ts.kept} train, {es.kept} eval; truncated: {ts.truncated + es.truncated}; "
         f"dropped: {ts.dropped + es.dropped} (data.max_seq_len={cfg.data.max_seq_len}, "
