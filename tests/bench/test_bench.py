@@ -205,7 +205,7 @@ def test_fast_path_variant_recipes(tmp_path):
     from mistral_qlora.runtime import Runtime
 
     assert B.expand_recipes(["fast", "fast-rslora", "fast-dora", "tutorial"], torch.float32) == \
-        ["packed+sdpa", "packed+sdpa+rslora", "packed+sdpa+dora", "seed"]
+        ["packed+sdpa", "packed+sdpa+rslora", "packed+sdpa+dora", "tutorial"]
     assert B.expand_recipes(["fast-dora"], torch.bfloat16)[0].endswith("+dora")
     assert B.Recipe.parse("packed+varlen+liger+ckpt=auto+rslora").variant == "rslora"
     with pytest.raises(UserError, match="rslora or dora"):

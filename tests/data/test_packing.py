@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from mistral_qlora.data.collator import PackedCollator, PackedRows, PaddedCollator
 from mistral_qlora.data.packing import pack_best_fit_decreasing, packing_efficiency
-from mistral_qlora.data.synthetic import lognormal_lengths
+from mistral_qlora.bench.synthetic import lognormal_lengths
 from mistral_qlora.data.tokenize import IGNORE_INDEX
 from testkit import TESTKIT
 from testkit.training import one_sgd_step, random_examples, tiny_lora_model

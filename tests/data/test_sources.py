@@ -1,5 +1,5 @@
 """Sources of every kind, mixed by weight, tokenized once into a cache that survives damage; bad
-sources refused with one line; prepare's per-source report; bench-data on a tiny size."""
+sources refused with one line; prepare's per-source report."""
 
 import json
 import os
@@ -15,7 +15,7 @@ from mistral_qlora.config import load_config
 from mistral_qlora.data import build_data
 from mistral_qlora.data.formats import records_to_conversations
 from mistral_qlora.data.mix import mix_order
-from mistral_qlora.data.synthetic import qa_records
+from mistral_qlora.bench.synthetic import qa_records
 from mistral_qlora.data.tokenize import tokenize_conversations
 
 from testkit import ROOT, tiny_path
@@ -281,20 +281,6 @@ def test_a_hub_id_goes_through_datasets_and_an_unreachable_hub_is_one_line(tmp_p
                            "is not in the local cache while offline"), proc.stderr[-2000:]
 
 
-def test_bench_data_on_a_tiny_size(tmp_path):
-    from mistral_qlora.tools.bench_data import bench_data, table
-
-    results = bench_data(400, 100, tmp_path, max_seq_len=512, log=lambda m: None)
-    by = {r["phase"]: r for r in results}
-    assert list(by) == ["baseline", "first", "cached", "streaming"]
-    assert by["first"]["tokens"] == by["cached"]["tokens"] == by["streaming"]["tokens"] > by["baseline"]["tokens"] > 0
-    assert by["cached"]["from_cache"] and not by["first"]["from_cache"]
-    assert all(r["peak_rss_gib"] > 0 and r["wall_s"] > 0 for r in results)
-    assert all(0 < r["peak_pss_gib"] <= r["peak_rss_gib"] for r in results)  # shared pages counted once
-    assert sum(1 for _ in open(tmp_path / "prose-400.jsonl")) == 400
-    assert "| first | prose-400.jsonl |" in table(results)
-
-
 @pytest.mark.slow
 def test_processes_starting_together_tokenize_once(tmp_path):
     """Ranks (or runs) that prepare the same data at once: one builds the cache, the others read it."""
@@ -309,25 +295,6 @@ def test_processes_starting_together_tokenize_once(tmp_path):
     assert sum("[cached]" in out for out, _ in outs) == 2  # the two that waited read what the first built
     assert len([p for p in (tmp_path / "cache").glob("tokens-*") if p.is_dir()]) == 1
     assert len({out.replace("  [cached]", "") for out, _ in outs}) == 1  # and all saw the same data
-
-
-def test_prose_records_read_like_a_language_not_a_word_list():
-    """bench-data's records: deterministic for the seed, qa_records' word counts, and words that
-    keep coming (tens of thousands of kinds, numbers among them), as natural text brings them."""
-    import re
-
-    from mistral_qlora.data.synthetic import prose_records
-    from mistral_qlora.model.base import resolve_model_path
-
-    model_file = str(Path(resolve_model_path("tiny-random-mistral")) / "tokenizer.model")
-    a = prose_records(1500, model_file, seed=7)
-    assert a == prose_records(1500, model_file, seed=7) != prose_records(1500, model_file, seed=8)
-    words = [w for r in a for w in (r["prompt"] + " " + r["response"]).split()]
-    qa_words = [w for r in qa_records(1500, seed=7) for w in (r["prompt"] + " " + r["response"]).split()]
-    assert abs(len(words) / len(qa_words) - 1) < 0.05
-    kinds = {w.strip(",.?").lower() for w in words}
-    assert len(kinds) > 20_000 and any(re.fullmatch(r"\d+", k) for k in kinds)
-    assert all(r["prompt"].endswith("?") and r["response"].endswith(".") for r in a)
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json"])

@@ -10,7 +10,7 @@ import pytest
 
 from mistral_qlora.data import spm
 from mistral_qlora.data.formats import Conversation
-from mistral_qlora.data.synthetic import qa_records
+from mistral_qlora.bench.synthetic import qa_records
 from mistral_qlora.data.templates import resolve_template
 from mistral_qlora.model.base import resolve_model_path
 from mistral_qlora.model.tokenizer import load_tokenizer, write_mistral_tokenizer
@@ -94,7 +94,7 @@ def test_word_by_word_gives_sentencepiece_ids_of_the_whole_text(tmp_path, versio
     """The word cache (spm.py) returns exactly SentencePiece's ids on each whole text: on hard
     text, a textbook, English-like prose and random strings of spaces, escapes and words; also
     when the cache starts over in the middle of a batch stream."""
-    from mistral_qlora.data.synthetic import prose_records
+    from mistral_qlora.bench.synthetic import prose_records
 
     tok = _tokenizer(version, tmp_path)
     enc = spm.spm_encoder(tok)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from mistral_qlora.config import load_config
 from mistral_qlora.data import build_data
-from mistral_qlora.data.synthetic import qa_records
+from mistral_qlora.bench.synthetic import qa_records
 
 from testkit import ROOT, story_records, tiny_path
 

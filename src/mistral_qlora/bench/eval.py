@@ -20,7 +20,7 @@ from mistral_qlora.bench.report import environment, now, write_report
 from mistral_qlora.config import ModelSection, validate_config
 from mistral_qlora.data.collator import PackedCollator, PackedRows
 from mistral_qlora.data.packing import pack_best_fit_decreasing, packing_efficiency
-from mistral_qlora.data.synthetic import lognormal_lengths, token_examples
+from mistral_qlora.bench.synthetic import lognormal_lengths, token_examples
 from mistral_qlora.errors import UserError
 from mistral_qlora.model.attention import TAKES_CU_SEQLENS
 from mistral_qlora.model.base import load_model_config, resolve_model_path

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mistral_qlora.data.synthetic import DEFAULT_MAX_LEN, DEFAULT_MEDIAN, DEFAULT_MIN_LEN, DEFAULT_SIGMA
+from mistral_qlora.bench.synthetic import DEFAULT_MAX_LEN, DEFAULT_MEDIAN, DEFAULT_MIN_LEN, DEFAULT_SIGMA
 
 
 @dataclass

@@ -2,7 +2,7 @@
 ZeRO-3 in one process on one GPU, through `mistral-qlora train` exactly as users run it.
 
 Each strategy trains `steps` steps of packed rows of synthetic prompt/response records
-(data/synthetic.py) in its own process, one after the other; the table gives the steady-state
+(synthetic.py) in its own process, one after the other; the table gives the steady-state
 tokens/s (from the end of step 3 on: the first steps include CUDA and kernel warm-up), the whole
 run's, the peak memory, and what `train.strategy=auto` estimates for that strategy.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mistral_qlora.bench.report import now, write_report
 from mistral_qlora.config import validate_config
-from mistral_qlora.data.synthetic import qa_records
+from mistral_qlora.bench.synthetic import qa_records
 from mistral_qlora.model.base import load_model_config, resolve_model_path
 from mistral_qlora.plan.memory import GIB, estimate_memory
 from mistral_qlora.runtime import resolve_dtype

@@ -1,7 +1,7 @@
 """The sequences every recipe trains on, and each recipe's batches of them.
 
 The sequences are those of a few packed rows: synthetic lognormal lengths by default
-(data/synthetic.py), or a dataset file through the package's own data step. Rows are packed by
+(synthetic.py), or a dataset file through the package's own data step. Rows are packed by
 best-fit decreasing (data/packing.py) and shuffled as the Trainer's sampler would; the first
 `warmup` rows warm up, the next `timed_rows` are timed. A packed recipe trains one row a step
 (data/collator.py's PackedCollator); the padded recipe trains on exactly those rows' sequences in
@@ -17,7 +17,7 @@ from mistral_qlora.config import DataSection
 from mistral_qlora.data import build_data
 from mistral_qlora.data.collator import PackedCollator, PaddedCollator
 from mistral_qlora.data.packing import pack_best_fit_decreasing, packing_efficiency
-from mistral_qlora.data.synthetic import lognormal_lengths, token_examples
+from mistral_qlora.bench.synthetic import lognormal_lengths, token_examples
 from mistral_qlora.errors import UserError
 from mistral_qlora.model.attention import TAKES_CU_SEQLENS
 

@@ -13,10 +13,9 @@
 - packing.py: sequences packed into rows of a token budget (best-fit decreasing)
 - stream.py: streaming: sources mixed, tokenized and packed on the fly
 - collator.py: batches for the Trainer: packed rows or padded batches
-- synthetic.py: synthetic lengths and records for the benchmark and the tests
 
-`build_data` and `TrainingData` are imported on first use (PEP 562): they bring torch, and a
-light module of the package (`data.synthetic`, whose defaults the command line shows) must not.
+`build_data` and `TrainingData` are imported on first use (PEP 562): they bring torch, and the
+light modules of data/ that the command line reads before it has checked the config must not.
 """
 
 __all__ = ["TrainingData", "build_data"]

@@ -1,6 +1,6 @@
 """`mistral-qlora bench-data`: how fast and how lean the data step is, phase by phase.
 
-It writes a prompt/response JSON Lines file of `--records` records (data/synthetic.py's
+It writes a prompt/response JSON Lines file of `--records` records (synthetic.py's
 lognormal lengths) and a file of its first `--baseline-records`, then runs each phase in a child
 process of its own and reports tokens, wall time, tokens/s and the peak memory of the child and
 its worker processes together, sampled with psutil: the sum of their resident sets (RSS, every
@@ -27,12 +27,18 @@ from pathlib import Path
 
 PHASES = ("baseline", "first", "cached", "streaming")
 CHUNK = 10_000  # records generated at a time
+# `bench-data`'s defaults (its flags read them): the generated file's records, the baseline's
+# share of them (the list-based step holds everything in memory), the row budget.
+RECORDS = 1_000_000
+BASELINE_RECORDS = 200_000
+MAX_SEQ_LEN = 4096
+WORKDIR = "bench-data"
 
 
 def write_records(path: Path, n: int, model_file: str, seed: int = 0) -> None:
-    """n prompt/response records of English-like prose (data/synthetic.py's `prose_records`, words
+    """n prompt/response records of English-like prose (synthetic.py's `prose_records`, words
     from `model_file`'s vocabulary) as JSON Lines, generated CHUNK at a time (bounded memory)."""
-    from mistral_qlora.data.synthetic import prose_records
+    from mistral_qlora.bench.synthetic import prose_records
 
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -132,7 +138,7 @@ def measure(phase: str, path: Path, cache: Path, max_seq_len: int) -> dict:
     RSS and PSS (PSS where the platform reports it, Linux)."""
     import psutil
 
-    cmd = [sys.executable, "-m", "mistral_qlora.tools.bench_data", "--phase", phase, "--file", str(path),
+    cmd = [sys.executable, "-m", "mistral_qlora.bench.data_step", "--phase", phase, "--file", str(path),
            "--cache", str(cache), "--max-seq-len", str(max_seq_len)]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -167,8 +173,8 @@ def measure(phase: str, path: Path, cache: Path, max_seq_len: int) -> dict:
             "peak_pss_gib": round(peak[1] / 2**30, 3) if peak[1] else None}
 
 
-def bench_data(records: int, baseline_records: int, workdir: Path, phases=PHASES, max_seq_len: int = 4096,
-               log=print) -> list[dict]:
+def bench_data(records: int = RECORDS, baseline_records: int = BASELINE_RECORDS, workdir: Path = Path(WORKDIR),
+               phases=PHASES, max_seq_len: int = MAX_SEQ_LEN, log=print) -> list[dict]:
     from mistral_qlora.config import load_config
     from mistral_qlora.model.base import resolve_model_path
 
@@ -212,7 +218,7 @@ def _child_main(argv: list[str]) -> None:
     p.add_argument("--phase", required=True, choices=PHASES)
     p.add_argument("--file", required=True)
     p.add_argument("--cache", required=True)
-    p.add_argument("--max-seq-len", type=int, default=4096)
+    p.add_argument("--max-seq-len", type=int, default=MAX_SEQ_LEN)
     a = p.parse_args(argv)
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     print(json.dumps(run_phase(a.phase, a.file, a.cache, a.max_seq_len)))
