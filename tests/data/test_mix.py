@@ -3,7 +3,6 @@ drawn, the smaller sources repeated to keep their weight's share); the same draw
 streams; what prepare and the run's log say of each source."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,21 +11,11 @@ from mistral_qlora.config import load_config
 from mistral_qlora.data import build_data
 from mistral_qlora.data.mix import mix_order
 
-from testkit import ROOT, tiny_path
+from testkit import ROOT, write_jsonl
 
 SEED = 7
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from mistral_qlora.model.tokenizer import load_tokenizer
-
-    return load_tokenizer(tiny_path())
-
-
-def _jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 def _short(n: int, tag: str) -> list[dict]:
@@ -58,7 +47,7 @@ def test_all_exhausted_draws_every_record_and_keeps_the_weights(seed):
 def test_first_exhausted_is_the_default_and_leaves_most_of_a_large_source(tmp_path, tok):
     """The issue's case: 0.7/0.3 over 1,116 and 71 records draws only part of the 1,116 (the mix
     ends when the 71 run out); all_exhausted draws them all."""
-    big, small = _jsonl(tmp_path / "big.jsonl", _short(1116, "big")), _jsonl(tmp_path / "small.jsonl", _short(71, "s"))
+    big, small = write_jsonl(tmp_path / "big.jsonl", _short(1116, "big")), write_jsonl(tmp_path / "small.jsonl", _short(71, "s"))
     sets = [f"data.cache_dir={tmp_path / 'c'}", "data.eval_fraction=0", "data.max_seq_len=64",
             "data.tokens_per_row=256", f"data.train=[{{path: {big}, weight: 0.7}}, {{path: {small}, weight: 0.3}}]"]
     first = build_data(load_config(None, sets).data, tok, SEED)
@@ -75,7 +64,7 @@ def test_first_exhausted_is_the_default_and_leaves_most_of_a_large_source(tmp_pa
 def test_a_stream_draws_what_the_table_draws(tmp_path, tok, mix):
     """The same sources as a table and as a stream (chunks of 16 records): the same draws from each
     source, the same tokens; the stream restarts a source that runs out as the table repeats it."""
-    a, b = _jsonl(tmp_path / "a.jsonl", _short(150, "a")), _jsonl(tmp_path / "b.jsonl", _short(9, "b"))
+    a, b = write_jsonl(tmp_path / "a.jsonl", _short(150, "a")), write_jsonl(tmp_path / "b.jsonl", _short(9, "b"))
     sets = [f"data.cache_dir={tmp_path / 'c'}", "data.eval_fraction=0", "data.max_seq_len=64",
             "data.tokens_per_row=256", f"data.mix={mix}", "data.stream_buffer=16",
             f"data.train=[{{path: {a}, weight: 2}}, {{path: {b}, weight: 1}}]"]
@@ -94,7 +83,7 @@ def test_a_stream_draws_what_the_table_draws(tmp_path, tok, mix):
 
 def test_a_resumed_all_exhausted_stream_continues_exactly(tmp_path, tok):
     """A position taken after a source has started again resumes with it started again."""
-    a, b = _jsonl(tmp_path / "a.jsonl", _short(120, "a")), _jsonl(tmp_path / "b.jsonl", _short(5, "b"))
+    a, b = write_jsonl(tmp_path / "a.jsonl", _short(120, "a")), write_jsonl(tmp_path / "b.jsonl", _short(5, "b"))
     sets = [f"data.cache_dir={tmp_path / 'c'}", "data.eval_fraction=0", "data.max_seq_len=64",
             "data.tokens_per_row=128", "data.mix=all_exhausted", "data.stream_buffer=8", "data.streaming=true",
             f"data.train=[{{path: {a}, weight: 1}}, {{path: {b}, weight: 1}}]"]
@@ -119,8 +108,8 @@ def test_truncations_count_only_the_records_the_mix_draws(tmp_path, tok):
     """first_exhausted leaves most of the large source out; its long (truncated) records there are
     not counted as truncated."""
     long = [{"prompt": "word " * 200 + "?", "response": "ok."} for _ in range(300)]
-    a = _jsonl(tmp_path / "a.jsonl", _short(20, "a"))
-    b = _jsonl(tmp_path / "b.jsonl", _short(20, "b") + long)
+    a = write_jsonl(tmp_path / "a.jsonl", _short(20, "a"))
+    b = write_jsonl(tmp_path / "b.jsonl", _short(20, "b") + long)
     cfg = load_config(None, [f"data.cache_dir={tmp_path / 'c'}", "data.eval_fraction=0", "data.max_seq_len=64",
                              "data.tokens_per_row=256", f"data.train=[{{path: {a}, weight: 1}}, {{path: {b}}}]"])
     data = build_data(cfg.data, tok, SEED)
@@ -140,7 +129,7 @@ def _cli(capsys, *args):
 
 
 def test_prepare_and_the_run_log_say_how_much_of_each_source_is_used(tmp_path, capsys):
-    big, small = _jsonl(tmp_path / "big.jsonl", _short(300, "big")), _jsonl(tmp_path / "small.jsonl", _short(20, "s"))
+    big, small = write_jsonl(tmp_path / "big.jsonl", _short(300, "big")), write_jsonl(tmp_path / "small.jsonl", _short(20, "s"))
     sets = ["--set", f"data.cache_dir={tmp_path / 'c'}", "--set", "data.eval_fraction=0", "--set",
             "data.max_seq_len=64", "--set", "data.tokens_per_row=256", "--set",
             f"data.train=[{{path: {big}, weight: 0.7}}, {{path: {small}, weight: 0.3}}]"]

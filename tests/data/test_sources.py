@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,21 +17,11 @@ from mistral_qlora.data.mix import mix_order
 from mistral_qlora.bench.synthetic import qa_records
 from mistral_qlora.data.tokenize import tokenize_conversations
 
-from testkit import ROOT, tiny_path
+from testkit import ROOT, write_jsonl
 
 SEED = 7
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from mistral_qlora.model.tokenizer import load_tokenizer
-
-    return load_tokenizer(tiny_path())
-
-
-def _jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 def _cfg(tmp_path, *sets):
@@ -58,17 +47,17 @@ def test_every_kind_of_source_gives_the_same_tokens(tmp_path, tok):
     import pyarrow.parquet as pq
 
     records = qa_records(60, seed=3)
-    _jsonl(tmp_path / "all.jsonl", records)
+    write_jsonl(tmp_path / "all.jsonl", records)
     (tmp_path / "all.json").write_text(json.dumps(records))
     table = pa.Table.from_pylist(records)
     pq.write_table(table, tmp_path / "all.parquet")
     pa.csv.write_csv(table, tmp_path / "all.csv")
     (tmp_path / "parts").mkdir()
-    _jsonl(tmp_path / "parts/a-0.jsonl", records[:25])
-    _jsonl(tmp_path / "parts/a-1.jsonl", records[25:])
+    write_jsonl(tmp_path / "parts/a-0.jsonl", records[:25])
+    write_jsonl(tmp_path / "parts/a-1.jsonl", records[25:])
     datasets.DatasetDict({"train": datasets.Dataset.from_list(records)}).save_to_disk(str(tmp_path / "saved"))
     renamed = [{"question": r["prompt"], "answer": r["response"], "prompt": "an unrelated column"} for r in records]
-    _jsonl(tmp_path / "renamed.jsonl", renamed)
+    write_jsonl(tmp_path / "renamed.jsonl", renamed)
 
     convs = records_to_conversations(records, "auto", "x")
     expected, _ = tokenize_conversations(convs, tok, 256)
@@ -88,7 +77,7 @@ def test_held_out_split_is_the_list_split(tmp_path, tok):
     import random
 
     records = qa_records(50, seed=4)
-    data = build_data(_cfg(tmp_path, f"data.train={_jsonl(tmp_path / 'a.jsonl', records)}",
+    data = build_data(_cfg(tmp_path, f"data.train={write_jsonl(tmp_path / 'a.jsonl', records)}",
                              "data.eval_fraction=0.2", "data.max_seq_len=4096", "data.tokens_per_row=4096").data,
                         tok, SEED, n_samples=3)
     order = list(range(50))
@@ -112,8 +101,8 @@ def test_mix_follows_the_weights_deterministically_and_never_repeats():
 
 
 def test_prepare_reports_each_source_and_its_share_of_the_mix(tmp_path, capsys):
-    a = _jsonl(tmp_path / "a.jsonl", qa_records(300, seed=1))
-    b = _jsonl(tmp_path / "b.jsonl", [{"question": r["prompt"], "answer": r["response"]}
+    a = write_jsonl(tmp_path / "a.jsonl", qa_records(300, seed=1))
+    b = write_jsonl(tmp_path / "b.jsonl", [{"question": r["prompt"], "answer": r["response"]}
                                       for r in qa_records(300, seed=2)])
     sources = (f"data.train=[{{path: {a}, weight: 1}}, {{path: {b}, weight: 3, "
                "columns: {prompt: question, response: answer}}]")
@@ -133,7 +122,7 @@ def test_prepare_reports_each_source_and_its_share_of_the_mix(tmp_path, capsys):
 
 
 def test_the_cache_is_read_the_second_time_and_rebuilt_when_damaged(tmp_path, tok, capsys):
-    cfg = _cfg(tmp_path, f"data.train={_jsonl(tmp_path / 'a.jsonl', qa_records(80, seed=5))}", "data.eval_fraction=0")
+    cfg = _cfg(tmp_path, f"data.train={write_jsonl(tmp_path / 'a.jsonl', qa_records(80, seed=5))}", "data.eval_fraction=0")
     first = build_data(cfg.data, tok, SEED)
     assert not first.sources[0].from_cache
     second = build_data(cfg.data, tok, SEED)
@@ -168,7 +157,7 @@ def test_a_build_in_tasks_on_worker_processes_equals_one_in_one_process(tmp_path
 
     records = qa_records(4500, seed=6)
     if source == "jsonl":
-        path = _jsonl(tmp_path / "a.jsonl", records)
+        path = write_jsonl(tmp_path / "a.jsonl", records)
     else:
         path = tmp_path / "a.json"
         path.write_text(json.dumps(records))
@@ -223,7 +212,7 @@ def _bad(capsys, tmp_path, *sets, command="train"):
 
 
 def test_bad_sources_are_one_line_each(tmp_path, capsys):
-    qa = _jsonl(tmp_path / "qa.jsonl", [{"question": "q?", "answer": "a."}] * 4)
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q?", "answer": "a."}] * 4)
     err = _bad(capsys, tmp_path, f"data.train={qa}")
     assert f"{qa}: no columns of a known record form; its columns: question, answer" in err
     err = _bad(capsys, tmp_path, f"data.train=[{{path: {qa}, columns: {{prompt: q, response: answer}}}}]")
@@ -240,10 +229,10 @@ def test_bad_sources_are_one_line_each(tmp_path, capsys):
     empty.write_text("")
     err = _bad(capsys, tmp_path, f"data.train={empty}")
     assert f"{empty}:" in err and "empty" in err
-    long = _jsonl(tmp_path / "long.jsonl", [{"prompt": "word " * 1000, "response": "ok"}] * 3)
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "word " * 1000, "response": "ok"}] * 3)
     err = _bad(capsys, tmp_path, f"data.train={long}", "data.overlong=drop", "data.eval_fraction=0")
     assert f"{long}: every one of 3 training records is longer than data.max_seq_len=512" in err
-    good = _jsonl(tmp_path / "good.jsonl", qa_records(20))
+    good = write_jsonl(tmp_path / "good.jsonl", qa_records(20))
     err = _bad(capsys, tmp_path, f"data.train={good}", "data.streaming=true", "data.eval_fraction=0")
     assert "data.streaming needs train.max_steps" in err
     err = _bad(capsys, tmp_path, f"data.train={good}", "data.streaming=true", "train.max_steps=5")
@@ -284,7 +273,7 @@ def test_a_hub_id_goes_through_datasets_and_an_unreachable_hub_is_one_line(tmp_p
 @pytest.mark.slow
 def test_processes_starting_together_tokenize_once(tmp_path):
     """Ranks (or runs) that prepare the same data at once: one builds the cache, the others read it."""
-    data = _jsonl(tmp_path / "a.jsonl", qa_records(1500, seed=9))
+    data = write_jsonl(tmp_path / "a.jsonl", qa_records(1500, seed=9))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     cmd = [sys.executable, "-m", "mistral_qlora", "prepare", str(ROOT / "configs/tiny.yaml"), "--set",
            f"data.train={data}", "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.eval_fraction=0"]
@@ -318,7 +307,7 @@ def test_a_jsonl_record_without_its_response_names_the_record_counted_from_0(tmp
     records): the record's index in the file, said to be 0-based, and the field said to be missing."""
     records = [{"prompt": f"question {i}?", "response": f"answer {i}."} for i in range(30)]
     del records[17]["response"]
-    path = _jsonl(tmp_path / "gap.jsonl", records)
+    path = write_jsonl(tmp_path / "gap.jsonl", records)
     err = _bad(capsys, tmp_path, f"data.train={path}", "data.eval_fraction=0", command="prepare")
     assert err.endswith(f"{path} record 17 (0-based): the 'response' field is missing or null; "
                         "every record needs a non-empty 'response'"), err
@@ -332,7 +321,7 @@ def test_no_lock_file_outlives_a_cache_build_and_the_lock_still_excludes(tmp_pat
 
     from mistral_qlora.data.token_cache import entry_lock
 
-    cfg = _cfg(tmp_path, f"data.train={_jsonl(tmp_path / 'a.jsonl', qa_records(40, seed=5))}", "data.eval_fraction=0.2")
+    cfg = _cfg(tmp_path, f"data.train={write_jsonl(tmp_path / 'a.jsonl', qa_records(40, seed=5))}", "data.eval_fraction=0.2")
     build_data(cfg.data, tok, SEED)
     build_data(cfg.data, tok, SEED)  # read from the cache
     root = tmp_path / "cache"
@@ -359,8 +348,8 @@ def test_no_lock_file_outlives_a_cache_build_and_the_lock_still_excludes(tmp_pat
 def test_a_relative_data_path_is_read_from_the_current_directory_not_the_configs(tmp_path, tok, monkeypatch):
     (tmp_path / "conf").mkdir()
     (tmp_path / "work").mkdir()
-    _jsonl(tmp_path / "conf/a.jsonl", qa_records(10, seed=1))  # beside the config: not this one
-    _jsonl(tmp_path / "work/a.jsonl", qa_records(30, seed=2))
+    write_jsonl(tmp_path / "conf/a.jsonl", qa_records(10, seed=1))  # beside the config: not this one
+    write_jsonl(tmp_path / "work/a.jsonl", qa_records(30, seed=2))
     config = tmp_path / "conf/run.yaml"
     config.write_text(f"data:\n  train: a.jsonl\n  eval_fraction: 0\n  cache_dir: {tmp_path / 'cache'}\n")
     monkeypatch.chdir(tmp_path / "work")

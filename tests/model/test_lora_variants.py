@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from testkit import ROOT, load_tiny_base, story_records
+from testkit import ROOT, load_tiny_base, story_records, train_tiny
 
 
 def _model(fused: bool, lora, seed: int = 0):
@@ -173,18 +173,11 @@ def test_bad_variant_values_are_refused(keys, message):
 
 @pytest.fixture(scope="module")
 def dora_run(tmp_path_factory):
-    from mistral_qlora.config import load_config
-    from mistral_qlora.train import run_training
-
-    tmp = tmp_path_factory.mktemp("dora")
-    data = tmp / "qa.json"
-    data.write_text(json.dumps(story_records(24)))
-    cfg = load_config(ROOT / "configs/tiny.yaml", [
-        f"data.train={data}", "data.max_seq_len=64", "data.tokens_per_row=128", "train.max_steps=2",
+    summary, run = train_tiny(tmp_path_factory.mktemp("dora"), [
+        "data.max_seq_len=64", "data.tokens_per_row=128", "train.max_steps=2",
         "data.eval_fraction=0", "eval.samples=0", "train.report_to=[none]", "train.gradient_checkpointing=false",
-        "lora.dora=true", "lora.target_modules=[q_proj, v_proj]", "lora.modules_to_save=[embed_tokens]",
-        f"output_dir={tmp / 'run'}"])
-    return run_training(cfg), tmp / "run" / "adapter"
+        "lora.dora=true", "lora.target_modules=[q_proj, v_proj]", "lora.modules_to_save=[embed_tokens]"])
+    return summary, run / "adapter"
 
 
 def test_dora_run_trains_and_saves_magnitudes_and_embeddings(dora_run):

@@ -117,3 +117,26 @@ class MlflowServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.log.close()
+
+
+def write_jsonl(path: Path, records) -> Path:
+    """`records` as a JSON Lines file at `path`."""
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def train_tiny(tmp: Path, overrides: list[str], records: int = 24) -> tuple[dict, Path]:
+    """One in-process `train` of configs/tiny.yaml on `records` sample Q&A records with `overrides`
+    (--set items), into tmp/run: (summary, the run folder)."""
+    import json
+
+    from mistral_qlora.config import load_config
+    from mistral_qlora.train import run_training
+
+    data = tmp / "qa.json"
+    data.write_text(json.dumps(story_records(records)))
+    cfg = load_config(ROOT / "configs/tiny.yaml", [f"data.train={data}", *overrides, f"output_dir={tmp / 'run'}"])
+    return run_training(cfg), tmp / "run"
+

@@ -1,26 +1,18 @@
 """Merge: the adapter folded into a 16-bit base gives the adapter model's logits."""
 
-import json
 
 import pytest
 import torch
 
-from testkit import ROOT, run_cli, story_records
+from testkit import run_cli, train_tiny
 
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
-    from mistral_qlora.config import load_config
-    from mistral_qlora.train import run_training
-
-    tmp = tmp_path_factory.mktemp("merge")
-    data = tmp / "qa.json"
-    data.write_text(json.dumps(story_records(40)))
-    cfg = load_config(ROOT / "configs/tiny.yaml", [
-        f"data.train={data}", "data.max_seq_len=128", "data.tokens_per_row=128", "train.max_steps=12",
-        "train.eval_steps=1000", "eval.samples=0", f"output_dir={tmp / 'run'}"])
-    run_training(cfg)
-    return tmp / "run" / "adapter"
+    _, run = train_tiny(tmp_path_factory.mktemp("merge"), [
+        "data.max_seq_len=128", "data.tokens_per_row=128", "train.max_steps=12", "train.eval_steps=1000",
+        "eval.samples=0"], records=40)
+    return run / "adapter"
 
 
 def _logits(model, ids):
