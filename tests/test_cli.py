@@ -163,3 +163,14 @@ def test_env_names_the_attention_backend(capsys):
     assert code == 0
     assert "attention backends (model.attention=auto -> " in out
     assert "transformers" in out and "bitsandbytes" in out
+
+
+@pytest.mark.parametrize("of,suffix", [("host", " GiB (host RSS)"), ("gpu", " GiB")])
+def test_summary_line_gives_the_peak_memory_and_what_it_is_of(capsys, of, suffix):
+    from mistral_qlora.cli import _print_summary
+
+    _print_summary("out", {"steps": 3, "runtime_seconds": 2.0, "attention_backend": "sdpa", "strategy": "single",
+                           "world_size": 1, "initial_eval_loss": 2.0, "final_eval_loss": 1.5,
+                           "tokens_per_second": 100.0, "mfu": None, "peak_memory_gib": 1.25, "peak_memory_of": of})
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if "peak memory" in line]
+    assert line.endswith(f"peak memory 1.25{suffix}")

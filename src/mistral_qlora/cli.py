@@ -134,7 +134,8 @@ def _print_summary(output_dir: str, s: dict) -> None:
     print(f"eval loss {fmt(s['initial_eval_loss'])} -> {fmt(s['final_eval_loss'])}; "
           f"{fmt(s['tokens_per_second'], ',.0f')} tokens/s"
           + (f" (MFU {s['mfu']:.1%})" if s.get("mfu") else "")
-          + f"; peak memory {fmt(s['peak_memory_gib'], '.2f')} GiB")
+          + f"; peak memory {fmt(s['peak_memory_gib'], '.2f')} GiB"
+          + (" (host RSS)" if s.get("peak_memory_of") == "host" else ""))
     print(f"adapter: {output_dir}/adapter   summary: {output_dir}/summary.json   plot: {output_dir}/loss.png")
 
 
@@ -151,6 +152,7 @@ def cmd_generate(args) -> int:
     from mistral_qlora.data.formats import Conversation
     from mistral_qlora.data.templates import TEMPLATES, resolve_template
     from mistral_qlora.model.greedy import greedy_answers
+    from mistral_qlora.run.artifacts import visible_whitespace
     from mistral_qlora.tools.generate import load_for_generation, run_template
 
     if args.template is not None and args.template not in TEMPLATES:
@@ -163,7 +165,7 @@ def cmd_generate(args) -> int:
         # What the model was given, as the template rendered it (BOS left out).
         ids = template.generation_ids(prompt)
         shown = tokenizer.decode(ids[1:] if ids[:1] == [tokenizer.bos_token_id] else ids).strip()
-        print(f"{shown}\n{answer}\n")
+        print(f"{shown}\n{answer.strip() or visible_whitespace(answer)}\n")
     return 0
 
 

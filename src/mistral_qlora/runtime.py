@@ -25,6 +25,18 @@ def log(message: str) -> None:
         logging.getLogger("mistral_qlora").info(message)  # run.log (mistral_qlora.logs)
 
 
+def peak_memory(device: str) -> tuple[float, str]:
+    """(GiB, of what): on a GPU the peak of the memory torch allocated there ("gpu"); elsewhere the
+    process's peak resident set from getrusage ("host": weights, data, Python, everything the
+    process touched), since a CPU run has no allocator of its own to ask."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30, "gpu"
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss * (1 if sys.platform == "darwin" else 1024) / 2**30, "host"
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     """`model.dtype`: "auto" is bfloat16 on a GPU that has it, float32 elsewhere."""
     if name == "auto":

@@ -40,7 +40,7 @@ from mistral_qlora.run.artifacts import check_output_dir, clear_previous_run, pe
 from mistral_qlora.run.callbacks import RunAlreadyComplete
 from mistral_qlora.run.trackers import check_trackers, finish_trackers, tracker_env
 from mistral_qlora.run.trainer import RunCallbacks, build_trainer, training_arguments
-from mistral_qlora.runtime import Runtime, barrier, launched_processes, log, single_process_env
+from mistral_qlora.runtime import Runtime, barrier, launched_processes, log, peak_memory, single_process_env
 
 
 def run_training(cfg: RunConfig, overwrite: bool = False, force: bool = False) -> dict:
@@ -59,6 +59,8 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
     log(f"chat template: {inputs.data.template.describe()}")
     for line in source_lines(inputs.data.sources, cfg.data.mix):
         log(line)
+    for warning in inputs.data.template.warnings:
+        log(f"warning: {warning}")
     for line in plan.log_lines(cfg):
         log(line)
     if plan.ds_config is not None and launched_processes() is None:
@@ -182,7 +184,7 @@ def finish(cfg: RunConfig, rt: Runtime, plan: Plan, inputs: RunInputs, trainer, 
                                      data.template)
     publish_adapter(model, inputs.tokenizer, out, cfg.model.name_or_path, zero3=plan.zero3, is_main=rt.is_main)
 
-    summary = summarize(cfg, rt, plan, inputs, trainer.state, callbacks, per_token, model.config.sliding_window,
+    summary = summarize(cfg, rt, plan, inputs, trainer.state, callbacks, per_token, getattr(model.config, "sliding_window", None),
                         initial_eval_loss, final_eval_loss, started)
     if rt.is_main:
         write_final_artifacts(out, trainer.state.log_history, f"{cfg.model.name_or_path}: QLoRA r={cfg.lora.r}",
@@ -197,6 +199,7 @@ def summarize(cfg: RunConfig, rt: Runtime, plan: Plan, inputs: RunInputs, state,
     """summary.json: the run's outcome, speed and shape in one flat record."""
     data = inputs.data
     throughput = callbacks.throughput
+    peak_gib, peak_of = peak_memory(rt.device)
     return {
         "initial_eval_loss": initial_eval_loss,
         "final_eval_loss": final_eval_loss,
@@ -208,7 +211,8 @@ def summarize(cfg: RunConfig, rt: Runtime, plan: Plan, inputs: RunInputs, state,
         "tokens_per_second": throughput.tokens_per_second,
         "flops_per_token": per_token,
         "mfu": throughput.mfu,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if rt.device == "cuda" else None,
+        "peak_memory_gib": peak_gib,
+        "peak_memory_of": peak_of,
         "world_size": rt.world_size,
         "strategy": plan.strategy,
         "attention_backend": plan.attention,

@@ -69,6 +69,18 @@ def _bpe_tokenizer(chat_template: str | None):
     return tok
 
 
+def _learned_runs(ids: list[int], labels: list[int]) -> list[list[int]]:
+    """The runs of consecutive trained tokens, in order."""
+    runs, run = [], []
+    for t, label in zip(ids, labels):
+        if label != IGNORE_INDEX:
+            run.append(t)
+        elif run:
+            runs.append(run)
+            run = []
+    return runs + ([run] if run else [])
+
+
 @pytest.mark.parametrize("version", ["v1", "v3"])
 def test_mistral_templates_match_mistral_common_token_for_token(version, v1, v3):
     tokenizer = {"v1": v1, "v3": v3}[version]
@@ -130,6 +142,7 @@ def test_jinja_template_matches_apply_chat_template_and_its_assistant_mask():
     tok = _bpe_tokenizer(CHATML)
     template = resolve_template("tokenizer", tok)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    (newline,) = tok("\n", add_special_tokens=False)["input_ids"]
     assert template.stop_token_ids() == [tok.eos_token_id]  # eos is <|im_end|> here
     for conv, (ids, labels) in zip(CONVERSATIONS, template.encode(CONVERSATIONS)):
         messages = [{"role": "system", "content": conv.system}] if conv.system else []
@@ -138,16 +151,11 @@ def test_jinja_template_matches_apply_chat_template_and_its_assistant_mask():
         ref = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         assert ids == ref["input_ids"]
         mask = [label != IGNORE_INDEX for label in labels]
-        assert mask == [bool(m) for m in ref["assistant_masks"]]
-        # Token by token: each learned run is one answer's content and its <|im_end|>, in order.
-        runs, run = [], []
-        for t, keep in zip(ids, mask):
-            if keep:
-                run.append(t)
-            elif run:
-                runs.append(run)
-                run = []
-        assert runs == [tok(a, add_special_tokens=False)["input_ids"] + [im_end] for _, a in conv]
+        assert all(keep for keep, m in zip(mask, ref["assistant_masks"]) if m)  # the marks, and the turn's end
+        # Token by token: each learned run is one answer's content, its <|im_end|> and the newline the
+        # template ends the assistant message with, in order.
+        assert _learned_runs(ids, labels) == [tok(a, add_special_tokens=False)["input_ids"] + [im_end, newline]
+                                              for _, a in conv]
     generation = template.generation_ids(CONVERSATIONS[3])
     assert tok.decode(generation).endswith("<|im_start|>user\nTell me a joke.<|im_end|>\n<|im_start|>assistant\n")
 
@@ -161,6 +169,82 @@ def test_jinja_template_without_generation_marks_is_separated_turn_by_turn():
     ids, labels = unmarked.encode(CONVERSATIONS[:1], train_on_prompt=True)[0]
     assert labels == [IGNORE_INDEX] + ids[1:]
     assert unmarked.fingerprint() != marked.fingerprint()
+
+
+# ChatML with its markers as plain text in the template (not eos_token), as checkpoints ship it.
+CHATML_PLAIN = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# The same, its {% generation %} blocks around the content alone.
+CHATML_CONTENT_MARKED = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}{% endgeneration %}"
+    "{% else %}{{ message['content'] }}{% endif %}"
+    "{{ '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _chatml_tiny_tokenizer(chat_template: str, special: bool):
+    """The tiny model's (Mistral v1) tokenizer with a ChatML template; <|im_start|>/<|im_end|> added
+    as special tokens, or left as the text they are in its vocabulary."""
+    tok = load_tokenizer(resolve_model_path("tiny-random-mistral"))
+    if special:
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = chat_template
+    return tok
+
+
+@pytest.mark.parametrize("chat_template", [CHATML_PLAIN, CHATML_CONTENT_MARKED], ids=["separable", "marked"])
+def test_chatml_template_trains_the_end_of_each_assistant_turn_and_not_the_prompts(chat_template):
+    tok = _chatml_tiny_tokenizer(chat_template, special=True)
+    template = resolve_template("tokenizer", tok)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert template.stop_token_ids() == [tok.eos_token_id, im_end] and template.warnings == []
+    conv = CONVERSATIONS[3]  # two turns and a system prompt
+    ids, labels = template.encode([conv])[0]
+    runs = _learned_runs(ids, labels)
+    assert len(runs) == len(conv)
+    for run, (_, answer) in zip(runs, conv):
+        assert run.count(im_end) == 1 and run[-1] != im_end  # <|im_end|> and the newline after it
+        text = tok.decode(run)
+        assert text.startswith(answer) and text.rstrip(" \n").endswith("<|im_end|>"), text
+    learned = tok.decode([t for t, label in zip(ids, labels) if label != IGNORE_INDEX])
+    for prompt, _ in conv:
+        assert prompt not in learned
+    assert "Answer kindly" not in learned and "<|im_start|>" not in learned and "user" not in learned
+    assert tok.decode(ids).count("<|im_end|>") == 5  # system, two user turns, two answers; two learned
+
+
+def test_chatml_template_with_text_markers_learns_them_and_warns_of_no_end_token():
+    tok = _chatml_tiny_tokenizer(CHATML_PLAIN, special=False)
+    template = resolve_template("tokenizer", tok)
+    ids, labels = template.encode([CONVERSATIONS[3]])[0]
+    assert [tok.decode(run) for run in _learned_runs(ids, labels)] == [
+        f"{answer}<|im_end|>\n" for _, answer in CONVERSATIONS[3]]
+    assert template.stop_token_ids() == [tok.eos_token_id]
+    (warning,) = template.warnings
+    assert "no recognisable end of turn" in warning and "'<|im_end|>\\n'" in warning
+
+
+def test_prepare_prints_the_warning_of_a_template_without_an_end_of_turn(tmp_path):
+    import shutil
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "Hi?", "response": "Hello."}) + "\n")
+    folder = tmp_path / "tok"
+    _chatml_tiny_tokenizer(CHATML_PLAIN, special=False).save_pretrained(str(folder))
+    shutil.copyfile(f"{resolve_model_path('tiny-random-mistral')}/config.json", folder / "config.json")
+    res = run_cli("prepare", str(ROOT / "configs/tiny.yaml"), "--set", f"model.name_or_path={folder}",
+                  "--set", f"data.train={data}", "--set", "data.template=tokenizer")
+    assert res.returncode == 0, res.stderr
+    (line,) = [line for line in res.stdout.splitlines() if line.startswith("warning:")]
+    assert "no recognisable end of turn" in line and "'<|im_end|>\\n'" in line
 
 
 def test_template_that_cannot_mark_assistant_turns_is_refused():

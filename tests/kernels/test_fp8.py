@@ -272,8 +272,8 @@ def test_fp8_is_refused_under_zero3(monkeypatch):
 
     cfg = validate_config({"quantization": {"compute": "fp8"}}, "test")
     with pytest.raises(UserError, match="fused 4-bit LoRA layer only.*ZeRO-3"):
-        compute_for(cfg, "peft", "zero3", None)
-    assert compute_for(cfg, "fused", "single", None)[0] == "fp8"
+        compute_for(cfg, "peft", "zero3", None, torch.bfloat16)
+    assert compute_for(cfg, "fused", "single", None, torch.bfloat16)[0] == "fp8"
 
 
 def test_fp8_on_the_cpu_is_one_line_and_exit_2(small_dataset, tmp_path):

@@ -1,5 +1,5 @@
-"""The speed levers on the CPU: partial activation checkpointing is exact, and the auto plan
-spends memory the way the estimate says."""
+"""The plan's layer decisions (plan/layers.py): how many layers recompute and keep their weights, the
+head-room `auto` leaves, and what the base's matmuls compute in, as the run logs them."""
 
 import pytest
 import torch
@@ -11,8 +11,6 @@ from mistral_qlora.plan.layers import plan_recompute
 from mistral_qlora.plan.memory import recompute_layers_for
 
 GIB = 2**30
-
-
 
 
 def test_explicit_settings():
@@ -109,4 +107,17 @@ def test_kept_weights_spend_what_checkpointing_leaves():
     assert estimate_memory(MISTRAL_7B, cfg, 2, 32, fused_loss=True).activations == inputs + recompute + per_layer
 
 
+@pytest.mark.parametrize("dtype,name", [(torch.float32, "float32"), (torch.bfloat16, "bfloat16")])
+def test_the_plan_says_the_dtype_the_base_matmuls_compute_in(dtype, name):
+    from mistral_qlora.config import validate_config
+    from mistral_qlora.model.base import load_model_config
+    from mistral_qlora.plan import make_plan
+    from mistral_qlora.runtime import Runtime
 
+    from testkit import tiny_path
+
+    cfg = validate_config({}, "test")
+    rt = Runtime(device="cpu", dtype=dtype, world_size=1, rank=0, local_rank=0)
+    plan = make_plan(cfg, load_model_config(tiny_path(), cfg.model), rt, env={})
+    (line,) = [line for line in plan.log_lines(cfg) if line.startswith("quantization.compute=")]
+    assert f"the base's matmuls in {name}," in line

@@ -12,7 +12,7 @@
   version (`mistral_version`) and its chat template, if it has one, is Mistral's `[INST]` one;
   otherwise the checkpoint's chat template; a tokenizer with neither gets `mistral-v1`.
 
-Labels are -100 everywhere except on the assistant turns (their content and the end token after
+Labels are -100 everywhere except on the assistant turns (their content and the end of turn after
 it), unless train_on_prompt; the first token (BOS) is never a target. Text spans of a whole batch
 of conversations go through the tokenizer in one call, with special-token strings inside the text
 read as text (as SentencePiece and mistral-common read them); the Mistral templates call
@@ -22,9 +22,17 @@ How a Jinja template's assistant turns are found: a template with `{% generation
 them itself (`apply_chat_template(return_assistant_tokens_mask=True)`). Without them a template
 is *separable* when rendering the conversation up to each user turn with the generation prompt,
 then up to the assistant's answer, then the whole, gives strings that each extend the previous one
-and the answer's text is in what the answer added; the learned characters are the answer's
-content and a special token right after it (`<|im_end|>`, `</s>`, `<|eot_id|>`...). A template
-that is neither is refused when the template is resolved.
+and the answer's text is in what the answer added. A template that is neither is refused when the
+template is resolved.
+
+The end of a turn is learned with the answer: an answer's span runs from its content (or its
+`{% generation %}` block) to the end of what the template emits for that assistant message, the
+rendering of the conversation up to and including it (`<|im_end|>\n`, `</s>`, `<|eot_id|>`...),
+as mistral-common's templates learn the EOS after each answer; without it a model never learns to
+stop. Where that rendering is no prefix of the whole conversation, a marked template's block is
+kept as it is. The special tokens in the learned end of the probe's answer are the template's stop
+tokens; a template that puts none there gets a warning (`JinjaTemplate.warnings`), which `prepare`
+and `train` print.
 """
 
 from __future__ import annotations
@@ -134,6 +142,7 @@ class ChatTemplate:
     def __init__(self, tokenizer, reason: str = ""):
         self.tokenizer = tokenizer
         self.reason = reason
+        self.warnings: list[str] = []  # what a user should know about the template (printed by prepare, train)
 
     def fingerprint(self) -> str:
         """What identifies the rendering (for caches of tokenized data, with the tokenizer's own)."""
@@ -281,9 +290,6 @@ class JinjaTemplate(ChatTemplate):
         if not getattr(tokenizer, "is_fast", False):
             raise UserError(f"data.template=tokenizer needs a fast tokenizer (tokenizer.json) to map its chat "
                             f"template's text to tokens; {_name(tokenizer)} is not one")
-        specials = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values()
-                                                        if t.special}
-        self._end_tokens = sorted((s for s in specials if s), key=len, reverse=True)
         self._end_ids: list[int] = []
         self._check_marks()
 
@@ -316,26 +322,72 @@ class JinjaTemplate(ChatTemplate):
                             f"conversation: {exc}") from None
 
     def _check_marks(self) -> None:
-        """Refuse now, before any data, a template whose assistant turns cannot be told apart."""
+        """Refuse now, before any data, a template whose assistant turns cannot be told apart; find
+        the special tokens that end an assistant turn, and warn where there are none."""
         ids, learned = self._encode_marked([_PROBE]) if self.marked else self._encode_separable([_PROBE])
         if not any(learned[0]):
             raise self._refuse("its {% generation %} blocks mark no token")
-        # The end-of-turn token: the special token right after an answer, if the template puts one there.
-        last = max(i for i, keep in enumerate(learned[0]) if keep)
-        end = ids[0][last]
-        if end in self.tokenizer.all_special_ids and end != self.tokenizer.eos_token_id:
-            self._end_ids = [end]
+        first = learned[0].index(True)
+        run = ids[0][first:first + (learned[0][first:] + [False]).index(False)]  # the first answer's learned run
+        special = set(self.tokenizer.all_special_ids)
+        eos = self.tokenizer.eos_token_id
+        ends = [t for t in run if t in special]
+        self._end_ids = list(dict.fromkeys(t for t in ends if t != eos))
+        if not ends:
+            answer = _PROBE[0][1]
+            text = self.tokenizer.decode(run)
+            after = text.split(answer, 1)[1] if answer in text else ""
+            what = f"emits {after!r}, which holds no special token of the tokenizer" if after else "emits nothing"
+            self.warnings.append(
+                f"the chat template of {_name(self.tokenizer)} has no recognisable end of turn: after an assistant's "
+                f"answer it {what}, so the model learns no token to stop at and generation runs to max_new_tokens; "
+                "add the end-of-turn marker as a special token, end each assistant message with eos_token, or set "
+                "data.template to mistral-v1 or mistral-v3")
 
     def stop_token_ids(self) -> list[int]:
         return [self.tokenizer.eos_token_id, *self._end_ids]
 
+    def _turn_ends(self, convs: list[Conversation]) -> tuple[list[str], list[list[int]]]:
+        """Each conversation's rendering, and where each of its assistant turns ends in it: the
+        length of the rendering up to and including that assistant message, where that is a
+        prefix of the whole (else the turn has no end here)."""
+        upto, counts = [], []
+        for conv in convs:
+            messages = self._messages(conv)
+            offset = 1 if conv.system else 0
+            upto += [messages[:offset + 2 * i + 2] for i in range(len(conv))]
+            counts.append(len(conv))
+        texts = self._render(upto, False, tokenize=False)
+        fulls, ends, k = [], [], 0
+        for n in counts:
+            full = texts[k + n - 1]
+            fulls.append(full)
+            ends.append([len(t) for t in texts[k:k + n] if full.startswith(t)])
+            k += n
+        return fulls, ends
+
     def _encode_marked(self, convs: list[Conversation]) -> tuple[list[list[int]], list[list[bool]]]:
+        """The template's {% generation %} marks, each marked run extended to the end of its turn."""
         out = self._render([self._messages(c) for c in convs], False, tokenize=True, return_dict=True,
-                           return_assistant_tokens_mask=True)
-        return list(out["input_ids"]), [[bool(m) for m in mask] for mask in out["assistant_masks"]]
+                           return_assistant_tokens_mask=True, tokenizer_kwargs={"return_offsets_mapping": True})
+        _, turn_ends = self._turn_ends(convs)
+        learned = []
+        for offsets, mask, ends in zip(out["offset_mapping"], out["assistant_masks"], turn_ends):
+            spans: list[tuple[int, int]] = []
+            for (start, end), keep in zip(offsets, mask):
+                if not keep:
+                    continue
+                if spans and start <= spans[-1][1]:
+                    spans[-1] = (spans[-1][0], max(end, spans[-1][1]))
+                else:
+                    spans.append((start, end))
+            spans = [(start, min((e for e in ends if e >= end), default=end)) for start, end in spans]
+            learned.append(_overlap(offsets, spans))
+        return list(out["input_ids"]), learned
 
     def _separate(self, conv: Conversation, before: list[str], upto: list[str]) -> list[tuple[int, int]]:
-        """Character spans of the learned text in the last of `upto` (the whole conversation)."""
+        """Character spans of the learned text in the last of `upto` (the whole conversation): each
+        answer from its content to the end of its turn."""
         full = upto[-1]
         spans = []
         for (_, answer), head, text in zip(conv, before, upto):
@@ -346,12 +398,7 @@ class JinjaTemplate(ChatTemplate):
             if start < 0:
                 raise self._refuse("an answer's text is not where the next rendering adds it, and there is no "
                                    "{% generation %} block")
-            end = start + len(answer)
-            for token in self._end_tokens:
-                if text.startswith(token, end):
-                    end += len(token)
-                    break
-            spans.append((start, end))
+            spans.append((start, len(text)))  # the answer and what the template ends its turn with
         return spans
 
     def _encode_separable(self, convs: list[Conversation]) -> tuple[list[list[int]], list[list[bool]]]:

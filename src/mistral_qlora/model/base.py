@@ -55,7 +55,14 @@ def load_model_config(path: str, model_cfg: ModelSection):
     except (OSError, ValueError) as exc:
         raise UserError(f"model.name_or_path={path!r}: cannot load its config: {str(exc).splitlines()[0]}") from None
     if model_cfg.sliding_window != "auto":
-        config.sliding_window = model_cfg.sliding_window
+        # An architecture without a window (Llama's config has no sliding_window) attends to
+        # everything: a window asked of it could not be kept, "none" already is.
+        if not hasattr(config, "sliding_window"):
+            if model_cfg.sliding_window is not None:
+                raise UserError(f"model.sliding_window={model_cfg.sliding_window}: {path} ({config.model_type}) has "
+                                "no sliding window; set model.sliding_window to auto or null")
+        else:
+            config.sliding_window = model_cfg.sliding_window
     config.use_cache = False
     return config
 

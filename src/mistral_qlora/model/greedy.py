@@ -15,7 +15,8 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str | Sequence[Turn]], ma
                      template: ChatTemplate | None = None) -> list[str]:
     """One answer per prompt: a string (one user message) or a Conversation (its system prompt and
     earlier turns as context; its last turn's prompt is the one answered). `template`: the run's
-    (TrainingData.template); None resolves `auto` for the tokenizer."""
+    (TrainingData.template); None resolves `auto` for the tokenizer. The answers are the decoded
+    text of the new tokens, special tokens left out and whitespace kept."""
     if not prompts:
         return []
     template = template or resolve_template("auto", tokenizer)
@@ -35,6 +36,7 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str | Sequence[Turn]], ma
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=template.stop_token_ids(),
         )
-        answers.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip())
+        # as decoded, whitespace kept: an answer of newlines alone is an answer, and readers show it
+        answers.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True))
     model.train(was_training)
     return answers

@@ -86,7 +86,7 @@ def make_plan(cfg: RunConfig, model_config, rt: Runtime, env=None) -> Plan:
     check_variants(cfg, strategy)
     layer, layer_why = lora_layer(cfg, strategy)
     compute, compute_why = compute_for(cfg, layer, strategy,
-                                       fp8_problem(rt.dtype) if cfg.quantization.compute == "fp8" else None)
+                                       fp8_problem(rt.dtype) if cfg.quantization.compute == "fp8" else None, rt.dtype)
     recompute, recompute_why = plan_recompute(cfg, model_config, dtype_bytes, kernels, budget, strategy,
                                               rt.world_size)
     kept, kept_why = plan_kept_weights(cfg, model_config, dtype_bytes, kernels, budget, recompute, strategy,

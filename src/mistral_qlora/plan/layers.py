@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from mistral_qlora.config import RunConfig
 from mistral_qlora.errors import UserError
 from mistral_qlora.plan.memory import (GIB, ZERO3, counts_fast_path, estimate_memory, fused_lora, kept_weight_bytes,
@@ -71,14 +73,17 @@ def lora_layer(cfg: RunConfig, strategy: str) -> tuple[str, str]:
                     "module hooks the fused layer would bypass)")
 
 
-def compute_for(cfg: RunConfig, layer: str, strategy: str, fp8_problem: str | None) -> tuple[str, str]:
+def compute_for(cfg: RunConfig, layer: str, strategy: str, fp8_problem: str | None, dtype: torch.dtype
+                ) -> tuple[str, str]:
     """(`quantization.compute` for this run, why); fp8 where it cannot run is refused, never
     dropped: it runs in the fused layer only, on a GPU with FP8 tensor cores. What the config
     alone rules out (PEFT's layers, an explicit ZeRO-3, a 16-bit dtype) load_config has refused
     (config.config_problems); what is left here depends on the machine or the launcher: the GPU,
-    and `train.strategy: auto` resolved to ZeRO-3."""
+    and `train.strategy: auto` resolved to ZeRO-3. Otherwise the base's dequantized weight
+    multiplies in the run's dtype (`model.dtype`: bf16 on a GPU that has it, float32 on a CPU),
+    which is what the reason says."""
     if cfg.quantization.compute == "bf16":
-        return "bf16", "the base's matmuls in bf16"
+        return "bf16", f"the base's matmuls in {str(dtype).removeprefix('torch.')}, the run's dtype (no FP8)"
     where = "quantization.compute=fp8"
     if fp8_problem is not None:
         raise UserError(f"{where} {fp8_problem}; set quantization.compute=bf16")

@@ -94,11 +94,28 @@ def _prompt_text(prompt) -> str:
     return (f"*System:* {system}\n\n" if system else "") + prompt[-1][0]
 
 
+_VISIBLE = str.maketrans({"\n": "⏎", " ": "␠", "\t": "⇥", "\r": "␍"})
+
+
+def visible_whitespace(text: str) -> str:
+    """`text` with its whitespace as visible marks: newline ⏎, space ␠, tab ⇥, carriage return ␍."""
+    return text.translate(_VISIBLE)
+
+
+def shown_answer(text: str) -> str:
+    """A generated answer as Markdown: its text (outer whitespace trimmed); an answer of whitespace
+    alone (a model that emits only newlines) as visible marks in a code span, so it is not read as
+    no answer at all; nothing generated as _(empty)_."""
+    if text.strip():
+        return text.strip()
+    return f"_(whitespace only)_ `{visible_whitespace(text)}`" if text else "_(empty)_"
+
+
 def samples_markdown(prompts: list, before: list[str], after: list[str]) -> str:
     lines = ["# Samples", "", "Greedy answers to held-out prompts, before and after training.", ""]
     for i, (p, b, a) in enumerate(zip(prompts, before, after), start=1):
-        lines += [f"## {i}. Prompt", "", _prompt_text(p), "", "**Before:**", "", b or "_(empty)_", "", "**After:**",
-                  "", a or "_(empty)_", ""]
+        lines += [f"## {i}. Prompt", "", _prompt_text(p), "", "**Before:**", "", shown_answer(b), "", "**After:**",
+                  "", shown_answer(a), ""]
     if not prompts:
         lines.append("_No held-out prompts (no eval split)._")
     return "\n".join(lines) + "\n"

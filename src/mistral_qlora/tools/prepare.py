@@ -63,6 +63,7 @@ def describe_data(cfg: RunConfig, world_size: int = 1) -> str:
     lines = [
         f"data: {train_text}  (eval: {eval_text})" + ("  [streaming]" if cfg.data.streaming else ""),
         f"chat template: {data.template.describe()}",
+        *(f"warning: {w}" for w in data.template.warnings),
         *source_lines(data.sources, cfg.data.mix),
         f"records: {ts.records} train, {es.records} eval",
         f"kept: {ts.kept} train, {es.kept} eval; truncated: {ts.truncated + es.truncated}; "
