@@ -147,7 +147,12 @@ def _prepare_stderr(tmp_path, name: str, terminal: bool) -> str:
         return proc.stderr.decode(errors="replace")
     import pty
 
+    import fcntl
+    import struct
+    import termios
+
     leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal's width for the bars
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=follower)
     os.close(follower)
     chunks = []
