@@ -174,3 +174,57 @@ def test_summary_line_gives_the_peak_memory_and_what_it_is_of(capsys, of, suffix
                            "tokens_per_second": 100.0, "mfu": None, "peak_memory_gib": 1.25, "peak_memory_of": of})
     (line,) = [line for line in capsys.readouterr().out.splitlines() if "peak memory" in line]
     assert line.endswith(f"peak memory 1.25{suffix}")
+
+
+PREPARE_WITH_LOW_THRESHOLDS = (
+    "import sys\n"
+    "import mistral_qlora.data.sources as sources, mistral_qlora.data.token_cache as token_cache\n"
+    "token_cache.PROGRESS_RECORDS = 10  # every build of this test's data is long enough for a bar\n"
+    "sources.PROGRESS_BYTES = 1\n"
+    "from mistral_qlora.cli import main\n"
+    "main(sys.argv[1:])\n")
+
+
+def _prepare_stderr(tmp_path, name: str, terminal: bool) -> str:
+    """`prepare` on 200 records in a fresh process, its stderr a pipe or (terminal) a pseudo-terminal."""
+    import os
+    import subprocess
+    import sys
+
+    data = _write(tmp_path, "big.jsonl", "".join(json.dumps(r) + "\n" for r in story_records(200)))
+    cmd = [sys.executable, "-c", PREPARE_WITH_LOW_THRESHOLDS, "prepare", str(ROOT / "configs/tiny.yaml"),
+           "--set", f"data.train={data}", "--set", f"data.cache_dir={tmp_path / name}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    if not terminal:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stderr.decode(errors="replace")
+    import pty
+
+    import fcntl
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal's width for the bars
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closed: the process is done
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert proc.wait(timeout=600) == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_prepare_draws_progress_bars_on_a_terminal_only(tmp_path):
+    on_a_terminal = _prepare_stderr(tmp_path, "tty-cache", terminal=True)
+    assert "\r" in on_a_terminal and "%|" in on_a_terminal  # the build's bar, where it may be drawn
+    in_a_pipe = _prepare_stderr(tmp_path, "pipe-cache", terminal=False)
+    assert "\r" not in in_a_pipe and "%|" not in in_a_pipe, in_a_pipe[-2000:]

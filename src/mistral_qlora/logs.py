@@ -6,6 +6,11 @@
   Python warnings are routed through `logging` (each library's own console handler removed,
   warnings captured): WARNING and above go to run.log; the console shows only ERROR and above,
   from every rank, unless `--debug`, which shows them all.
+- Progress bars (ours, the Trainer's, `datasets`', huggingface_hub's) are drawn only when stderr,
+  where tqdm draws them, is a terminal (`progress_bars`): in a pipe, a file, a SLURM or
+  `docker logs` stream each carriage-return redraw would become a line of its own.
+  `setup_logging`, which every command runs first, switches the libraries' bars off otherwise;
+  our own bars ask `progress_bars`.
 - run.log can be written only once `train` has validated its inputs (output_dir is left untouched
   until then): records wait in memory and `open_run_log` writes them out, then appends. Only
   global rank 0 writes it.
@@ -86,6 +91,14 @@ class _NotOurs(logging.Filter):
 _handler: RunLogHandler | None = None
 
 
+def progress_bars() -> bool:
+    """Whether a progress bar may be drawn: stderr (where tqdm draws) is a terminal."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced by an object without it, or closed
+        return False
+
+
 def setup_logging(debug: bool = False) -> RunLogHandler:
     """Route library logs and warnings as the module docstring says (idempotent)."""
     global _handler
@@ -102,9 +115,15 @@ def setup_logging(debug: bool = False) -> RunLogHandler:
     root.setLevel(logging.INFO if debug else logging.WARNING)
     logging.getLogger(OURS).setLevel(logging.INFO)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    bars = sys.stderr.isatty()  # the libraries' progress bars (loading weights, maps): a terminal only
+    bars = progress_bars()  # the libraries' progress bars (downloads, loading weights, maps): a terminal only
     if not bars:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        try:  # read by huggingface_hub at its import: switched off here too, should it be imported already
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+        except ImportError:
+            pass
     try:
         import torch
 
@@ -135,6 +154,19 @@ def setup_logging(debug: bool = False) -> RunLogHandler:
             disable_progress_bars()
     except ImportError:
         pass
+    if os.environ.get("WANDB_MODE") == "offline" and "transformers.integrations.integration_utils" not in sys.modules:
+        # transformers prints a line on stdout when this module is first imported in W&B's offline
+        # mode (any Trainer import does): imported here, its line goes to run.log
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()) as said:
+            try:
+                import transformers.integrations.integration_utils  # noqa: F401
+            except ImportError:
+                pass
+        for line in said.getvalue().splitlines():
+            record_line(line)
     for name in LIBRARIES:
         logger = logging.getLogger(name)
         for h in list(logger.handlers):

@@ -158,8 +158,8 @@ def train(trainer, resume_from: Path | None, rt: Runtime) -> None:
 
 def finish(cfg: RunConfig, rt: Runtime, plan: Plan, inputs: RunInputs, trainer, callbacks: RunCallbacks, model,
            per_token: float, started: float) -> dict:
-    """Stop a diverged or preempted run with its error; otherwise evaluate, publish the adapter and
-    write the artifacts, summary.json last."""
+    """Stop a diverged or preempted run with its error; otherwise evaluate, publish the adapter,
+    write the artifacts, summary.json last, and remove the checkpoints' staging folder once empty."""
     out = Path(cfg.output_dir)
     divergence, preemption = callbacks.divergence, callbacks.preemption
     if divergence.diverged_at is not None:
@@ -189,6 +189,7 @@ def finish(cfg: RunConfig, rt: Runtime, plan: Plan, inputs: RunInputs, trainer, 
     if rt.is_main:
         write_final_artifacts(out, trainer.state.log_history, f"{cfg.model.name_or_path}: QLoRA r={cfg.lora.r}",
                               data.sample_prompts, callbacks.samples.before, samples_after, summary)
+        checkpoints.remove_empty_staging(checkpoints.checkpoints_root(out))
     barrier()  # the others wait for rank 0's files, so the run ends when they exist
     return summary
 
@@ -206,7 +207,8 @@ def summarize(cfg: RunConfig, rt: Runtime, plan: Plan, inputs: RunInputs, state,
         "initial_eval_perplexity": perplexity(initial_eval_loss),
         "final_eval_perplexity": perplexity(final_eval_loss),
         "steps": state.global_step,
-        "epochs": state.epoch,
+        "epochs": state.epoch if data.stream is None else None,  # a stream has no epochs
+        "stream_rows": state.global_step * callbacks.stream.rows_per_step if data.stream is not None else None,
         "train_tokens": state.num_input_tokens_seen,
         "tokens_per_second": throughput.tokens_per_second,
         "flops_per_token": per_token,

@@ -108,3 +108,13 @@ def test_a_streaming_run_resumed_from_a_checkpoint_is_exact(tmp_path):
     losses = [{e["step"]: e["loss"] for e in json.loads((d / "history.json").read_text()) if "loss" in e}
               for d in (ref, cut)]
     assert all(losses[0][s] == losses[1][s] for s in range(5, 9))
+
+    # A stream has no epochs: each log says how many rows were read from it (1 row a step here),
+    # counting on across the resume, on the console and in history.json alike
+    for d in (ref, cut):
+        logged = [e for e in json.loads((d / "history.json").read_text()) if "loss" in e]
+        assert [e["stream_rows"] for e in logged] == [e["step"] for e in logged] and "epoch" not in logged[-1]
+        assert json.loads((d / "summary.json").read_text())["stream_rows"] == 8
+    shown = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert shown[0].startswith("step 5/8 | rows 5 | ") and shown[-1].startswith("step 8/8 | rows 8 | ")
+    assert not any("epoch" in line for line in shown)

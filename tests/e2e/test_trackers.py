@@ -37,6 +37,11 @@ def test_library_warnings_go_to_run_log_not_the_console(tracked_run):
     warnings = [line for line in log.splitlines() if " WARNING " in line]
     assert warnings, "the libraries' warnings are kept in run.log"
     assert "Warning:" not in stdout + stderr  # Python warnings (FutureWarning: ...) stay off the console
+    # nor do the trackers' own lines (wandb: Syncing run ..., MLflow's run and experiment links,
+    # transformers' "Running in WANDB offline mode"): where each run is goes to run.log
+    chatter = [line for line in (stdout + stderr).splitlines() if re.search(r"wandb|mlflow|🏃|🧪", line, re.I)]
+    assert not chatter, chatter
+    assert "W&B run tracked-tiny: " in log and "MLflow run tracked-tiny (" in log
     # run.log keeps our lines too: the plan and every console line
     assert "mistral_qlora: train.strategy=" in log
     for line in stdout.splitlines():

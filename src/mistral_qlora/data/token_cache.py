@@ -43,11 +43,12 @@ from mistral_qlora.data.templates import resolve_template
 from mistral_qlora.data.tokenize import TokenBatch, tokenize_batch
 from mistral_qlora.errors import UserError
 from mistral_qlora.files import atomic_write_text
+from mistral_qlora.logs import progress_bars
 from mistral_qlora.runtime import log
 
 BATCH = 1000  # records per tokenizer call: large enough for the fast tokenizer's batch path
 TASK_BYTES = 64 << 20  # of the input table per task of the build (what a worker maps at a time)
-PROGRESS_RECORDS = 50_000  # builds of at least this many records show a progress bar
+PROGRESS_RECORDS = 50_000  # builds of at least this many records show a progress bar (on a terminal)
 CACHE_VERSION = 1
 # data settings that never change a record's tokens (everything else in DataSection does)
 NOT_TOKEN_SETTINGS = {"train", "eval", "mix", "eval_fraction", "packing", "tokens_per_row", "streaming", "stream_buffer",
@@ -57,13 +58,13 @@ NOT_TOKEN_SETTINGS = {"train", "eval", "mix", "eval_fraction", "packing", "token
 @contextmanager
 def datasets_quiet(progress: bool):
     """datasets' own logging off (its errors are reported as our one line), and its progress
-    bars only where the work is long enough to watch."""
+    bars only where the work is long enough to watch, on a terminal (logs.progress_bars)."""
     import datasets
 
     bars = datasets.utils.logging.is_progress_bar_enabled()
     verbosity = datasets.utils.logging.get_verbosity()
     datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
-    if not progress:
+    if not (progress and progress_bars()):
         datasets.utils.logging.disable_progress_bar()
     try:
         yield
@@ -336,7 +337,7 @@ def _build(table, rows, fn: RecordTokenizer, folder: Path, num_proc: int, what: 
     _INHERITED = (table, fn)
     try:
         with datasets_quiet(progress=False), tqdm(total=n, desc=f"tokenizing {what}", unit=" records",
-                                                  disable=n < PROGRESS_RECORDS) as bar:
+                                                  disable=n < PROGRESS_RECORDS or not progress_bars()) as bar:
             if len(work) == 1:
                 written = [_run_task(table, rows, *args[0])]
                 bar.update(n)

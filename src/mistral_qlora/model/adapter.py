@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from mistral_qlora.errors import UserError
-from mistral_qlora.files import write_json
+from mistral_qlora.files import set_usual_modes, write_json
 from mistral_qlora.runtime import barrier
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -108,6 +108,7 @@ def publish_adapter(model, tokenizer, out: Path, base_name: str, zero3: bool, is
     save_adapter(model, tokenizer, staging, zero3=zero3, is_main=is_main)
     if is_main:
         record_base_model(staging, base_name)
+        set_usual_modes(staging)
         if final.exists():
             shutil.rmtree(final)
         os.rename(staging, final)

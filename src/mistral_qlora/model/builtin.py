@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from mistral_qlora.config import RANDOM_7B
+from mistral_qlora.files import set_usual_modes
 from mistral_qlora.model.tokenizer import write_mistral_v1_tokenizer
 
 TINY_VERSION = "v2"
@@ -77,6 +78,7 @@ def build_once(final: Path, build) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
         build(tmp)
+        set_usual_modes(tmp)  # mkdtemp's 0700 (and the library's temporary files' 0600) would survive the rename
         try:
             os.rename(tmp, final)
         except OSError:

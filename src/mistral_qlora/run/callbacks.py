@@ -78,9 +78,10 @@ class ThroughputCallback(TrainerCallback):
             return
         if self._window_seconds > 0:
             rate = self._window_tokens / self._window_seconds
-            added = {"tokens_per_second": round(rate, 1)}
+            # stored unrounded (history.json, trackers): the console rounds what it shows
+            added = {"tokens_per_second": rate}
             if self.peak_flops_all_gpus:
-                added["mfu"] = round(mfu(rate, self.flops_per_token, self.peak_flops_all_gpus), 4)
+                added["mfu"] = mfu(rate, self.flops_per_token, self.peak_flops_all_gpus)
             logs.update(added)  # what the console and TensorBoard callbacks after this one print
             if state.log_history and state.log_history[-1].get("step") == state.global_step:
                 state.log_history[-1].update(added)  # the Trainer stored a copy: history.json
@@ -131,7 +132,11 @@ class CheckpointCommitCallback(TrainerCallback):
 class StreamPositionCallback(TrainerCallback):
     """Streaming: each checkpoint records where the stream is (data/stream.py), as `stream.json`,
     before the commit seals it. Every optimizer step consumes `rows_per_step` rows of the stream
-    (micro-batch x accumulation x processes), whatever the data loader has read ahead."""
+    (micro-batch x accumulation x processes), whatever the data loader has read ahead.
+
+    A stream has no length, so the Trainer's `epoch` in a log is only the step over `max_steps`,
+    counted again from zero after a resume: each log (and its history entry) shows instead
+    `stream_rows`, the packed rows read from the stream so far, the count `stream.json` resumes from."""
 
     def __init__(self, stream, rows_per_step: int, resume_from: Path | None = None):
         self.stream = stream
@@ -144,6 +149,15 @@ class StreamPositionCallback(TrainerCallback):
         if self.resume_from is not None:
             restore_rng_state(self.resume_from, args.world_size, args.process_index)
             self.resume_from = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None:
+            return
+        entry = state.log_history[-1] if state.log_history and state.log_history[-1].get("step") == state.global_step \
+            else {}
+        for shown in (logs, entry):
+            shown.pop("epoch", None)
+            shown["stream_rows"] = state.global_step * self.rows_per_step
 
     def on_save(self, args, state, control, **kwargs):
         staged = Path(args.output_dir) / f"checkpoint-{state.global_step}"

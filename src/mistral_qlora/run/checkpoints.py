@@ -23,6 +23,7 @@ from pathlib import Path
 
 from mistral_qlora.config import RunConfig
 from mistral_qlora.errors import UserError
+from mistral_qlora.files import set_usual_modes
 
 STAGING = ".staging"
 MANIFEST = "manifest.json"
@@ -71,6 +72,7 @@ def commit(staged: Path, fingerprint: dict) -> Path:
     (staged / FINGERPRINT).write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
     manifest = {str(p.relative_to(staged)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(staged)}
     (staged / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    set_usual_modes(staged)
     for p in _files(staged) + [staged / MANIFEST]:
         _fsync_path(p)
     for d in sorted({p.parent for p in _files(staged)} | {staged}, key=lambda d: -len(d.parts)):
@@ -133,6 +135,15 @@ def rotate(root: Path, keep: int) -> None:
 def discard_staging(root: Path) -> None:
     for p in root.glob(f"{STAGING}*") if root.is_dir() else []:
         shutil.rmtree(p, ignore_errors=True)
+
+
+def remove_empty_staging(root: Path) -> None:
+    """The staging folder, once a finished run has committed every checkpoint out of it (left as it
+    is when it still holds something)."""
+    try:
+        (root / STAGING).rmdir()
+    except OSError:  # absent, or not empty
+        pass
 
 
 def check_fingerprint(ckpt: Path, current: dict, force: bool, warn) -> None:

@@ -18,6 +18,12 @@ Names: `train.run_name` (default: output_dir's last folder) through `TrainingArg
 (`WANDB_PROJECT`, `WANDB_TAGS`, `MLFLOW_EXPERIMENT_NAME`, `MLFLOW_TAGS`); a variable the user set
 wins, and the log says so. W&B writes its run folder into output_dir/wandb (`WANDB_DIR`), which
 `WANDB_MODE=offline` leaves there for `wandb sync`.
+
+The console keeps to the run's own lines: W&B's terminal messages are off (`WANDB_SILENT`; they
+stay in its run folder's logs/debug.log) and MLflow's run and experiment links are not printed
+(`MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT`), nor do its loggers get a console handler of their own
+(`MLFLOW_CONFIGURE_LOGGING=false`: they are routed as every library's, mistral_qlora/logs.py);
+where each tracker's run is goes to run.log instead.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from pathlib import Path
 
 from mistral_qlora.config import RunConfig
 from mistral_qlora.errors import UserError
+from mistral_qlora.logs import record_line
 from mistral_qlora.runtime import log
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
@@ -61,11 +68,15 @@ def tracker_env(cfg: RunConfig, env=None) -> list[str]:
     wanted: list[tuple[str, str, str]] = []  # (variable, value, where the value comes from)
     if "wandb" in trackers:
         wanted.append(("WANDB_DIR", str(Path(cfg.output_dir).resolve()), "output_dir"))
+        wanted.append(("WANDB_SILENT", "true", "the console's own lines only"))
         if t.project:
             wanted.append(("WANDB_PROJECT", t.project, "train.project"))
         if t.tags:
             wanted.append(("WANDB_TAGS", ",".join(t.tags), "train.tags"))
     if "mlflow" in trackers:
+        wanted.append(("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true", "the console's own lines only"))
+        # MLflow's loggers without the stderr handler it installs at import: routed as the others (logs.py)
+        wanted.append(("MLFLOW_CONFIGURE_LOGGING", "false", "the console's own lines only"))
         if t.project:
             wanted.append(("MLFLOW_EXPERIMENT_NAME", t.project, "train.project"))
         if t.tags:
@@ -167,6 +178,8 @@ def _wandb(cfg: RunConfig):
             super().setup(args, state, model, **kwargs)
             if state.is_world_process_zero and self._wandb.run is not None:
                 self._wandb.config.update({"run_config": cfg.model_dump(mode="json")}, allow_val_change=True)
+                run = self._wandb.run
+                record_line(f"W&B run {run.name}: {run.url or run.dir}")
 
         def finish_run(self, out: Path | None, ok: bool) -> None:
             if self._wandb is None or self._wandb.run is None:
@@ -188,6 +201,9 @@ def _mlflow(cfg: RunConfig):
         def setup(self, args, state, model):
             super().setup(args, state, model)
             if state.is_world_process_zero and self._ml_flow.active_run() is not None:
+                info = self._ml_flow.active_run().info
+                record_line(f"MLflow run {info.run_name} ({info.run_id}) of experiment {info.experiment_id} "
+                            f"at {self._ml_flow.get_tracking_uri()}")
                 params = [(f"config.{k}", v) for k, v in flat_config(cfg).items()]
                 for i in range(0, len(params), self._MAX_PARAMS_TAGS_PER_BATCH):
                     self._ml_flow.log_params(dict(params[i:i + self._MAX_PARAMS_TAGS_PER_BATCH]))

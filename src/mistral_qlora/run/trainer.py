@@ -4,7 +4,6 @@ the optimizer takes LoRA+ param groups through the Trainer's `create_optimizer` 
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from transformers import Trainer
 from mistral_qlora.config import RunConfig
 from mistral_qlora.data import TrainingData
 from mistral_qlora.data.tokenize import IGNORE_INDEX
+from mistral_qlora.logs import progress_bars
 from mistral_qlora.model.attention import TAKES_CU_SEQLENS
 from mistral_qlora.run.callbacks import (AdapterCheckCallback, CheckpointCommitCallback, CompletedCheckpointCallback,
                                          DivergenceCallback, EvalPerplexityCallback, PreemptionCallback,
@@ -64,8 +64,8 @@ def training_arguments(cfg: RunConfig, rt: Runtime, has_eval: bool, deepspeed: P
         use_cpu=rt.device == "cpu",
         report_to="none",  # the trackers are added explicitly, after our metrics callbacks (run/trackers.py)
         run_name=run_name(cfg),
-        # progress bars on a terminal only (run/console.py): in a pipe or a log file each redraw is a line
-        disable_tqdm=not (rt.is_main and sys.stdout.isatty()),
+        # progress bars on a terminal only (logs.progress_bars): in a pipe or a log file each redraw is a line
+        disable_tqdm=not (rt.is_main and progress_bars()),
         neftune_noise_alpha=t.neftune_alpha,
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",

@@ -130,5 +130,4 @@ def export_gguf(adapter: str, out: Path, qtype: str, model: str | None, overwrit
         tmp.unlink(missing_ok=True)
     modelfile = modelfile_path(out)
     atomic_write_text(modelfile, modelfile_text(out.name))
-    os.chmod(modelfile, out.stat().st_mode & 0o777)  # readable as the GGUF is (atomic writes start private)
     return out, modelfile

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from mistral_qlora.errors import UserError
+from mistral_qlora.files import set_usual_modes
 from mistral_qlora.model.adapter import adapter_base, attach_adapter
 from mistral_qlora.model.base import resolve_model_path
 from mistral_qlora.model.tokenizer import load_tokenizer
@@ -70,6 +71,7 @@ def merge_adapter(adapter: str, output: str, dtype: str = "bf16", model: str | N
     try:
         merged.save_pretrained(str(staging), safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(str(staging))
+        set_usual_modes(staging)
         if out.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.rename(out, old)  # moved aside, not yet deleted: the rename below is the switch
