@@ -221,3 +221,57 @@ def test_fuzz_records_are_random_but_seeded():
     assert tool_records(5, seed=1) == tool_records(5, seed=1) != tool_records(5, seed=2)
     rng = random.Random(0)
     assert rng.random() < 1
+
+
+CHATML_TOOLS = (
+    "{% if tools %}{{ '<|im_start|>tools\n' + (tools | tojson) + '<|im_end|>\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}"
+    "{% for call in message.get('tool_calls') or [] %}{{ '<call>' + (call['function'] | tojson) }}{% endfor %}"
+    "{{ '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ message['content'] + '<|im_end|>' + '\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _chatml_tokenizer(chat_template):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    core.train_from_iterator(HARD * 3, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = chat_template
+    return tok
+
+
+def test_jinja_template_renders_tool_records_through_its_own_tools_support():
+    tok = _chatml_tokenizer(CHATML_TOOLS)
+    template = resolve_template("tokenizer", tok)
+    convs = _conversations(HANDMADE)
+    for conv, (ids, labels) in zip(convs, template.encode(convs)):
+        messages = template._messages(conv)
+        ref = tok.apply_chat_template(messages, tools=conv.tools, tokenize=True, return_dict=True,
+                                      return_assistant_tokens_mask=True)
+        assert ids == ref["input_ids"]
+        assert [label != IGNORE_INDEX for label in labels] == [bool(m) for m in ref["assistant_masks"]]
+        assert any(label != IGNORE_INDEX for label in labels)
+    text = tok.decode(template.generation_ids(convs[0]))
+    assert text.startswith("<|im_start|>tools\n") and '"get_weather"' in text
+    assert text.endswith("<|im_start|>tool\nnot json  <|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_jinja_template_without_tools_support_refuses_tool_records():
+    plain = CHATML_TOOLS.split("{% endif %}", 1)[1].replace("{% for call in message.get('tool_calls') or [] %}"
+                                                           "{{ '<call>' + (call['function'] | tojson) }}{% endfor %}", "")
+    template = resolve_template("tokenizer", _chatml_tokenizer(plain))
+    with pytest.raises(UserError, match=r"has no tools support, so it cannot encode records with tools"):
+        template.encode(_conversations(HANDMADE[:1]))
+    assert template.encode(_conversations(HANDMADE[2:]))  # records without tools still encode

@@ -144,7 +144,7 @@ def resolve_template(name: str, tokenizer) -> "ChatTemplate":
         if version != needs and not (needs == "v3" and version == "v7"):
             what = {"v3": "[INST] and [/INST] as control tokens 3 and 4",
                     "v7": "[SYSTEM_PROMPT] and [/SYSTEM_PROMPT] as control tokens 16 and 17"}[needs]
-            raise UserError(f"data.template={name} needs Mistral's {needs} SentencePiece vocabulary ({what}); "
+            raise UserError(f"data.template={name} needs Mistral's {needs} vocabulary ({what}); "
                             f"{_name(tokenizer)} does not have it: set data.template to auto or mistral-v1")
         return (MistralV3Template if needs == "v3" else MistralV7Template)(tokenizer, reason)
     if name == "mistral-tekken":
@@ -434,8 +434,30 @@ class JinjaTemplate(ChatTemplate):
             f"turns ({detail}); wrap each assistant message's content in {{% generation %}}...{{% endgeneration %}} "
             "or set data.template to mistral-v1 or mistral-v3")
 
-    @staticmethod
-    def _messages(conv: Conversation, answer_last: bool = True) -> list[dict]:
+    def _tool_messages(self, conv: Conversation, answer_last: bool) -> list[dict]:
+        """A tool record in OpenAI's form for the template's own tools support (a template that
+        names no `tools`, or cannot mark its assistant turns with {% generation %}, is refused)."""
+        if "tools" not in self.source or not self.marked:
+            why = "has no tools support" if "tools" not in self.source else "has no {% generation %} marks"
+            raise UserError(f"data.template=tokenizer: the chat template of {_name(self.tokenizer)} {why}, so it "
+                            "cannot encode records with tools or tool calls; use a Mistral template (mistral-v3, "
+                            "mistral-v7, mistral-tekken) or a chat template with tools and {% generation %} marks")
+        messages = [{"role": "system", "content": conv.system}] if conv.system else []
+        chat = conv.chat_messages()
+        if not answer_last and chat[-1]["role"] == "assistant":
+            chat = chat[:-1]
+        for m in chat:
+            if m["role"] == "assistant" and m.get("tool_calls"):
+                calls = [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                         for c in m["tool_calls"]]
+                messages.append({"role": "assistant", "content": m["content"], "tool_calls": calls})
+            else:
+                messages.append(dict(m))
+        return messages
+
+    def _messages(self, conv: Conversation, answer_last: bool = True) -> list[dict]:
+        if conv.messages is not None or conv.tools:
+            return self._tool_messages(conv, answer_last)
         messages = [{"role": "system", "content": conv.system}] if conv.system else []
         for i, (prompt, answer) in enumerate(conv):
             messages.append({"role": "user", "content": prompt})
@@ -468,9 +490,17 @@ class JinjaTemplate(ChatTemplate):
         return [self.tokenizer.eos_token_id, *self._end_ids]
 
     def _encode_marked(self, convs: list[Conversation]) -> tuple[list[list[int]], list[list[bool]]]:
+        if any(c.tools for c in convs):  # tools differ from record to record: one rendering each
+            pairs = [self._encode_marked_one(c) for c in convs]
+            return [i for i, _ in pairs], [m for _, m in pairs]
         out = self._render([self._messages(c) for c in convs], False, tokenize=True, return_dict=True,
                            return_assistant_tokens_mask=True)
         return list(out["input_ids"]), [[bool(m) for m in mask] for mask in out["assistant_masks"]]
+
+    def _encode_marked_one(self, conv: Conversation) -> tuple[list[int], list[bool]]:
+        out = self._render([self._messages(conv)], False, tokenize=True, return_dict=True,
+                           return_assistant_tokens_mask=True, tools=conv.tools)
+        return list(out["input_ids"][0]), [bool(m) for m in out["assistant_masks"][0]]
 
     def _separate(self, conv: Conversation, before: list[str], upto: list[str]) -> list[tuple[int, int]]:
         """Character spans of the learned text in the last of `upto` (the whole conversation)."""
@@ -516,12 +546,16 @@ class JinjaTemplate(ChatTemplate):
         convs = [_as_conversation(c) for c in conversations]
         if not convs:
             return []
+        for conv in convs:
+            if conv.messages is not None or conv.tools:
+                self._messages(conv)  # refused here where the template cannot encode tools
         ids, learned = self._encode_marked(convs) if self.marked else self._encode_separable(convs)
         return [(i, _labels(i, keep, train_on_prompt)) for i, keep in zip(ids, learned)]
 
     def generation_ids(self, conversation):
-        messages = self._messages(_as_conversation(conversation), answer_last=False)
-        return list(self._render([messages], True, tokenize=True, return_dict=False)[0])
+        conv = _as_conversation(conversation)
+        messages = self._messages(conv, answer_last=False)
+        return list(self._render([messages], True, tokenize=True, return_dict=False, tools=conv.tools)[0])
 
 
 def _overlap(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
