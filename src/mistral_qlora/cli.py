@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 import traceback
+from pathlib import Path
 
 from mistral_qlora import __version__
 from mistral_qlora.bench.cli import add_bench_parsers
@@ -69,8 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
     p.add_argument("--prompt", action="append", required=True, help="the question (repeatable)")
     p.add_argument("--system", default="", help="a system prompt for every question")
+    p.add_argument("--tools", metavar="FILE",
+                   help="a JSON file with the tools the model may call, OpenAI's form (a list of {type: function, "
+                        "function: {name, description, parameters}}), rendered as the template renders a record's tools")
     p.add_argument("--template", metavar="NAME",
-                   help="the chat template: auto, mistral-v1, mistral-v3 or tokenizer (default: the run's data.template, read from the adapter's run folder; "
+                   help="the chat template: auto, mistral-v1, mistral-v3, mistral-v7, mistral-tekken or tokenizer (default: the run's data.template, read from the adapter's run folder; "
                         "else auto)")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
                    help="the longest answer, in tokens; generation stops earlier at the template's end token "
@@ -149,7 +153,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from mistral_qlora.data.formats import Conversation
+    from mistral_qlora.data.formats import Conversation, parse_tools
     from mistral_qlora.data.templates import TEMPLATES, resolve_template
     from mistral_qlora.model.greedy import greedy_answers
     from mistral_qlora.run.artifacts import visible_whitespace
@@ -158,9 +162,15 @@ def cmd_generate(args) -> int:
     if args.template is not None and args.template not in TEMPLATES:
         raise UserError(f"--template {args.template}: choose one of {', '.join(TEMPLATES)}")
 
+    tools = None
+    if args.tools:
+        try:
+            tools = parse_tools(Path(args.tools).read_text(encoding="utf-8"), f"--tools {args.tools}")
+        except OSError as exc:
+            raise UserError(f"--tools {args.tools}: cannot read it ({exc.strerror})") from None
     model, tokenizer = load_for_generation(args.adapter, args.model, bits=args.bits)
     template = resolve_template(args.template or run_template(args.adapter), tokenizer)
-    prompts = [Conversation([(prompt, "")], args.system) for prompt in args.prompt]
+    prompts = [Conversation([(prompt, "")], args.system, tools=tools) for prompt in args.prompt]
     for prompt, answer in zip(prompts, greedy_answers(model, tokenizer, prompts, args.max_new_tokens, template)):
         # What the model was given, as the template rendered it (BOS left out).
         ids = template.generation_ids(prompt)

@@ -164,11 +164,13 @@ class DataSection(_Section):
     format: Literal["auto", "text", "prompt_response", "instruction", "messages"] = _key(
         "auto", "The records' form; `auto` reads it from the first record's keys: `text` "
         "(`<s>[INST] q [/INST] a </s>`), `prompt_response`, `instruction` (+ `input`), `messages`.")
-    template: Literal["auto", "mistral-v1", "mistral-v3", "tokenizer"] = _key(
+    template: Literal["auto", "mistral-v1", "mistral-v3", "mistral-v7", "mistral-tekken", "tokenizer"] = _key(
         "auto", "The chat template: `mistral-v1` (`[INST]` as text; Mistral-7B v0.1/v0.2), `mistral-v3` "
-        "(`[INST]` control tokens; v0.3), both as mistral-common encodes them, or `tokenizer` (the checkpoint's "
-        "own chat template). `auto`: the Mistral one for a Mistral tokenizer of that version, else the "
-        "checkpoint's template (docs/data.md#templates).")
+        "(`[INST]` control tokens; v0.3), `mistral-v7` (`[SYSTEM_PROMPT]`; the v7 SentencePiece vocabulary), "
+        "`mistral-tekken` (a `tekken.json` vocabulary, its v3 or v7 format; Mistral-Nemo), all as mistral-common "
+        "encodes them, tool calls included, or `tokenizer` (the checkpoint's own chat template). `auto`: the "
+        "Mistral one for a Mistral tokenizer of that version, else the checkpoint's template "
+        "(docs/data.md#templates).")
     max_seq_len: int = _key(512, "The longest a tokenized record may be; see `data.overlong`.",
                             ge=16, le=1_048_576)
     overlong: Literal["truncate", "drop"] = _key(

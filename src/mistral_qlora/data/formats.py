@@ -5,13 +5,16 @@ Forms (`data.format`, detected from the first record's keys when `auto`):
 - `prompt_response`: `prompt` + `response` columns;
 - `instruction`: `instruction` (+ optional `input`) + `output` columns;
 - `messages`: a list of `{"role", "content"}` (an optional system message, then alternating
-  user/assistant, ending with the assistant).
+  user/assistant, ending with the assistant); with tool calls (OpenAI's form) an assistant message
+  may carry `tool_calls` and be followed by `tool` messages, one per call, and the record may have
+  a `tools` list (`parse_tool_messages`).
 The first three take an optional `system` column; `messages` takes its system message. The chat
 template (`templates.py`) decides where the system prompt goes; this module only extracts text.
 """
 
 from __future__ import annotations
 
+import json
 import re
 
 from mistral_qlora.errors import UserError
@@ -23,12 +26,29 @@ class Conversation(list):
     """A list of (user prompt, assistant answer) turns, with the conversation's system prompt as
     `system` ("" when it has none). A plain list of turns works wherever a Conversation does."""
 
-    def __init__(self, turns=(), system: str = ""):
+    def __init__(self, turns=(), system: str = "", messages: list[dict] | None = None,
+                 tools: list[dict] | None = None):
         super().__init__(turns)
         self.system = system
+        # A record with tool calls or results: its messages after the system one (user, assistant
+        # with `content` and `tool_calls`, tool with `tool_call_id`), checked by parse_tool_messages;
+        # the turns are then each user message with the assistant's last text before the next one.
+        self.messages = messages
+        self.tools = tools  # the record's `tools` (OpenAI's JSON schema form), or None
+
+    def chat_messages(self) -> list[dict]:
+        """The messages after the system prompt: the record's own where it has tool calls, else
+        the turns as user/assistant pairs."""
+        if self.messages is not None:
+            return self.messages
+        out = []
+        for prompt, answer in self:
+            out += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        return out
 
     def __eq__(self, other):
-        return list.__eq__(self, other) and self.system == getattr(other, "system", "")
+        return (list.__eq__(self, other) and self.system == getattr(other, "system", "")
+                and self.messages == getattr(other, "messages", None) and self.tools == getattr(other, "tools", None))
 
     def __ne__(self, other):
         return not self == other
@@ -36,7 +56,8 @@ class Conversation(list):
     __hash__ = None
 
     def __repr__(self) -> str:
-        return f"Conversation({list.__repr__(self)}, system={self.system!r})"
+        extra = f", messages={self.messages!r}, tools={self.tools!r}" if self.messages is not None else ""
+        return f"Conversation({list.__repr__(self)}, system={self.system!r}{extra})"
 
 _TURN = re.compile(r"\[INST\](.*?)\[/INST\](.*?)(?:</s>|(?=\[INST\])|\Z)", re.DOTALL)
 
@@ -49,7 +70,7 @@ FORM_KEYS = {
 # Columns a form reads when present.
 OPTIONAL_KEYS = {
     "text": ("system",),
-    "messages": (),
+    "messages": ("tools",),
     "prompt_response": ("system",),
     "instruction": ("input", "system"),
 }
@@ -104,9 +125,12 @@ def _string_field(record: dict, key: str, where: str, required: bool = True) -> 
     return value.strip()
 
 
-def parse_messages(messages, where: str) -> Conversation:
+def parse_messages(messages, where: str, tools=None) -> Conversation:
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+    if tools is not None or any(isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool")
+                                for m in messages):
+        return parse_tool_messages(messages, where, tools)
     system = ""
     turns: list[Turn] = []
     pending: str | None = None
@@ -153,7 +177,7 @@ def _turns(record: dict, form: str, where: str) -> list[Turn]:
 def to_turns(record: dict, form: str, where: str) -> Conversation:
     """One record as a Conversation; `system` from the record's system message or `system` column."""
     if form == "messages":
-        return parse_messages(record.get("messages"), where)
+        return parse_messages(record.get("messages"), where, record.get("tools"))
     return Conversation(_turns(record, form, where), _string_field(record, "system", where, required=False))
 
 
@@ -169,3 +193,117 @@ def record_label(index: int) -> str:
     """How errors name a record: its index in the source, counted from 0 (and said so, since file
     lines are counted from 1; in a JSON Lines file without blank lines record i is line i + 1)."""
     return f"record {index} (0-based)"
+
+
+def _drop_nulls(value):
+    """A JSON value less its null object members: an Arrow table gives a record every key any
+    record of its column has, as null where it has none (a JSON schema has no null members)."""
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
+def _json_value(value, what: str, where: str):
+    """A JSON value given as itself or as a JSON string."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{where}: {what} is not JSON ({exc.msg} at character {exc.pos}): {_snippet(value)}") from None
+    return _drop_nulls(value)
+
+
+def parse_tools(tools, where: str) -> list[dict]:
+    """The record's `tools`: OpenAI's form, a list of {"type": "function", "function": {"name",
+    "description", "parameters"}} (a JSON string of it too)."""
+    tools = _json_value(tools, "'tools'", where)
+    if not isinstance(tools, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str)
+            and t.get("type", "function") == "function" for t in tools):
+        raise UserError(f"{where}: 'tools' must be a list of {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+                        f"\"description\": ..., \"parameters\": {{...}}}}}}, got {_snippet(tools)}")
+    return [{"type": "function", "function": t["function"]} for t in tools]
+
+
+def _tool_call(call, j: int, where: str, names: set[str]) -> dict:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(call.get("id"), str):
+        raise UserError(f"{where}: message {j} has a tool call that is not {{\"id\": ..., \"type\": \"function\", "
+                        f"\"function\": {{\"name\": ..., \"arguments\": ...}}}}: {_snippet(call)}")
+    name = fn["name"]
+    if name not in names:
+        raise UserError(f"{where}: message {j} calls the tool {name!r}, which is not in the record's 'tools' "
+                        f"({', '.join(sorted(names)) or 'none given'}); add its schema to 'tools'")
+    arguments = fn.get("arguments")
+    arguments = {} if arguments is None else _json_value(arguments, f"the arguments of message {j}'s call {call['id']!r}",
+                                                         where)
+    return {"id": call["id"], "name": name, "arguments": arguments}
+
+
+def parse_tool_messages(messages: list, where: str, tools=None) -> Conversation:
+    """A `messages` record with tool calls or results (OpenAI's form): an optional system message,
+    then user -> assistant, where an assistant message with `tool_calls` is followed by one `tool`
+    message per call (`tool_call_id` naming it, in any order), then the assistant again; a user
+    message may follow an assistant answer or the tool results. Every call names a tool of the
+    record's `tools` and has JSON arguments; every call has its result, except in the record's
+    last message (a call the record teaches, as mistral-common's fine-tuning mode allows)."""
+    tool_list = parse_tools(tools, where) if tools is not None else None
+    names = {t["function"]["name"] for t in tool_list or ()}
+    system, out, turns = "", [], []
+    pending: dict[str, int] = {}  # call id -> the message that made it, until its result
+    previous = None
+    for j, msg in enumerate(messages):
+        if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant", "tool"):
+            raise UserError(f"{where}: message {j} must be {{\"role\": system|user|assistant|tool, ...}}, "
+                            f"got {_snippet(msg)}")
+        role, content = msg["role"], msg.get("content")
+        if content is not None and not isinstance(content, str):
+            raise UserError(f"{where}: message {j}'s content must be a string, got {_snippet(content)}")
+        content = content or ""
+        if role != "tool" and pending:
+            call = next(iter(pending))
+            raise UserError(f"{where}: the tool call {call!r} of message {pending[call]} has no result "
+                            f"(a 'tool' message with tool_call_id {call!r} before message {j})")
+        if role == "system":
+            if j != 0:
+                raise UserError(f"{where}: message {j} is a system message; only the first message may be one")
+            system = content.strip()
+        elif role == "user":
+            if previous not in (None, "system", "assistant", "tool") or not content.strip():
+                raise UserError(f"{where}: message {j} (user) must be non-empty and follow the system message, "
+                                "an assistant answer or tool results")
+            out.append({"role": "user", "content": content.strip()})
+            turns.append([content.strip(), ""])
+        elif role == "assistant":
+            if previous not in ("user", "tool"):
+                raise UserError(f"{where}: message {j} (assistant) must follow a user message or tool results")
+            calls = msg.get("tool_calls") or []
+            if not isinstance(calls, list):
+                raise UserError(f"{where}: message {j}'s 'tool_calls' must be a list, got {_snippet(calls)}")
+            calls = [_tool_call(c, j, where, names) for c in calls]
+            if not calls and not content.strip():
+                raise UserError(f"{where}: message {j} (assistant) has neither content nor tool_calls")
+            ids = [c["id"] for c in calls]
+            if len(set(ids)) != len(ids):
+                raise UserError(f"{where}: message {j} has two tool calls with the same id; give each its own")
+            pending = dict.fromkeys(ids, j)
+            message = {"role": "assistant", "content": content.strip()}
+            if calls:
+                message["tool_calls"] = calls
+            out.append(message)
+            if content.strip():
+                turns[-1][1] = content.strip()
+        else:
+            call_id = msg.get("tool_call_id")
+            if call_id not in pending:
+                raise UserError(f"{where}: message {j} is a tool result for the call {call_id!r}, which no "
+                                "assistant message before it made and awaits; set its 'tool_call_id' to a call's id")
+            del pending[call_id]
+            out.append({"role": "tool", "content": content, "tool_call_id": call_id})
+        previous = role
+    if previous in ("system", "user", "tool", None):
+        raise UserError(f"{where}: the last message is {'from the ' + previous if previous else 'missing'}; "
+                        "conversations must end with the assistant")
+    return Conversation([tuple(t) for t in turns], system, messages=out, tools=tool_list)

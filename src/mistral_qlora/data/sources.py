@@ -26,7 +26,7 @@ from mistral_qlora.data.token_cache import datasets_quiet
 from mistral_qlora.errors import UserError
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-OPTIONAL_KEYS = {"instruction": ("input",)}  # read when present
+OPTIONAL_KEYS = {"instruction": ("input",), "messages": ("tools",)}  # read when present
 PROGRESS_BYTES = 64 * 2**20  # files at least this large show datasets' progress bar while converted
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 

@@ -7,10 +7,25 @@
 - `mistral-v3`: `<s>[INST]q1[/INST]a1</s>[INST]q2[/INST]a2</s>` with `[INST]`/`[/INST]` as the
   control tokens 3 and 4, exactly as mistral-common's v3 encoder; a system prompt opens the LAST
   user message, followed by a blank line (mistral-common's convention for v2/v3).
+- `mistral-v7`: v3's format with the system prompt as its own `[SYSTEM_PROMPT]...[/SYSTEM_PROMPT]`
+  after BOS and tool results as `[TOOL_RESULTS]id[TOOL_CONTENT]content[/TOOL_RESULTS]`, on the v7
+  SentencePiece vocabulary (control tokens 16-18), as mistral-common's v7 encoder.
+- `mistral-tekken`: a Tekken vocabulary (`tekken.json`, data/tekken.py) with the instruct version
+  that file declares: v3 (Mistral-Nemo) or v7, encoded as mistral-common encodes them.
 - `tokenizer`: the checkpoint's own Jinja chat template, through `apply_chat_template`.
-- `auto`: `mistral-v3` or `mistral-v1` when the tokenizer's vocabulary is Mistral's of that
-  version (`mistral_version`) and its chat template, if it has one, is Mistral's `[INST]` one;
-  otherwise the checkpoint's chat template; a tokenizer with neither gets `mistral-v1`.
+- `auto`: `mistral-tekken` for a Tekken checkpoint; `mistral-v7`, `mistral-v3` or `mistral-v1` when
+  the tokenizer's vocabulary is Mistral's of that version (`mistral_version`); in both cases when
+  its chat template, if it has one, is Mistral's `[INST]` one; otherwise the checkpoint's chat
+  template; a tokenizer with neither gets `mistral-v1`.
+
+Tool calls (records with `tools`, assistant `tool_calls` and `tool` messages; formats.py) in v3,
+v7 and Tekken as mistral-common's fine-tuning mode: `[AVAILABLE_TOOLS]` + the tools' JSON +
+`[/AVAILABLE_TOOLS]` before the LAST user message's `[INST]`; an assistant's calls as
+`[TOOL_CALLS]` + the JSON list of {name, arguments, id} + EOS (v7: after its text, if any); each
+result as `[TOOL_RESULTS]`...`[/TOOL_RESULTS]`. The learned tokens are every assistant message as
+mistral-common encodes it (text, calls, EOS); tool results and tools are context. `mistral-v1`
+has no tool tokens and refuses tool records; a Jinja template renders them through its own
+`tools` support (per conversation) where it has one, else refuses them.
 
 Labels are -100 everywhere except on the assistant turns (their content and the end of turn after
 it), unless train_on_prompt; the first token (BOS) is never a target. Text spans of a whole batch
@@ -38,6 +53,7 @@ and `train` print.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from typing import Sequence
 
@@ -46,11 +62,14 @@ import numpy as np
 from mistral_qlora.data.formats import Conversation, Turn
 from mistral_qlora.data.ragged import ID, Ragged, offsets_of, segments
 from mistral_qlora.data.spm import spm_encoder, tokenizer_ids
+from mistral_qlora.data.tekken import TekkenEncoder, tekken_file, tekken_version
 from mistral_qlora.errors import UserError
 
 IGNORE_INDEX = -100
 
-TEMPLATES = ("auto", "mistral-v1", "mistral-v3", "tokenizer")
+TEMPLATES = ("auto", "mistral-v1", "mistral-v3", "mistral-v7", "mistral-tekken", "tokenizer")
+# The instruct versions of a Tekken file the Tekken template encodes (later ones changed the tool format).
+TEKKEN_VERSIONS = ("v3", "v7")
 
 # "[INST]" in the Mistral v1 (Mistral-7B v0.1/v0.2, Mixtral-8x7B) 32000-token vocabulary: no
 # control tokens, three text pieces. Llama-2 shares the size and BOS/EOS ids but not these pieces.
@@ -59,6 +78,9 @@ _V1_INST = ([733, 16289, 28793], ["▁[", "INST", "]"])
 # The v3 (Mistral-7B v0.3) vocabulary: 32768 pieces, [INST] and [/INST] control tokens 3 and 4.
 _V3_VOCAB_SIZE = 32768
 _V3_CONTROL = ([3, 4], ["[INST]", "[/INST]"])
+# The v7 SentencePiece vocabulary: v3's size and control tokens, and [SYSTEM_PROMPT] and
+# [/SYSTEM_PROMPT] as control tokens 16 and 17.
+_V7_CONTROL = ([16, 17], ["[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"])
 
 _GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 # A conversation rendered to find out whether (and how) a Jinja template marks assistant turns.
@@ -66,14 +88,18 @@ _PROBE = Conversation([("What is two plus two?", "Two plus two is four."), ("And
 
 
 def mistral_version(tokenizer) -> str | None:
-    """'v3', 'v1' or None, from the vocabulary alone: v3 has 32768 pieces with [INST]/[/INST] as
-    the special tokens 3/4; v1 has 32000 pieces with "[INST]" as the text pieces 733 16289 28793."""
+    """'v7', 'v3', 'v1' or None, from the vocabulary alone: v3 has 32768 pieces with [INST]/[/INST]
+    as the special tokens 3/4, v7 also [SYSTEM_PROMPT]/[/SYSTEM_PROMPT] as 16/17; v1 has 32000
+    pieces with "[INST]" as the text pieces 733 16289 28793."""
     size = getattr(tokenizer, "vocab_size", None)
-    if size == _V3_VOCAB_SIZE:
-        ids, names = _V3_CONTROL
+    if size == _V3_VOCAB_SIZE and tekken_file(tokenizer) is None:
         special = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values()
                                                        if t.special}
-        if tokenizer.convert_tokens_to_ids(names) == ids and set(names) <= special:
+        found = [tokenizer.convert_tokens_to_ids(names) == ids and set(names) <= special
+                 for ids, names in (_V3_CONTROL, _V7_CONTROL)]
+        if all(found):
+            return "v7"
+        if found[0]:
             return "v3"
     if size == _V1_VOCAB_SIZE:
         ids, pieces = _V1_INST
@@ -100,29 +126,45 @@ def resolve_template(name: str, tokenizer) -> "ChatTemplate":
     """The template `data.template=name` means for this tokenizer (see the module docstring)."""
     if name not in TEMPLATES:
         raise UserError(f"data.template: unknown template {name!r}; choose one of {', '.join(TEMPLATES)}")
-    version = mistral_version(tokenizer)
+    tekken = tekken_file(tokenizer)
+    tekken_v = tekken_version(tekken) if tekken is not None else None
+    version = "tekken" if tekken_v in TEKKEN_VERSIONS else (None if tekken else mistral_version(tokenizer))
     own = chat_template_source(tokenizer)
     if name == "auto":
         if version is not None and (own is None or "[INST]" in own):
             why = "its own chat template is Mistral's [INST] one" if own else "it has no chat template"
-            name, reason = f"mistral-{version}", f"auto: a Mistral {version} vocabulary and {why}"
+            what = f"a Tekken vocabulary ({tekken_v})" if version == "tekken" else f"a Mistral {version} vocabulary"
+            name, reason = f"mistral-{version}", f"auto: {what} and {why}"
         elif own is not None:
             name, reason = "tokenizer", "auto: the checkpoint's own chat template"
+        elif tekken is not None:
+            raise UserError(f"data.template=auto: {_name(tokenizer)} has a Tekken vocabulary of instruct version "
+                            f"{tekken_v!r}, which is not encoded here ({', '.join(TEKKEN_VERSIONS)} are), and no chat "
+                            "template; give the checkpoint a chat template and set data.template=tokenizer")
         else:
             name, reason = "mistral-v1", "auto: not a Mistral vocabulary and no chat template; the v1 text template"
     else:
         reason = f"data.template={name}"
     if name == "mistral-v1":
         return MistralV1Template(tokenizer, reason)
-    if name == "mistral-v3":
-        if version != "v3":
-            raise UserError(f"data.template=mistral-v3 needs Mistral's v3 vocabulary ([INST] and [/INST] as control "
-                            f"tokens 3 and 4); {_name(tokenizer)} does not have it: set data.template to auto or "
-                            "mistral-v1")
-        return MistralV3Template(tokenizer, reason)
+    if name in ("mistral-v3", "mistral-v7"):
+        needs = name.removeprefix("mistral-")
+        if version != needs and not (needs == "v3" and version == "v7"):
+            what = {"v3": "[INST] and [/INST] as control tokens 3 and 4",
+                    "v7": "[SYSTEM_PROMPT] and [/SYSTEM_PROMPT] as control tokens 16 and 17"}[needs]
+            raise UserError(f"data.template={name} needs Mistral's {needs} vocabulary ({what}); "
+                            f"{_name(tokenizer)} does not have it: set data.template to auto or mistral-v1")
+        return (MistralV3Template if needs == "v3" else MistralV7Template)(tokenizer, reason)
+    if name == "mistral-tekken":
+        if tekken is None or tekken_v not in TEKKEN_VERSIONS:
+            detail = (f"its {tekken.name} declares instruct version {tekken_v!r} ({', '.join(TEKKEN_VERSIONS)} are "
+                      "encoded here)" if tekken else "it has no tekken.json")
+            raise UserError(f"data.template=mistral-tekken needs a Tekken vocabulary; {_name(tokenizer)}: {detail}; "
+                            "set data.template to auto or tokenizer")
+        return TekkenTemplate(tokenizer, tekken, tekken_v, reason)
     if own is None:
         raise UserError(f"data.template=tokenizer: {_name(tokenizer)} has no chat template; set data.template to "
-                        "auto, mistral-v1 or mistral-v3")
+                        "auto, mistral-v1, mistral-v3, mistral-v7 or mistral-tekken")
     return JinjaTemplate(tokenizer, own, reason)
 
 
@@ -247,6 +289,10 @@ class MistralV1Template(_MistralTemplate):
     name = "mistral-v1"
 
     def _pieces(self, conv, answer_last):
+        if conv.messages is not None or conv.tools:
+            raise UserError("data.template=mistral-v1 has no tool tokens and cannot encode records with tools, "
+                            "tool_calls or tool messages; use a checkpoint with Mistral's v3, v7 or Tekken vocabulary "
+                            "(data.template auto) or one whose chat template supports tools")
         bos, eos = self.bos, self.eos
         pieces: list[tuple[list[int] | str, bool]] = [([bos], False)]
         for i, (prompt, answer) in enumerate(conv):
@@ -259,23 +305,115 @@ class MistralV1Template(_MistralTemplate):
 
 
 class MistralV3Template(_MistralTemplate):
+    """mistral-common's v3 instruct format, message by message (tool calls included); v7 and
+    Tekken are this with their differences (`_v7`, the encoder)."""
+
     name = "mistral-v3"
+    _v7 = False  # the system prompt as its own message, tool results as id + [TOOL_CONTENT] + text
 
     def __init__(self, tokenizer, reason: str = ""):
         super().__init__(tokenizer, reason)
-        self.begin_inst, self.end_inst = tokenizer.convert_tokens_to_ids(_V3_CONTROL[1])
+        self._control(lambda names: tokenizer.convert_tokens_to_ids(names))
+
+    def _control(self, ids) -> None:
+        names = ["[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[TOOL_RESULTS]",
+                 "[/TOOL_RESULTS]"]
+        if self._v7:
+            names += ["[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]"]
+        self.control = dict(zip(names, ids(names)))
+        self.begin_inst, self.end_inst = self.control["[INST]"], self.control["[/INST]"]
 
     def _pieces(self, conv, answer_last):
-        bos, eos = self.bos, self.eos
-        pieces: list[tuple[list[int] | str, bool]] = [([bos], False)]
-        last = len(conv) - 1
-        for i, (prompt, answer) in enumerate(conv):
-            if i == last and conv.system:
-                prompt = f"{conv.system}\n\n{prompt}"
-            pieces += [([self.begin_inst], False), (prompt, False), ([self.end_inst], False)]
-            if answer_last or i < last:
-                pieces += [(answer.rstrip(" "), True), ([eos], True)]
+        c = self.control
+        messages = conv.chat_messages()
+        if not answer_last and messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        last_user = max((k for k, m in enumerate(messages) if m["role"] == "user"), default=-1)
+        pieces: list[tuple[list[int] | str, bool]] = [([self.bos], False)]
+        if self._v7 and conv.system:
+            pieces += [([c["[SYSTEM_PROMPT]"]], False), (conv.system, False), ([c["[/SYSTEM_PROMPT]"]], False)]
+        for k, m in enumerate(messages):
+            role = m["role"]
+            if role == "user":
+                if k == last_user and conv.tools:
+                    pieces += [([c["[AVAILABLE_TOOLS]"]], False), (_tools_json(conv.tools), False),
+                               ([c["[/AVAILABLE_TOOLS]"]], False)]
+                text = m["content"]
+                if k == last_user and conv.system and not self._v7:
+                    text = f"{conv.system}\n\n{text}"
+                pieces += [([self.begin_inst], False), (text, False), ([self.end_inst], False)]
+            elif role == "assistant":
+                calls = m.get("tool_calls")
+                if m["content"] and calls and not self._v7:
+                    raise UserError(f"data.template={self.name}: an assistant message has both content and "
+                                    "tool_calls, which this format cannot encode (mistral-common refuses it); put the "
+                                    "text in a message of its own")
+                if m["content"]:
+                    pieces.append((m["content"].rstrip(" "), True))
+                if calls:
+                    pieces += [([c["[TOOL_CALLS]"]], True), (_calls_json(calls), True)]
+                pieces.append(([self.eos], True))
+            elif self._v7:
+                pieces += [([c["[TOOL_RESULTS]"]], False), (m["tool_call_id"], False), ([c["[TOOL_CONTENT]"]], False),
+                           (m["content"], False), ([c["[/TOOL_RESULTS]"]], False)]
+            else:
+                result = {"content": _json_or_text(m["content"]), "call_id": m["tool_call_id"]}
+                pieces += [([c["[TOOL_RESULTS]"]], False), (json.dumps(result, ensure_ascii=False), False),
+                           ([c["[/TOOL_RESULTS]"]], False)]
         return pieces
+
+
+class MistralV7Template(MistralV3Template):
+    name = "mistral-v7"
+    _v7 = True
+
+
+class TekkenTemplate(MistralV3Template):
+    """A Tekken vocabulary with the instruct version its tekken.json declares (v3 or v7), the text
+    encoded by mistral-common's Tekkenizer (data/tekken.py)."""
+
+    name = "mistral-tekken"
+
+    def __init__(self, tokenizer, path, version: str, reason: str = ""):
+        self.version = version
+        self._v7 = version == "v7"
+        ChatTemplate.__init__(self, tokenizer, reason)
+        self.encoder = TekkenEncoder(path)
+        self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self._control(lambda names: [self.encoder.special_id(n) for n in names])
+
+    def fingerprint(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+def _tools_json(tools: list[dict]) -> str:
+    """The tools as mistral-common writes them: each {"type", "function": {"name", "description",
+    "parameters"}} (its Tool model's fields and defaults, `strict` left out)."""
+    out = []
+    for tool in tools:
+        fn = tool["function"]
+        out.append({"type": "function", "function": {"name": fn["name"], "description": fn.get("description") or "",
+                                                     "parameters": fn.get("parameters", {})}})
+    return json.dumps(out, ensure_ascii=False)
+
+
+def _calls_json(calls: list[dict]) -> str:
+    """An assistant's calls as mistral-common writes them: [{"name", "arguments", "id"}], the
+    arguments as the JSON value they are."""
+    return json.dumps([{"name": call["name"], "arguments": call["arguments"],
+                        **({"id": call["id"]} if call["id"] and call["id"] != "null" else {})} for call in calls],
+                      ensure_ascii=False)
+
+
+def _json_or_text(content: str):
+    """A v3 tool result's content as mistral-common reads it: the JSON value it holds (an empty
+    result is {}), else the text."""
+    if not content:
+        return {}
+    try:
+        return json.loads(content)
+    except json.JSONDecodeError:
+        return content
 
 
 class JinjaTemplate(ChatTemplate):
@@ -302,8 +440,30 @@ class JinjaTemplate(ChatTemplate):
             f"turns ({detail}); wrap each assistant message's content in {{% generation %}}...{{% endgeneration %}} "
             "or set data.template to mistral-v1 or mistral-v3")
 
-    @staticmethod
-    def _messages(conv: Conversation, answer_last: bool = True) -> list[dict]:
+    def _tool_messages(self, conv: Conversation, answer_last: bool) -> list[dict]:
+        """A tool record in OpenAI's form for the template's own tools support (a template that
+        names no `tools`, or cannot mark its assistant turns with {% generation %}, is refused)."""
+        if "tools" not in self.source or not self.marked:
+            why = "has no tools support" if "tools" not in self.source else "has no {% generation %} marks"
+            raise UserError(f"data.template=tokenizer: the chat template of {_name(self.tokenizer)} {why}, so it "
+                            "cannot encode records with tools or tool calls; use a Mistral template (mistral-v3, "
+                            "mistral-v7, mistral-tekken) or a chat template with tools and {% generation %} marks")
+        messages = [{"role": "system", "content": conv.system}] if conv.system else []
+        chat = conv.chat_messages()
+        if not answer_last and chat[-1]["role"] == "assistant":
+            chat = chat[:-1]
+        for m in chat:
+            if m["role"] == "assistant" and m.get("tool_calls"):
+                calls = [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                         for c in m["tool_calls"]]
+                messages.append({"role": "assistant", "content": m["content"], "tool_calls": calls})
+            else:
+                messages.append(dict(m))
+        return messages
+
+    def _messages(self, conv: Conversation, answer_last: bool = True) -> list[dict]:
+        if conv.messages is not None or conv.tools:
+            return self._tool_messages(conv, answer_last)
         messages = [{"role": "system", "content": conv.system}] if conv.system else []
         for i, (prompt, answer) in enumerate(conv):
             messages.append({"role": "user", "content": prompt})
@@ -368,6 +528,9 @@ class JinjaTemplate(ChatTemplate):
 
     def _encode_marked(self, convs: list[Conversation]) -> tuple[list[list[int]], list[list[bool]]]:
         """The template's {% generation %} marks, each marked run extended to the end of its turn."""
+        if any(c.tools for c in convs):  # tools differ from record to record: one rendering each
+            pairs = [self._encode_marked_one(c) for c in convs]
+            return [i for i, _ in pairs], [m for _, m in pairs]
         out = self._render([self._messages(c) for c in convs], False, tokenize=True, return_dict=True,
                            return_assistant_tokens_mask=True, tokenizer_kwargs={"return_offsets_mapping": True})
         _, turn_ends = self._turn_ends(convs)
@@ -384,6 +547,11 @@ class JinjaTemplate(ChatTemplate):
             spans = [(start, min((e for e in ends if e >= end), default=end)) for start, end in spans]
             learned.append(_overlap(offsets, spans))
         return list(out["input_ids"]), learned
+
+    def _encode_marked_one(self, conv: Conversation) -> tuple[list[int], list[bool]]:
+        out = self._render([self._messages(conv)], False, tokenize=True, return_dict=True,
+                           return_assistant_tokens_mask=True, tools=conv.tools)
+        return list(out["input_ids"][0]), [bool(m) for m in out["assistant_masks"][0]]
 
     def _separate(self, conv: Conversation, before: list[str], upto: list[str]) -> list[tuple[int, int]]:
         """Character spans of the learned text in the last of `upto` (the whole conversation): each
@@ -425,12 +593,16 @@ class JinjaTemplate(ChatTemplate):
         convs = [_as_conversation(c) for c in conversations]
         if not convs:
             return []
+        for conv in convs:
+            if conv.messages is not None or conv.tools:
+                self._messages(conv)  # refused here where the template cannot encode tools
         ids, learned = self._encode_marked(convs) if self.marked else self._encode_separable(convs)
         return [(i, _labels(i, keep, train_on_prompt)) for i, keep in zip(ids, learned)]
 
     def generation_ids(self, conversation):
-        messages = self._messages(_as_conversation(conversation), answer_last=False)
-        return list(self._render([messages], True, tokenize=True, return_dict=False)[0])
+        conv = _as_conversation(conversation)
+        messages = self._messages(conv, answer_last=False)
+        return list(self._render([messages], True, tokenize=True, return_dict=False, tools=conv.tools)[0])
 
 
 def _overlap(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:

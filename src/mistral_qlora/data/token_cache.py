@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from mistral_qlora.data import formats, ragged, spm, templates, tokenize
+from mistral_qlora.data import formats, ragged, spm, tekken, templates, tokenize
 from mistral_qlora.data.formats import records_to_conversations
 from mistral_qlora.data.templates import resolve_template
 from mistral_qlora.data.tokenize import TokenBatch, tokenize_batch
@@ -160,7 +160,7 @@ def tokenizer_signature(tokenizer) -> str:
 
 def code_signature() -> str:
     h = hashlib.sha256()
-    for module in (formats, ragged, spm, templates, tokenize):
+    for module in (formats, ragged, spm, tekken, templates, tokenize):
         h.update(Path(module.__file__).read_bytes())
     h.update(Path(__file__).read_bytes())
     return h.hexdigest()

@@ -24,6 +24,8 @@ def resolve_model_path(name_or_path: str, random_dir: str | None = None) -> str:
     built instead), a GGUF file's converted folder, or a hub id left for transformers."""
     if name_or_path == TINY_MODEL:
         return str(builtin.ensure_tiny_model())
+    if name_or_path == builtin.TINY_TEKKEN:
+        return str(builtin.ensure_tiny_tekken_model())
     if name_or_path.startswith("random:"):
         if name_or_path != builtin.RANDOM_7B:
             raise UserError(f"model.name_or_path={name_or_path!r}: the random architecture known here is "

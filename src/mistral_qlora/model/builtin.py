@@ -2,10 +2,14 @@
 
 - `tiny-random-mistral`, the embedded default: a small Mistral-architecture model (GQA, RoPE, a
   64-token sliding window shorter than the default rows, so every default run exercises it).
+- `tiny-random-tekken`: the same kind of model on Mistral-Nemo's Tekken vocabulary (`tekken.json`,
+  131072 ids; the tokenizer transformers loads through mistral-common) with Nemo's shape in
+  miniature: `head_dim` not hidden / heads. Small enough to train, merge and generate on a CPU, so
+  Tekken data and tool calls can be tried end to end without a download.
 - `random:mistral-7b`: Mistral-7B-Instruct-v0.2's architecture with random weights, for GPU
   machines without hub access: the same shapes, FLOPs and memory as the real checkpoint (bf16
   safetensors, about 14.5 GB, built on the GPU where there is one).
-Both carry the real Mistral v1 tokenizer (model/tokenizer.py), are built once into the cache
+The others carry the real Mistral v1 tokenizer (model/tokenizer.py); all are built once into the cache
 folder ($MISTRAL_QLORA_CACHE, else ~/.cache/mistral-qlora) and then load like any local
 checkpoint, 4-bit included.
 """
@@ -22,7 +26,7 @@ from pathlib import Path
 
 from mistral_qlora.config import RANDOM_7B
 from mistral_qlora.files import set_usual_modes
-from mistral_qlora.model.tokenizer import write_mistral_v1_tokenizer
+from mistral_qlora.model.tokenizer import write_mistral_tokenizer, write_mistral_v1_tokenizer
 
 TINY_VERSION = "v2"
 TINY_SEED = 1234
@@ -42,6 +46,29 @@ TINY_CONFIG = dict(
     tie_word_embeddings=False,
     bos_token_id=1,
     eos_token_id=2,
+)
+
+TINY_TEKKEN = "tiny-random-tekken"
+TINY_TEKKEN_VERSION = "v1"
+# Mistral-Nemo's shape in miniature: head_dim (32) is not hidden_size / heads (16), as Nemo's 128 is
+# not 5120 / 32; the vocabulary is the Tekken file's n_words, its BOS/EOS/pad its control tokens.
+TINY_TEKKEN_CONFIG = dict(
+    vocab_size=131072,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=4096,
+    sliding_window=None,
+    rope_theta=1_000_000.0,
+    rms_norm_eps=1e-5,
+    initializer_range=0.08,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=11,
 )
 
 RANDOM_7B_SEED = 0
@@ -103,6 +130,25 @@ def build_tiny_model(directory: Path) -> None:
 def ensure_tiny_model() -> Path:
     """The tiny checkpoint's folder, built on first use."""
     return build_once(cache_root() / f"tiny-random-mistral-{TINY_VERSION}", build_tiny_model)
+
+
+def build_tiny_tekken_model(directory: Path) -> None:
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    write_mistral_tokenizer(directory, "tekken")
+    from mistral_qlora.data.tekken import TekkenEncoder
+
+    config = dict(TINY_TEKKEN_CONFIG, vocab_size=TekkenEncoder(directory / "tekken.json").n_words)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = MistralForCausalLM(MistralConfig(**config))
+    model.save_pretrained(directory)
+
+
+def ensure_tiny_tekken_model() -> Path:
+    """The tiny Tekken checkpoint's folder, built on first use."""
+    return build_once(cache_root() / f"{TINY_TEKKEN}-{TINY_TEKKEN_VERSION}", build_tiny_tekken_model)
 
 
 def build_random_7b(directory: Path, arch: dict = MISTRAL_7B_V02) -> None:

@@ -1,6 +1,8 @@
 """The tokenizer: the checkpoint's own, or a real Mistral SentencePiece model that ships inside the
 `mistral-common` package (no network needed): v1 (Mistral-7B v0.1/v0.2, 32000 pieces) for the
-built-in models, v3 (Mistral-7B v0.3, 32768 pieces with control tokens) for tests of its template.
+built-in models, v3 (Mistral-7B v0.3, 32768 pieces with control tokens) and v7 (v3's with
+[SYSTEM_PROMPT]) for tests of their templates, and Mistral-Nemo's Tekken vocabulary
+(`tekken.json`) for the built-in Tekken model.
 
 The file is located with `importlib.util.find_spec` rather than by importing mistral-common,
 whose imports pull in more than a minimal GPU image carries.
@@ -17,7 +19,8 @@ from mistral_qlora.errors import UserError
 
 # The Mistral SentencePiece models, as mistral-common names them.
 MISTRAL_V1_FILE = "tokenizer.model.v1"
-MISTRAL_FILES = {"v1": MISTRAL_V1_FILE, "v3": "mistral_instruct_tokenizer_240323.model.v3"}
+MISTRAL_FILES = {"v1": MISTRAL_V1_FILE, "v3": "mistral_instruct_tokenizer_240323.model.v3",
+                 "v7": "mistral_instruct_tokenizer_241114.model.v7", "tekken": "tekken_240718.json"}
 
 TOKENIZER_CONFIG = {
     "tokenizer_class": "LlamaTokenizer",
@@ -48,8 +51,13 @@ def mistral_v1_tokenizer_file() -> Path:
 
 
 def write_mistral_tokenizer(directory: Path, version: str = "v1") -> None:
-    """Write tokenizer.model + tokenizer_config.json so AutoTokenizer loads the real Mistral tokenizer."""
+    """Write tokenizer.model + tokenizer_config.json so AutoTokenizer loads the real Mistral tokenizer;
+    for `tekken`, tekken.json, which transformers loads through mistral-common (MistralCommonBackend)
+    in a folder whose config.json is a Mistral model's."""
     directory.mkdir(parents=True, exist_ok=True)
+    if version == "tekken":
+        shutil.copyfile(mistral_tokenizer_file(version), directory / "tekken.json")
+        return
     shutil.copyfile(mistral_tokenizer_file(version), directory / "tokenizer.model")
     (directory / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2))
 
