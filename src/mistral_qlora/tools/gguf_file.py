@@ -10,7 +10,7 @@ grouped K/V heads, SwiGLU). What differs from a transformers checkpoint:
   as llama.cpp's own converter does, so both compute the same attention scores;
 - no sliding window: llama.cpp's `llama` architecture reads none and attends to the whole context
   (Mistral-7B v0.2 has none; v0.1's 4096-token window only matters past 4096 tokens).
-Llama checkpoints (SmolLM, Llama-2/3 without rope scaling beyond linear) take the same path:
+Llama checkpoints (SmolLM, Llama-2; rope scaling none or linear) take the same path:
 `head_dim` other than hidden/heads is written as the key/value lengths, and tied embeddings leave
 out `output.weight` (llama.cpp then reads `token_embd` for the output). The file also carries the
 vocabulary (tools/gguf_vocab.py) and the chat template the run trained with (tools/chat_format.py),
