@@ -96,11 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="a run's adapter/ folder")
     p.add_argument("--output", required=True, help="the .gguf file to write (a new folder for safetensors)")
     p.add_argument("--format", default="gguf", help="gguf (default): one file with the tokenizer and chat template, "
-                                                    "an Ollama NAME.Modelfile beside it; safetensors: as merge")
+                                                    "an Ollama NAME.Modelfile beside it; gguf-lora: the adapter alone "
+                                                    "in llama.cpp's LoRA format; safetensors: as merge")
     p.add_argument("--type", dest="qtype", metavar="TYPE",
                    help="gguf: f16 (default), bf16 or q8_0; safetensors: bf16 (default), f16 or fp32")
     p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--base-gguf", help="gguf-lora: the base model's GGUF the Modelfile's FROM line names")
     p.set_defaults(func=cmd_export)
 
     add_bench_parsers(sub)  # bench, bench-data (bench/cli.py)
@@ -192,12 +194,17 @@ def cmd_export(args) -> int:
     from mistral_qlora.tools.export import export_model
 
     written = export_model(args.adapter, args.output, fmt=args.format, qtype=args.qtype, model=args.model,
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, base_gguf=args.base_gguf)
     if args.format == "safetensors":
         print(f"merged model written to {written[0]}; try: mistral-qlora generate --model {written[0]} --bits 16 "
               "--prompt ...")
         return 0
     gguf, modelfile = written
+    if args.format == "gguf-lora":
+        print(f"wrote {gguf} ({gguf.stat().st_size / 1e6:.1f} MB) and {modelfile}\n"
+              f"llama.cpp: llama-cli -m BASE.gguf --lora {gguf} -cnv\n"
+              f"Ollama:    ollama create NAME -f {modelfile}  (its FROM line names the base GGUF)")
+        return 0
     print(f"wrote {gguf} ({gguf.stat().st_size / 1e9:.2f} GB) and {modelfile}\n"
           f"llama.cpp: llama-cli -m {gguf} -cnv\n"
           f"Ollama:    ollama create NAME -f {modelfile}")

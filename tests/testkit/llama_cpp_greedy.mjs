@@ -3,8 +3,9 @@
 // with transformers does not depend on either side's tokenizer.
 //
 //   node llama_cpp_greedy.mjs NODE_LLAMA_CPP_PREFIX REQUEST.json
-// REQUEST: {"models": [PATH, ...], "prompts": [[ids...], ...], "steps": N, "top": K}
-// stdout:  {PATH: [{"tokens": [N ids], "top": [[[id, logit] x K] per step]} per prompt], ...}
+// REQUEST: {"models": [PATH or {"model": PATH, "lora": ADAPTER.gguf, "key": NAME}, ...],
+//           "prompts": [[ids...], ...], "steps": N, "top": K}
+// stdout:  {PATH or NAME: [{"tokens": [N ids], "top": [[[id, logit] x K] per step]} per prompt], ...}
 import path from "node:path";
 import {readFileSync} from "node:fs";
 import {pathToFileURL} from "node:url";
@@ -20,12 +21,14 @@ const {getLlama, LlamaLogLevel} = await import(pathToFileURL(entry).href);
 const llama = await getLlama({gpu: false, build: "never", skipDownload: true, usePrebuiltBinaries: true,
                               progressLogs: false, logLevel: LlamaLogLevel.error, maxThreads: 1});
 const results = {};
-for (const modelPath of request.models) {
+for (const entry of request.models) {
+    const {model: modelPath, lora, key} = typeof entry === "string" ? {model: entry, key: entry} : entry;
     const model = await llama.loadModel({modelPath, gpuLayers: 0});
-    const context = await model.createContext({contextSize: 256, batchSize: 256, sequences: 1});
+    const context = await model.createContext({contextSize: 256, batchSize: 256, sequences: 1,
+                                               ...(lora ? {lora: {adapters: [{filePath: lora}]}} : {})});
     const sequence = context.getSequence();
     const next = {logits: {filter: {tokens: [], includeTop: request.top}}};
-    results[modelPath] = [];
+    results[key] = [];
     for (const prompt of request.prompts) {
         await sequence.clearHistory();
         const tokens = [], top = [];
@@ -38,7 +41,7 @@ for (const modelPath of request.models) {
             top.push(logits.slice(0, request.top));
             input = [[best, {generateNext: next}]];
         }
-        results[modelPath].push({tokens, top});
+        results[key].push({tokens, top});
     }
     await context.dispose();
     await model.dispose();

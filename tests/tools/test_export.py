@@ -90,7 +90,8 @@ def test_gguf_round_trip_holds_every_tensor_the_metadata_and_the_vocabulary(merg
     from sentencepiece import SentencePieceProcessor
 
     from mistral_qlora.tools.export import MERGE_DTYPE
-    from mistral_qlora.tools.gguf_file import CHAT_TEMPLATE, gguf_name, permute_rotary
+    from mistral_qlora.tools.chat_format import JINJA_V1
+    from mistral_qlora.tools.gguf_file import gguf_name, permute_rotary
 
     cfg = merged("bf16").config
     sp = SentencePieceProcessor(model_file=str(Path(tiny_path()) / "tokenizer.model"))
@@ -116,7 +117,7 @@ def test_gguf_round_trip_holds_every_tensor_the_metadata_and_the_vocabulary(merg
         assert (_field(reader, "tokenizer.ggml.bos_token_id"), _field(reader, "tokenizer.ggml.eos_token_id"),
                 _field(reader, "tokenizer.ggml.unknown_token_id")) == (1, 2, 0)
         assert _field(reader, "tokenizer.ggml.add_bos_token") is True
-        assert _field(reader, "tokenizer.chat_template") == CHAT_TEMPLATE
+        assert _field(reader, "tokenizer.chat_template") == JINJA_V1  # no run folder: auto, v1 here
         assert _field(reader, "general.file_type") == {"f16": 1, "bf16": 32, "q8_0": 7}[qtype]  # llama.cpp's ftype
 
         tensors = {t.name: t for t in reader.tensors}
@@ -153,10 +154,9 @@ def test_gguf_round_trip_holds_every_tensor_the_metadata_and_the_vocabulary(merg
 def test_chat_template_and_modelfile(exported):
     import jinja2
 
-    from mistral_qlora.tools.gguf_file import CHAT_TEMPLATE
-    from mistral_qlora.tools.export import modelfile_text
+    from mistral_qlora.tools.chat_format import JINJA_V1, OLLAMA_V1, ChatFormat, modelfile_text
 
-    template = jinja2.Environment().from_string(CHAT_TEMPLATE)
+    template = jinja2.Environment().from_string(JINJA_V1)
     kw = {"bos_token": "<s>", "eos_token": "</s>"}
     turns = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
              {"role": "user", "content": "q2"}]
@@ -165,7 +165,8 @@ def test_chat_template_and_modelfile(exported):
     assert template.render(messages=system, **kw) == "<s>[INST] Be brief.\n\nq1 [/INST] a1</s>[INST] q2 [/INST]"
 
     gguf_path, modelfile = exported["q8_0"]
-    assert modelfile.name == "tiny-q8_0.Modelfile" and modelfile.read_text() == modelfile_text(gguf_path.name)
+    v1 = ChatFormat("mistral-v1", JINJA_V1, OLLAMA_V1, ("</s>", "[INST]"))
+    assert modelfile.name == "tiny-q8_0.Modelfile" and modelfile.read_text() == modelfile_text(gguf_path.name, v1)
     lines = modelfile.read_text().splitlines()
     assert "FROM ./tiny-q8_0.gguf" in lines
     assert 'PARAMETER stop "</s>"' in lines and 'PARAMETER stop "[INST]"' in lines
@@ -178,6 +179,7 @@ def test_mistral_7b_takes_the_same_path():
 
     from mistral_qlora.model.builtin import MISTRAL_7B_V02
     from mistral_qlora.tools import gguf_file
+    from mistral_qlora.tools.gguf_vocab import read_sentencepiece
 
     config = MistralConfig(**MISTRAL_7B_V02)
     hyper = gguf_file.Hyper.from_config(config)
@@ -193,7 +195,7 @@ def test_mistral_7b_takes_the_same_path():
     k = model.model.layers[0].self_attn.k_proj.weight
     assert gguf_file.permute_rotary(q, 32).shape == (4096, 4096)
     assert gguf_file.permute_rotary(k, 8).shape == (1024, 4096)
-    vocab = gguf_file.read_sentencepiece(Path(tiny_path()) / "tokenizer.model", hyper.vocab)
+    vocab = read_sentencepiece(Path(tiny_path()) / "tokenizer.model", hyper.vocab)
     params = sum(math.prod(shape) for _, _, shape in plan)
     assert 7.2e9 < params < 7.3e9
     for qtype, bytes_per_weight in (("f16", 2), ("bf16", 2), ("q8_0", 34 / 32)):
@@ -353,7 +355,8 @@ def test_bad_input_is_one_line_and_writes_nothing(adapter, exported, tmp_path, c
     # an unknown type or format
     _one_line_error(*_cli(capsys, "--adapter", str(adapter), "--output", str(out), "--type", "q4_k"),
                     "q4_k", "f16, bf16, q8_0")
-    _one_line_error(*_cli(capsys, "--adapter", str(adapter), "--output", str(out), "--format", "onnx"), "onnx")
+    _one_line_error(*_cli(capsys, "--adapter", str(adapter), "--output", str(out), "--format", "onnx"), "onnx",
+                    "gguf-lora")
     _one_line_error(*_cli(capsys, "--adapter", str(adapter), "--output", str(tmp_path / "st"), "--format",
                           "safetensors", "--type", "q8_0"), "q8_0 is a GGUF type")
 

@@ -1,4 +1,4 @@
-"""A Mistral-architecture model as one GGUF file for llama.cpp (and Ollama, LM Studio), written with
+"""A Mistral- or Llama-architecture model as one GGUF file for llama.cpp (and Ollama, LM Studio), written with
 the `gguf` package that the llama.cpp project keeps.
 
 Mistral v0.x is llama.cpp's `llama` architecture: the same blocks (RMSNorm, rotary attention with
@@ -10,8 +10,11 @@ grouped K/V heads, SwiGLU). What differs from a transformers checkpoint:
   as llama.cpp's own converter does, so both compute the same attention scores;
 - no sliding window: llama.cpp's `llama` architecture reads none and attends to the whole context
   (Mistral-7B v0.2 has none; v0.1's 4096-token window only matters past 4096 tokens).
-The file also carries the SentencePiece vocabulary (pieces, scores, token types, BOS/EOS/UNK) and
-the chat template, so llama.cpp needs nothing else.
+Llama checkpoints (SmolLM, Llama-2; rope scaling none or linear) take the same path:
+`head_dim` other than hidden/heads is written as the key/value lengths, and tied embeddings leave
+out `output.weight` (llama.cpp then reads `token_embd` for the output). The file also carries the
+vocabulary (tools/gguf_vocab.py) and the chat template the run trained with (tools/chat_format.py),
+so llama.cpp needs nothing else.
 
 Tensors are converted and written one at a time (header and tensor table first), so a 7B model
 never holds a second full copy in memory.
@@ -28,25 +31,10 @@ import numpy as np
 import torch
 
 from mistral_qlora.errors import UserError
+from mistral_qlora.tools.gguf_vocab import Vocab, header_bytes, write_vocab
 
 # --type -> (GGML tensor type of the 2-D weights, GGUF general.file_type)
 TYPES = {"f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
-
-# The Mistral v1 instruct template as data/tokenize.py trains on it: <s>[INST] q [/INST] a</s>...,
-# in the Jinja form llama.cpp (and transformers) render; a system message is put before the first
-# question, as Mistral's own template does.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% if messages[0]['role'] == 'system' %}"
-    "{% set system = messages[0]['content'] + '\\n\\n' %}{% set turns = messages[1:] %}"
-    "{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}"
-    "{% for message in turns %}"
-    "{% if message['role'] == 'user' %}"
-    "{{ '[INST] ' + (system if loop.first else '') + message['content'] + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}"
-    "{% endif %}"
-    "{% endfor %}"
-)
 
 # HF name (after "model.layers.N.") -> GGUF name (after "blk.N.")
 _BLOCK_NAMES = {
@@ -63,10 +51,6 @@ _BLOCK_NAMES = {
 _TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
               "lm_head.weight": "output.weight"}
 
-# SentencePiece token types as llama.cpp's vocabulary reads them (gguf.TokenType)
-_NORMAL, _UNKNOWN, _CONTROL, _UNUSED, _BYTE = 1, 2, 3, 5, 6
-
-
 @dataclass(frozen=True)
 class Hyper:
     """The architecture numbers the GGUF header carries, from a transformers config."""
@@ -82,6 +66,7 @@ class Hyper:
     rope_theta: float
     vocab: int
     tied: bool
+    rope_linear: float = 1.0  # linear position interpolation: positions divided by this factor
 
     @classmethod
     def from_config(cls, config) -> Hyper:
@@ -90,9 +75,13 @@ class Hyper:
                             "(Mistral/Llama-architecture checkpoints only)")
         if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "attention_bias", False):
             raise UserError("export --format gguf: only the plain Mistral block (SiLU, no attention bias) is supported")
-        rope = getattr(config, "rope_parameters", None) or {}
-        if rope.get("rope_type", "default") != "default":
-            raise UserError("export --format gguf: rope scaling is not supported")
+        if getattr(config, "mlp_bias", False):
+            raise UserError("export --format gguf: only the plain Llama/Mistral MLP (no bias) is supported")
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        scaling = rope.get("rope_type", rope.get("type", "default"))
+        if scaling not in ("default", "linear"):
+            raise UserError(f"export --format gguf: rope scaling {scaling!r} is not supported (default and "
+                            "linear are)")
         heads = config.num_attention_heads
         return cls(
             layers=config.num_hidden_layers, hidden=config.hidden_size, intermediate=config.intermediate_size,
@@ -101,6 +90,7 @@ class Hyper:
             context=config.max_position_embeddings, rms_eps=config.rms_norm_eps,
             rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
             vocab=config.vocab_size, tied=bool(config.tie_word_embeddings),
+            rope_linear=float(rope.get("factor", 1.0)) if scaling == "linear" else 1.0,
         )
 
 
@@ -152,43 +142,11 @@ def tensor_plan(state_shapes: dict[str, tuple[int, ...]], hyper: Hyper) -> list[
     return plan
 
 
-@dataclass
-class Vocab:
-    pieces: list[bytes]
-    scores: list[float]
-    types: list[int]
-    bos: int
-    eos: int
-    unk: int
-
-
-def read_sentencepiece(model_file: Path, vocab_size: int) -> Vocab:
-    """The vocabulary of a SentencePiece model file, as llama.cpp's converter reads it; padded with
-    unused `[PADn]` pieces up to the model's embedding rows."""
-    from sentencepiece import SentencePieceProcessor
-
-    sp = SentencePieceProcessor(model_file=str(model_file))
-    n = sp.vocab_size()
-    if n > vocab_size:
-        raise UserError(f"{model_file}: {n} tokens, more than the model's {vocab_size} embedding rows")
-    pieces, scores, types = [], [], []
-    for i in range(n):
-        pieces.append(sp.id_to_piece(i).encode("utf-8"))
-        scores.append(sp.get_score(i))
-        types.append(_UNKNOWN if sp.is_unknown(i) else _CONTROL if sp.is_control(i)
-                     else _UNUSED if sp.is_unused(i) else _BYTE if sp.is_byte(i) else _NORMAL)
-    for i in range(n, vocab_size):
-        pieces.append(f"[PAD{i}]".encode())
-        scores.append(-1000.0)
-        types.append(_UNUSED)
-    return Vocab(pieces, scores, types, bos=sp.bos_id(), eos=sp.eos_id(), unk=sp.unk_id())
-
-
 def estimate_bytes(plan, qtype: str, vocab: Vocab) -> int:
     """The file's size: every tensor in its type, padded to the 32-byte alignment, plus the header
     (the vocabulary dominates it) with room to spare."""
     tensors = sum(tensor_nbytes(qtype, shape) + 32 for _, _, shape in plan)
-    header = sum(len(p) + 8 + 4 + 4 for p in vocab.pieces) + 256 * len(plan) + (1 << 20)
+    header = header_bytes(vocab) + 256 * len(plan) + (1 << 20)
     return tensors + header
 
 
@@ -202,7 +160,7 @@ def _as_array(weight: torch.Tensor, t) -> np.ndarray:
 
 
 def write_gguf(path: Path, name: str, hyper: Hyper, vocab: Vocab, tensors, plan, qtype: str,
-               chat_template: str = CHAT_TEMPLATE) -> None:
+               chat_template: str) -> None:
     """Write the file at `path` (the caller renames it into place). `tensors`: HF name -> tensor."""
     import gguf
 
@@ -224,17 +182,11 @@ def write_gguf(path: Path, name: str, hyper: Hyper, vocab: Vocab, tensors, plan,
         writer.add_value_length(hyper.head_dim)
     writer.add_layer_norm_rms_eps(hyper.rms_eps)
     writer.add_rope_freq_base(hyper.rope_theta)
+    if hyper.rope_linear != 1.0:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(hyper.rope_linear)
 
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(vocab.pieces)
-    writer.add_token_scores(vocab.scores)
-    writer.add_token_types(vocab.types)
-    writer.add_bos_token_id(vocab.bos)
-    writer.add_eos_token_id(vocab.eos)
-    writer.add_unk_token_id(vocab.unk)
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
+    write_vocab(writer, vocab)
     writer.add_chat_template(chat_template)
 
     for hf_name, out_name, shape in plan:
