@@ -152,6 +152,10 @@ def _print_summary(output_dir: str, s: dict) -> None:
           + (f" (MFU {s['mfu']:.1%})" if s.get("mfu") else "")
           + f"; peak memory {fmt(s['peak_memory_gib'], '.2f')} GiB")
     print(f"adapter: {output_dir}/adapter   summary: {output_dir}/summary.json   plot: {output_dir}/loss.png")
+    if s.get("tasks"):
+        from mistral_qlora.run.task_eval import table_markdown
+
+        print("\nlm-eval tasks, adapter off (before) and on (after):\n" + table_markdown(s["tasks"]), end="")
 
 
 def cmd_prepare(args) -> int:
