@@ -106,10 +106,10 @@ def test_scores_equal_lm_evals_own_hflm_on_the_same_16bit_model(adapter, tasks_d
     from mistral_qlora.tools.evaluate import evaluate
     from mistral_qlora.tools.merge import merge_adapter
 
-    spec = TaskSpec(["story_text", "story_mc"], limit=2, include_path=f"{tasks_dir}", chat_template=False)
+    spec = TaskSpec(["story_text", "story_mc"], limit=2, include_path=[str(tasks_dir), str(TASKS)],
+                    chat_template=False)
     ours, _, _ = evaluate(str(adapter), None, spec, output=str(tmp_path / "eval"), bits=16)
     merged = merge_adapter(str(adapter), str(tmp_path / "merged"), dtype="fp32")
-    # both folders: tasks_dir (story_text) and the shipped ones (story_mc)
     manager = TaskManager(include_path=[str(tasks_dir), str(TASKS)], include_defaults=False)
     theirs = simple_evaluate(model=HFLM(pretrained=str(merged), device="cpu", dtype="float32"),
                              tasks=["story_text", "story_mc"], limit=2, task_manager=manager)["results"]

@@ -37,7 +37,7 @@ class TaskSpec:
     tasks: list[str]
     limit: int | None = None
     num_fewshot: int | None = None
-    include_path: str | None = None
+    include_path: str | list[str] | None = None  # a folder of task YAMLs, or several
     chat_template: bool = True
     batch_size: int | str = 1
     where: dict = field(default_factory=lambda: {"tasks": "--tasks", "limit": "--limit",
@@ -64,16 +64,18 @@ def prepare_tasks(spec: TaskSpec):
         raise UserError(f"{w['tasks']}: name at least one task")
     if spec.limit is not None and spec.limit < 1:
         raise UserError(f"{w['limit']}={spec.limit}: must be at least 1 (leave it out for every example)")
-    if spec.include_path is not None and not Path(spec.include_path).is_dir():
-        raise UserError(f"{w['include_path']} {spec.include_path}: no such folder (a folder of lm-eval task YAMLs)")
-    manager = TaskManager(include_path=spec.include_path, include_defaults=False) if spec.include_path else None
+    folders = [spec.include_path] if isinstance(spec.include_path, str) else list(spec.include_path or [])
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise UserError(f"{w['include_path']} {folder}: no such folder (a folder of lm-eval task YAMLs)")
+    manager = TaskManager(include_path=folders, include_defaults=False) if folders else None
     if manager is None or any(t not in manager.all_tasks for t in spec.tasks):
-        manager = TaskManager(include_path=spec.include_path)
+        manager = TaskManager(include_path=folders or None)
     for name in spec.tasks:
         if name not in manager.all_tasks:
             close = difflib.get_close_matches(name, manager.all_tasks, n=3)
             hint = f" (closest: {', '.join(close)})" if close else ""
-            where = f" or in {spec.include_path}" if spec.include_path else ""
+            where = f" or in {', '.join(folders)}" if folders else ""
             raise UserError(f"{w['tasks']}: unknown task {name!r}{hint}; not among lm-eval's tasks{where}")
         _check_task_data(manager, name, spec)
     return manager
