@@ -1,4 +1,4 @@
-"""Command line: `mistral-qlora {train,prepare,generate,merge,export,bench,bench-data,env}` (also
+"""Command line: `mistral-qlora {train,prepare,generate,merge,export,evaluate,bench,bench-data,env}` (also
 `python -m mistral_qlora`).
 
 Each subcommand parses its flags and calls one function of the package; nothing else happens
@@ -105,6 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-gguf", help="gguf-lora: the base model's GGUF the Modelfile's FROM line names")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("evaluate", help="lm-evaluation-harness scores before and after an adapter (or of a model)")
+    p.add_argument("--adapter", help="a run's adapter/ folder: scored with it off (before) and on (after)")
+    p.add_argument("--model", help="base model (default: the one the adapter was trained on); alone: scored as it is")
+    p.add_argument("--tasks", required=True, metavar="T1,T2", help="lm-eval task names, comma-separated")
+    p.add_argument("--limit", type=int, metavar="N", help="the first N examples of each task (default: all)")
+    p.add_argument("--num-fewshot", type=int, metavar="K", help="examples in the prompt (default: each task's own)")
+    p.add_argument("--batch-size", default="1", metavar="auto|N", help="lm-eval's batch size (default 1)")
+    p.add_argument("--include-path", metavar="DIR",
+                   help="a folder of task YAMLs (local tasks, e.g. dataset/tasks)")
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
+                   help="render prompts with the run's chat template (default) or as plain text")
+    p.add_argument("--bits", type=int, choices=(4, 16), help="load the base in 4 or 16 bits (default: the run's)")
+    p.add_argument("--output", metavar="DIR",
+                   help="where results.json and results.md go (default: RUN/eval beside the adapter)")
+    p.set_defaults(func=cmd_evaluate)
+
     add_bench_parsers(sub)  # bench, bench-data (bench/cli.py)
 
     p = sub.add_parser("env", help="versions, GPUs, usable attention backends and kernels")
@@ -143,6 +159,10 @@ def _print_summary(output_dir: str, s: dict) -> None:
           + f"; peak memory {fmt(s['peak_memory_gib'], '.2f')} GiB"
           + (" (host RSS)" if s.get("peak_memory_of") == "host" else ""))
     print(f"adapter: {output_dir}/adapter   summary: {output_dir}/summary.json   plot: {output_dir}/loss.png")
+    if s.get("tasks"):
+        from mistral_qlora.run.task_eval import table_markdown
+
+        print("\nlm-eval tasks, adapter off (before) and on (after):\n" + table_markdown(s["tasks"]), end="")
 
 
 def cmd_prepare(args) -> int:
@@ -208,6 +228,23 @@ def cmd_export(args) -> int:
     print(f"wrote {gguf} ({gguf.stat().st_size / 1e9:.2f} GB) and {modelfile}\n"
           f"llama.cpp: llama-cli -m {gguf} -cnv\n"
           f"Ollama:    ollama create NAME -f {modelfile}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from mistral_qlora.run.task_eval import TaskSpec
+    from mistral_qlora.tools.evaluate import evaluate
+
+    batch = args.batch_size
+    if batch != "auto" and not (batch.isdigit() and int(batch) > 0):
+        raise UserError(f"--batch-size {batch}: auto or a positive integer")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    spec = TaskSpec(tasks, limit=args.limit, num_fewshot=args.num_fewshot, include_path=args.include_path,
+                    chat_template=args.chat_template, batch_size=batch if batch == "auto" else int(batch))
+    table, markdown, out = evaluate(args.adapter, args.model, spec, output=args.output, bits=args.bits)
+    print(markdown)
+    print(f"elapsed {table['elapsed_seconds']:.1f} s (model load {table['load_seconds']:.1f} s); "
+          f"written to {out}/results.json and {out}/results.md")
     return 0
 
 

@@ -288,6 +288,16 @@ class EvalSection(_Section):
     samples: int = _key(3, "Held-out prompts answered greedily before and after training, in samples.md.",
                         ge=0, le=100)
     max_new_tokens: int = _key(32, "The longest answer generated for samples.md, in tokens.", ge=1, le=4096)
+    tasks: list[str] = _key(
+        [], "lm-evaluation-harness tasks scored after training with the adapter off (before) and on (after), on "
+        "rank 0: the table goes into summary.json (`tasks`), the trackers and the console. Empty: none. Needs "
+        "`pip install mistral-qlora[eval]`; the same as `mistral-qlora evaluate` (docs/evaluate.md).")
+    tasks_limit: int | None = _key(None, "The first N examples of each of eval.tasks; null for all.", ge=1)
+    num_fewshot: int | None = _key(None, "Examples in each prompt of eval.tasks; null for each task's own.", ge=0)
+    include_path: str | None = _key(
+        None, "A folder of lm-eval task YAMLs eval.tasks may name (local tasks such as dataset/tasks).")
+    chat_template: bool = _key(
+        True, "Score eval.tasks with the run's chat template applied (true) or as plain text (false).")
 
 
 class RunConfig(_Section):

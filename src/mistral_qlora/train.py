@@ -38,6 +38,7 @@ from mistral_qlora.plan import Plan, lora_variants, make_plan
 from mistral_qlora.run import checkpoints
 from mistral_qlora.run.artifacts import check_output_dir, clear_previous_run, perplexity, write_final_artifacts
 from mistral_qlora.run.callbacks import RunAlreadyComplete
+from mistral_qlora.run.task_eval import TaskSpec, before_after, prepare_tasks, tracker_metrics
 from mistral_qlora.run.trackers import check_trackers, finish_trackers, tracker_env
 from mistral_qlora.run.trainer import RunCallbacks, build_trainer, training_arguments
 from mistral_qlora.runtime import Runtime, barrier, launched_processes, log, peak_memory, single_process_env
@@ -61,6 +62,10 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
         log(line)
     for warning in inputs.data.template.warnings:
         log(f"warning: {warning}")
+    if plan.zero3 and cfg.eval.tasks:
+        raise UserError(f"eval.tasks cannot be scored under {plan.strategy} (the model is partitioned over the ranks; "
+                        "they are scored on rank 0): leave eval.tasks empty and run `mistral-qlora evaluate` on the "
+                        "adapter, or set train.strategy to single or ddp")
     for line in plan.log_lines(cfg):
         log(line)
     if plan.ds_config is not None and launched_processes() is None:
@@ -105,6 +110,7 @@ class RunInputs:
     data: TrainingData
     fingerprint: dict
     resume_from: Path | None
+    tasks: object = None  # lm-eval's TaskManager for eval.tasks, checked before the model loads
 
 
 def validate(cfg: RunConfig, rt: Runtime, overwrite: bool, force: bool) -> RunInputs:
@@ -125,7 +131,15 @@ def validate(cfg: RunConfig, rt: Runtime, overwrite: bool, force: bool) -> RunIn
             raise UserError(f"{resume_from}: no {STREAM_POSITION} (not saved by a streaming run); "
                             "--overwrite starts again")
         data.stream.resume(json.loads(position.read_text()))
-    return RunInputs(model_path, model_config, tokenizer, data, fingerprint, resume_from)
+    tasks = prepare_tasks(task_spec(cfg)) if cfg.eval.tasks else None
+    return RunInputs(model_path, model_config, tokenizer, data, fingerprint, resume_from, tasks)
+
+
+def task_spec(cfg: RunConfig) -> TaskSpec:
+    e = cfg.eval
+    return TaskSpec(list(e.tasks), limit=e.tasks_limit, num_fewshot=e.num_fewshot, include_path=e.include_path,
+                    chat_template=e.chat_template,
+                    where={"tasks": "eval.tasks", "limit": "eval.tasks_limit", "include_path": "eval.include_path"})
 
 
 def start_output_dir(cfg: RunConfig, rt: Runtime, overwrite: bool) -> None:
@@ -186,6 +200,10 @@ def finish(cfg: RunConfig, rt: Runtime, plan: Plan, inputs: RunInputs, trainer, 
 
     summary = summarize(cfg, rt, plan, inputs, trainer.state, callbacks, per_token, getattr(model.config, "sliding_window", None),
                         initial_eval_loss, final_eval_loss, started)
+    if cfg.eval.tasks and rt.is_main:
+        # rank 0 alone: the others wait at the barrier below
+        summary["tasks"] = before_after(model, inputs.tokenizer, task_spec(cfg), inputs.tasks, data.template)
+        trainer.log(tracker_metrics(summary["tasks"]))  # the trackers' on_log, at the last step
     if rt.is_main:
         write_final_artifacts(out, trainer.state.log_history, f"{cfg.model.name_or_path}: QLoRA r={cfg.lora.r}",
                               data.sample_prompts, callbacks.samples.before, samples_after, summary)
