@@ -141,6 +141,9 @@ class DataSource(_Section):
     columns: dict[str, str] = _key({}, "Our field names mapped to this source's columns, e.g. "
                                    "`{prompt: question, response: answer}`.")
     max_records: int | None = _key(None, "Read at most this many records of the source (its first ones).", ge=1)
+    format: Union[None, Literal["auto", "text", "prompt_response", "instruction", "messages", "raw"]] = _key(
+        None, "This source's record form, as `data.format` says it; null takes `data.format`. `raw` for "
+        "documents trained on every token (docs/data.md#raw-documents).")
 
 
 class DataSection(_Section):
@@ -161,9 +164,11 @@ class DataSection(_Section):
         "(docs/data.md#mixing-by-weight). `prepare` and the run's log say how much of each source is used.")
     eval_fraction: float = _key(0.1, "Share of the training records held out for evaluation when `data.eval` "
                                 "is null (chosen with train.seed); 0 for none.", ge=0, lt=1)
-    format: Literal["auto", "text", "prompt_response", "instruction", "messages"] = _key(
+    format: Literal["auto", "text", "prompt_response", "instruction", "messages", "raw"] = _key(
         "auto", "The records' form; `auto` reads it from the first record's keys: `text` "
-        "(`<s>[INST] q [/INST] a </s>`), `prompt_response`, `instruction` (+ `input`), `messages`.")
+        "(`<s>[INST] q [/INST] a </s>`), `prompt_response`, `instruction` (+ `input`), `messages`; a source "
+        "of `.txt` files is `raw`. `raw` (never detected from `text` records): documents in a `text` column "
+        "or `.txt` files, the loss on every token (docs/data.md#raw-documents).")
     template: Literal["auto", "mistral-v1", "mistral-v3", "mistral-v7", "mistral-tekken", "tokenizer"] = _key(
         "auto", "The chat template: `mistral-v1` (`[INST]` as text; Mistral-7B v0.1/v0.2), `mistral-v3` "
         "(`[INST]` control tokens; v0.3), `mistral-v7` (`[SYSTEM_PROMPT]`; the v7 SentencePiece vocabulary), "
@@ -173,9 +178,10 @@ class DataSection(_Section):
         "(docs/data.md#templates).")
     max_seq_len: int = _key(512, "The longest a tokenized record may be; see `data.overlong`.",
                             ge=16, le=1_048_576)
-    overlong: Literal["truncate", "drop"] = _key(
-        "truncate", "What happens to a longer record: `truncate` cuts it to data.max_seq_len, `drop` leaves "
-        "it out; the summary counts both.")
+    overlong: Literal["auto", "truncate", "drop", "split"] = _key(
+        "auto", "What happens to a longer record: `truncate` cuts it to data.max_seq_len, `drop` leaves "
+        "it out (the summary counts both), `split` cuts a raw document into data.max_seq_len chunks, each a "
+        "record of its own (raw sources only). `auto`: `split` for raw sources, `truncate` for chat records.")
     train_on_prompt: bool = _key(False, "Put the loss on the prompts too, not only on the answers.")
     packing: bool = _key(
         True, "Pack records into rows of data.tokens_per_row tokens that never attend across records; false "

@@ -3,6 +3,8 @@ times the tokenizer on (bench/synthetic.py's `prose_records`)."""
 
 from pathlib import Path
 
+import pytest
+
 from mistral_qlora.bench.synthetic import qa_records
 
 
@@ -37,3 +39,20 @@ def test_prose_records_read_like_a_language_not_a_word_list():
     kinds = {w.strip(",.?").lower() for w in words}
     assert len(kinds) > 20_000 and any(re.fullmatch(r"\d+", k) for k in kinds)
     assert all(r["prompt"].endswith("?") and r["response"].endswith(".") for r in a)
+
+
+@pytest.mark.slow  # a child process per phase
+def test_bench_data_on_raw_documents_splits_and_counts_every_token(tmp_path):
+    """`bench-data --format raw`: documents of several records' prose, the phases through
+    data.format=raw; the Arrow step and its list baseline keep the same tokens on the same file."""
+    import json
+
+    from mistral_qlora.bench.data_step import RAW_PARAGRAPHS, bench_data
+
+    results = bench_data(60, 60, tmp_path, phases=("baseline", "first"), max_seq_len=512,
+                         log=lambda m: None, form="raw")
+    by = {r["phase"]: r for r in results}
+    assert by["first"]["tokens"] == by["baseline"]["tokens"] > 0
+    docs = [json.loads(line) for line in open(tmp_path / "prose-raw-60.jsonl")]
+    assert len(docs) == 60 and all(d["text"].count("\n\n") == 2 * RAW_PARAGRAPHS - 1 for d in docs)
+    assert by["first"]["rows"] > 0

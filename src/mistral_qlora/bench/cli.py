@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
-from mistral_qlora.bench.data_step import BASELINE_RECORDS, MAX_SEQ_LEN, PHASES, RECORDS, WORKDIR
+from mistral_qlora.bench.data_step import BASELINE_RECORDS, FORMS, MAX_SEQ_LEN, PHASES, RECORDS, WORKDIR
 from mistral_qlora.bench.levers import LEVERS
 from mistral_qlora.bench.options import BenchOptions
 from mistral_qlora.errors import UserError
@@ -85,6 +85,8 @@ def _add_bench_data_parser(sub) -> None:
     p.add_argument("--workdir", default=WORKDIR, help="where the files and the cache go (default ./%(default)s)")
     p.add_argument("--phases", default=",".join(PHASES), help="comma-separated phases to run (default all)")
     p.add_argument("--max-seq-len", type=int, default=MAX_SEQ_LEN, help="data.max_seq_len and data.tokens_per_row")
+    p.add_argument("--format", default="chat", choices=FORMS,
+                   help="chat: prompt/response records; raw: raw documents (data.format=raw, split at --max-seq-len)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_bench_data)
 
@@ -162,7 +164,7 @@ def cmd_bench_data(args) -> int:
     if args.records < 1 or args.baseline_records < 1:
         raise UserError("--records and --baseline-records must be at least 1")
     results = bench_data(args.records, min(args.baseline_records, args.records), Path(args.workdir), phases,
-                         args.max_seq_len, log=lambda m: print(m, file=sys.stderr, flush=True))
+                         args.max_seq_len, log=lambda m: print(m, file=sys.stderr, flush=True), form=args.format)
     print(table(results))
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(results, indent=1))

@@ -3,10 +3,11 @@
 - dataset.py: the data step of a run (`build_data`): sources -> tokenized tables -> train mix, eval set
 - sources.py: where records come from, opened as `datasets` tables or streams
 - load.py: a dataset file or folder read into plain dict records
-- formats.py: records of any accepted form -> conversations
+- formats.py: records of any accepted form -> conversations (raw records: their documents)
 - templates.py: chat templates: conversations -> token ids and labels, and the prompt to answer
 - spm.py: SentencePiece's own encoder for the templates' text spans
 - tokenize.py: conversations -> token ids and labels, over-long records truncated or dropped
+- raw.py: raw documents -> token ids and labels (BOS + text + EOS, every token a target), split into chunks
 - token_cache.py: records -> tokenized rows once, on worker processes, cached on disk
 - ragged.py: many variable-length sequences as one flat array and its offsets
 - mix.py: weighted mixing of sources, deterministic for the seed

@@ -28,6 +28,7 @@ from mistral_qlora.data.mix import mix_tables
 from mistral_qlora.data.packing import pack_best_fit_decreasing, packing_efficiency
 from mistral_qlora.data.sources import (
     decode_errors,
+    form_setting,
     needed_columns,
     open_table,
     resolve,
@@ -53,7 +54,9 @@ from mistral_qlora.errors import UserError
 class SourceStats:
     """One training source as `prepare` and the run's log report it: records read, kept after
     tokenizing, and what the mix used of them. `drawn` counts draws (a repeated record each time),
-    `drawn_records` the distinct records drawn; `truncated` counts the truncated records among those."""
+    `drawn_records` the distinct records drawn; `truncated` counts the truncated records among those.
+    For a raw source (`form`), `records` counts documents and `kept` the records made of them
+    (chunks, when data.overlong splits them)."""
 
     name: str
     weight: float
@@ -67,17 +70,21 @@ class SourceStats:
     drawn_tokens: int = 0
     from_cache: bool = False
     counted: bool = True  # False for a stream before `prepare` has made its pass
+    form: str = ""
 
     def describe(self, total_drawn: int, total_weight: float) -> str:
         """One line: what was read and kept, how much of it the mix uses, and its share."""
         head = f"  {self.name}: weight {self.weight / total_weight:.1%}"
         if not self.counted:
             return head + " (a stream: `prepare` makes a pass to count it)"
-        used = f"{self.drawn_records:,} of {self.kept:,} kept records drawn ({self.drawn_records / max(1, self.kept):.0%})"
+        kept = "chunks" if self.form == "raw" else "kept records"
+        used = f"{self.drawn_records:,} of {self.kept:,} {kept} drawn ({self.drawn_records / max(1, self.kept):.0%})"
         repeats = self.drawn - self.drawn_records
         if repeats:
             used += f", {repeats:,} repeats ({self.drawn / max(1, self.drawn_records):.2f} draws a record)"
-        return (f"{head}; {self.records:,} records read, {self.kept:,} kept, {self.tokens:,} tokens; {used}; "
+        read = (f"{self.records:,} documents read, {self.kept:,} chunks" if self.form == "raw"
+                else f"{self.records:,} records read, {self.kept:,} kept")
+        return (f"{head}; {read}, {self.tokens:,} tokens; {used}; "
                 f"{self.drawn:,} draws, {self.drawn_tokens:,} tokens, {self.drawn / max(1, total_drawn):.1%} of the mix"
                 + ("  [cached]" if self.from_cache else ""))
 
@@ -171,10 +178,11 @@ class _Opened:
 
 def open_source(spec, cfg: DataSection, index: int, role: str) -> _Opened:
     res = resolve(spec)
-    table = open_table(res, cfg.format, cache_root(cfg))
+    setting = form_setting(res, cfg.format)
+    table = open_table(res, setting, cache_root(cfg))
     with decode_errors(res):
         first = table[0]
-    form = source_form(table.column_names, cfg.format, first, res.name)
+    form = source_form(table.column_names, setting, first, res.name)
     table = table.select_columns(needed_columns(form, table.column_names))
     signature = res.signature() if res.kind != "hub" else table_signature(table)
     identity = {"role": role, "index": index, "source": signature, "hub": res.spec.path if res.kind == "hub" else None,
@@ -199,8 +207,8 @@ def _lengths(table) -> np.ndarray:
 
 
 def _stats(records: int, truncated: int, lengths: np.ndarray) -> TokenCounts:
-    return TokenCounts(records=records, truncated=truncated, dropped=records - len(lengths),
-                         lengths=lengths.tolist())
+    return TokenCounts(records=records, truncated=truncated, dropped=max(0, records - len(lengths)),
+                       lengths=lengths.tolist())
 
 
 def _truncated(table) -> int:
@@ -214,6 +222,8 @@ def _first_prompts(parts: list[tuple[_Opened, object]], tokenizer, cfg: DataSect
     for opened, table in parts:
         if len(prompts) >= n:
             break
+        if opened.form == "raw":  # documents have no prompt to answer
+            continue
         take = table.select(range(min(n - len(prompts), len(table))))
         with decode_errors(opened.resolved):
             convs = RecordTokenizer(tokenizer, opened.form, opened.name, cfg).conversations(take[:],
@@ -259,7 +269,7 @@ def build_data(cfg: DataSection, tokenizer, seed: int, n_samples: int = 0) -> Tr
             )
         train_parts.append(tok)
         sources.append(SourceStats(opened.name, spec.weight, tok.records, tok.kept, int(_lengths(tok.dataset).sum()),
-                                   0, tok.dropped, from_cache=tok.from_cache))
+                                   0, tok.dropped, from_cache=tok.from_cache, form=opened.form))
     weights = [s.weight for s in sources]
     train, source_of_row, _ = mix_tables([p.dataset for p in train_parts], weights, seed, cfg.mix)
     lengths = _lengths(train)
@@ -306,6 +316,7 @@ def eval_set(eval_specs, cfg: DataSection, tokenizer, tok_sig: str, n_samples: i
 
     table = concatenate_datasets([p.dataset for p in parts]) if len(parts) > 1 else parts[0].dataset
     stats = _stats(sum(p.records for p in parts), _truncated(table), _lengths(table))
+    stats.dropped = sum(p.dropped for p in parts)
     return table.select_columns(["input_ids", "labels", "length"]), stats, prompts, keys
 
 
@@ -323,6 +334,7 @@ def build_stream(cfg: DataSection, tokenizer, seed: int, n_samples: int, train_s
     digest = hashlib.sha256(json.dumps({"stream": key, "weights": stream.weights, "seed": seed,
                                         "buffer": cfg.stream_buffer, "row": cfg.tokens_per_row, **_mix_part(cfg)})
                             .encode()).hexdigest()
-    sources = [SourceStats(spec.path, spec.weight, counted=False) for spec in train_specs]
+    sources = [SourceStats(spec.path, spec.weight, counted=False, form=b.form)
+               for spec, b in zip(train_specs, stream.batchers)]
     return TrainingData(None, evals, sample, eval_stats, prompts, None, cfg.tokens_per_row, digest, sources, stream,
                         template)

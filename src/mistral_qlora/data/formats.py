@@ -10,6 +10,9 @@ Forms (`data.format`, detected from the first record's keys when `auto`):
   a `tools` list (`parse_tool_messages`).
 The first three take an optional `system` column; `messages` takes its system message. The chat
 template (`templates.py`) decides where the system prompt goes; this module only extracts text.
+- `raw`: a document in a `text` column (or a `.txt` file), no conversation: `raw_text` checks it and
+  raw.py tokenizes it. Only chosen (data.format or a source's format), never detected: a `text`
+  column holds the sample's `[INST]` form under `auto`.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ FORM_KEYS = {
     "messages": ("messages",),
     "prompt_response": ("prompt", "response"),
     "instruction": ("instruction", "output"),
+    "raw": ("text",),
 }
 # Columns a form reads when present.
 OPTIONAL_KEYS = {
@@ -73,6 +77,7 @@ OPTIONAL_KEYS = {
     "messages": ("tools",),
     "prompt_response": ("system",),
     "instruction": ("input", "system"),
+    "raw": (),
 }
 
 
@@ -103,7 +108,8 @@ def parse_text(text, where: str) -> list[Turn]:
         prompt, answer = m.group(1).strip(), m.group(2).strip()
         turns.append((prompt, answer))
     if not turns:
-        raise UserError(f"{where}: text has no '[INST] ... [/INST]' pair: {_snippet(text)}")
+        raise UserError(f"{where}: text has no '[INST] ... [/INST]' pair: {_snippet(text)} (for raw documents "
+                        "set data.format: raw, or format: raw on the source)")
     for prompt, answer in turns:
         if not prompt:
             raise UserError(f"{where}: empty question between [INST] and [/INST]: {_snippet(text)}")
@@ -181,11 +187,26 @@ def to_turns(record: dict, form: str, where: str) -> Conversation:
     return Conversation(_turns(record, form, where), _string_field(record, "system", where, required=False))
 
 
-def records_to_conversations(records: list[dict], form: str, source: str) -> list[Conversation]:
+def raw_text(record: dict, where: str) -> str:
+    """A raw record's document, as it is (no whitespace stripped: it may be code); refused when
+    missing, not a string, or blank."""
+    value = record.get("text")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise UserError(f"{where}: the 'text' field is missing, null or empty; every raw record needs a "
+                        "non-empty 'text' (remove the record or fill it in)")
+    if not isinstance(value, str):
+        raise UserError(f"{where}: 'text' must be a string, got {type(value).__name__} {_snippet(value)}")
+    return value
+
+
+def records_to_conversations(records: list[dict], form: str, source: str) -> list:
+    """Each record as a Conversation, or, for `raw` records, as its document (a str)."""
     if not records:
         raise UserError(f"{source}: the dataset is empty (no records)")
     if form == "auto":
         form = detect_format(records[0], source)
+    if form == "raw":
+        return [raw_text(rec, f"{source} {record_label(i)}") for i, rec in enumerate(records)]
     return [to_turns(rec, form, f"{source} {record_label(i)}") for i, rec in enumerate(records)]
 
 

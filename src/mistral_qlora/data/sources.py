@@ -2,6 +2,8 @@
 
 `data.train` / `data.eval` are a path or a list of `DataSource`s. A path is
 - a local `.json`, `.jsonl`, `.parquet` or `.csv` file, or a glob of them (all of one type);
+- a local `.txt` file or a glob of them: one raw document each (a record with a `text` column,
+  read whole by `datasets`' text builder), of the `raw` form unless the source says otherwise;
 - a folder written by `datasets` (`save_to_disk`), its `split` (default `train`);
 - a hub dataset id, read by `datasets.load_dataset` with `subset` and `split` (the local hub cache
   is used as `datasets` does, so `HF_DATASETS_OFFLINE=1` works with a cached dataset).
@@ -25,7 +27,9 @@ from mistral_qlora.data.load import _looks_like_jsonl, read_records, utf8_proble
 from mistral_qlora.data.token_cache import datasets_quiet
 from mistral_qlora.errors import UserError
 
-BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+# options of a builder: a text file is one document, not one record per line
+BUILDER_OPTIONS = {"text": {"sample_by": "document"}}
 OPTIONAL_KEYS = {"instruction": ("input",), "messages": ("tools",)}  # read when present
 PROGRESS_BYTES = 64 * 2**20  # files at least this large show datasets' progress bar while converted
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -85,12 +89,18 @@ def resolve(spec: DataSource) -> Resolved:
     unknown = sorted(suffixes - set(BUILDERS))
     if unknown:
         raise UserError(f"{spec.path}: unsupported data file type '{unknown[0]}' (use .json, .jsonl, .parquet, "
-                        ".csv, a datasets folder or a hub dataset id)")
+                        ".csv, .txt, a datasets folder or a hub dataset id)")
     builders = {BUILDERS[s] for s in suffixes}
     if len(builders) > 1:
         raise UserError(f"{spec.path}: the glob mixes file types ({', '.join(sorted(suffixes))}); "
                         "give each type its own source")
-    return Resolved(spec, "files", files, builders.pop())
+    builder = builders.pop()
+    if builder == "text":
+        empty = next((f for f in files if os.path.getsize(f) == 0), None)
+        if empty is not None:
+            raise UserError(f"{empty}: the text file is empty; every raw document needs text (remove the file "
+                            "or leave it out of the glob)")
+    return Resolved(spec, "files", files, builder)
 
 
 def table_signature(ds) -> list:
@@ -166,7 +176,7 @@ def open_table(res: Resolved, form: str, cache_dir: Path):
         try:
             with datasets_quiet(progress=big):
                 ds = datasets.load_dataset(res.builder, data_files=list(res.files), split="train",
-                                           cache_dir=str(cache_dir / "tables"))
+                                           cache_dir=str(cache_dir / "tables"), **BUILDER_OPTIONS.get(res.builder, {}))
         except Exception as exc:
             raise _diagnose(res, exc, form) from None
     elif res.kind == "folder":
@@ -192,7 +202,8 @@ def open_stream(res: Resolved, form: str):
     spec = res.spec
     if res.kind == "files":
         with datasets_quiet(progress=False):
-            ds = datasets.load_dataset(res.builder, data_files=list(res.files), split="train", streaming=True)
+            ds = datasets.load_dataset(res.builder, data_files=list(res.files), split="train", streaming=True,
+                                       **BUILDER_OPTIONS.get(res.builder, {}))
     elif res.kind == "folder":
         ds = _load_folder(res).to_iterable_dataset()
     else:
@@ -246,6 +257,16 @@ def _rename(ds, res: Resolved, names: list[str] | None = None):
     return ds.rename_columns(renames) if renames else ds
 
 
+def form_setting(res: Resolved, data_format: str) -> str:
+    """The form a source asks for: its own `format`, else data.format; under `auto` a source of
+    `.txt` files is raw (a text file has no other form), while records are detected
+    (`source_form`), never as raw."""
+    form = res.spec.format or data_format
+    if form == "auto" and res.builder == "text":
+        return "raw"
+    return form
+
+
 def source_form(columns: list[str], form: str, first_record: dict | None, name: str) -> str:
     """The record form of a source (data.format, or detected), checked against its columns."""
     if form == "auto":
@@ -258,7 +279,7 @@ def source_form(columns: list[str], form: str, first_record: dict | None, name: 
                             "(map other names with the source's columns: {prompt: ..., response: ...})") from None
     missing = [k for k in FORM_KEYS[form] if k not in columns]
     if missing:
-        raise UserError(f"{name}: data.format={form} needs the column(s) {', '.join(missing)}; its columns: "
+        raise UserError(f"{name}: format {form} needs the column(s) {', '.join(missing)}; its columns: "
                         f"{', '.join(columns)} (map them with the source's columns: {{ours: theirs}})")
     return form
 

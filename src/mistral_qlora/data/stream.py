@@ -29,7 +29,7 @@ import torch
 from mistral_qlora.config import DataSection
 from mistral_qlora.data.mix import Chooser
 from mistral_qlora.data.packing import pack_best_fit_decreasing
-from mistral_qlora.data.sources import decode_errors, needed_columns, open_stream, resolve, source_form
+from mistral_qlora.data.sources import decode_errors, form_setting, needed_columns, open_stream, resolve, source_form
 from mistral_qlora.data.tokenize import TokenCounts
 from mistral_qlora.data.token_cache import RecordTokenizer
 from mistral_qlora.errors import UserError
@@ -161,7 +161,7 @@ class PackedStream(torch.utils.data.IterableDataset):
             self._marks, self.rows_seen = saved_marks, saved_rows
         stats.records = sum(c[0] for c in per_source)
         stats.truncated = sum(c[3] for c in per_source)
-        stats.dropped = stats.records - sum(c[1] for c in per_source)
+        stats.dropped = sum(max(0, c[0] - c[1]) for c in per_source)  # a split document gives several records
         stats.lengths = lengths.tolist()
         return stats, [tuple(c) for c in per_source], n_rows
 
@@ -171,12 +171,13 @@ def open_streams(train_specs, cfg: DataSection, tokenizer, seed: int) -> tuple[P
     streams, batchers, columns, identities = [], [], [], []
     for i, spec in enumerate(train_specs):
         res = resolve(spec)
+        setting = form_setting(res, cfg.format)
         with decode_errors(res):
-            ds = open_stream(res, cfg.format)
+            ds = open_stream(res, setting)
             first = next(iter(ds), None)
         if first is None:
             raise UserError(f"{res.name}: the source is empty (no records)")
-        form = source_form(list(first), cfg.format, first, res.name)
+        form = source_form(list(first), setting, first, res.name)
         streams.append(ds)
         batchers.append(RecordTokenizer(tokenizer, form, res.name, cfg))
         columns.append(needed_columns(form, list(first)))

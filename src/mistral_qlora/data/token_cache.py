@@ -1,7 +1,9 @@
 """Records -> tokenized rows, once: batched `datasets.map`s on a pool of worker processes, cached on disk.
 
 `RecordTokenizer` is the one place records become conversations (formats.py) and conversations
-become tokens (tokenize.py); the map, the streaming packer and the diagnostics all go through it.
+become tokens (tokenize.py), or raw documents become tokens (raw.py); the map, the streaming
+packer and the diagnostics all go through it. A raw document split into chunks gives several rows
+(a batch's output may have more rows than its input).
 
 The build (`_build`) cuts the records into tasks of at most TASK_BYTES of the input table
 (`tasks`); each task is one `datasets.map` into an Arrow shard of its own. The tasks run on a pool
@@ -37,8 +39,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from mistral_qlora.data import formats, ragged, spm, tekken, templates, tokenize
+from mistral_qlora.data import formats, ragged, raw, spm, tekken, templates, tokenize
 from mistral_qlora.data.formats import records_to_conversations
+from mistral_qlora.data.raw import RawEncoder, overlong_for, tokenize_raw
 from mistral_qlora.data.templates import resolve_template
 from mistral_qlora.data.tokenize import TokenBatch, tokenize_batch
 from mistral_qlora.errors import UserError
@@ -91,8 +94,9 @@ def worker_count(data_cfg, n_records: int) -> int:
 class RecordTokenizer:
     """A batch of records (columns) -> columns input_ids, labels, length, truncated.
 
-    Records longer than data.max_seq_len are truncated or dropped by tokenize.py; the `truncated`
-    column marks the truncated ones.
+    Records longer than data.max_seq_len are truncated or dropped by tokenize.py (raw documents:
+    split, truncated or dropped by raw.py); the `truncated` column marks the truncated ones.
+    data.overlong is resolved for the source's form (`raw.overlong_for`).
     """
 
     def __init__(self, tokenizer, form: str, source: str, data_cfg, record_ids=None):
@@ -100,10 +104,11 @@ class RecordTokenizer:
         self.form = form
         self.source = source
         self.max_seq_len = data_cfg.max_seq_len
-        self.overlong = data_cfg.overlong
+        self.overlong = overlong_for(form, data_cfg.overlong, source)
         self.train_on_prompt = data_cfg.train_on_prompt
         self.record_ids = record_ids  # the source's index of each row of a selected table (held-out split)
         self.template = resolve_template(data_cfg.template, tokenizer)  # data.template, as build_data resolves it
+        self.raw = RawEncoder(tokenizer) if form == "raw" else None
 
     def conversations(self, batch: dict, indices: list[int]) -> list:
         keys = list(batch)
@@ -122,6 +127,8 @@ class RecordTokenizer:
 
     def tokenized(self, batch: dict, indices: list[int]) -> TokenBatch:
         convs = self.conversations(batch, indices)
+        if self.raw is not None:  # documents (str), not conversations
+            return tokenize_raw(convs, self.raw, self.max_seq_len, self.overlong)[0]
         out, _ = tokenize_batch(convs, self.tokenizer, self.max_seq_len, self.overlong, self.train_on_prompt,
                                 self.template)
         return out
@@ -160,7 +167,7 @@ def tokenizer_signature(tokenizer) -> str:
 
 def code_signature() -> str:
     h = hashlib.sha256()
-    for module in (formats, ragged, spm, tekken, templates, tokenize):
+    for module in (formats, ragged, raw, spm, tekken, templates, tokenize):
         h.update(Path(module.__file__).read_bytes())
     h.update(Path(__file__).read_bytes())
     return h.hexdigest()
@@ -185,7 +192,8 @@ class TokenTable:
 
     @property
     def dropped(self) -> int:
-        return self.records - self.kept
+        # a raw document split into chunks gives more rows than records; none is dropped then
+        return max(0, self.records - self.kept)
 
 
 def _open_cached(folder: Path):

@@ -52,11 +52,17 @@ def describe_data(cfg: RunConfig, world_size: int = 1) -> str:
             # a source the pass found empty has `size` records, drawn `draws` times; another was read as far
             # as the pass drew it, no record twice. Kept, tokens and truncations count draws here.
             records = draws if size is None else size
-            s.records, s.kept, s.tokens, s.truncated, s.dropped = records, kept, tokens, truncated, draws - kept
+            s.records, s.kept, s.tokens, s.truncated, s.dropped = records, kept, tokens, truncated, max(0, draws - kept)
             s.drawn, s.drawn_records, s.drawn_tokens, s.counted = draws, records, tokens, True
     ts, es = data.train_stats, data.eval_stats
     lengths = sorted(ts.lengths)
     answer_tokens = data.answer_tokens()
+    loss_on = "prompt and answer" if cfg.data.train_on_prompt else "answers only"
+    forms = {s.form for s in data.sources}
+    if forms == {"raw"}:
+        loss_on = "every token of the raw documents"
+    elif "raw" in forms:
+        loss_on = f"{loss_on} of chat records, every token of raw documents"
     train_text = cfg.data.train if isinstance(cfg.data.train, str) else f"{len(cfg.data.train)} sources"
     eval_text = (cfg.data.eval if isinstance(cfg.data.eval, str) else f"{len(cfg.data.eval)} sources") \
         if cfg.data.eval else f"{cfg.data.eval_fraction:.0%} held out"
@@ -71,7 +77,7 @@ def describe_data(cfg: RunConfig, world_size: int = 1) -> str:
         f"data.overlong={cfg.data.overlong})",
         f"train tokens: {ts.tokens:,} ("
         + (f"{answer_tokens:,} in the loss, " if data.stream is None else "")
-        + f"{'prompt and answer' if cfg.data.train_on_prompt else 'answers only'})",
+        + f"{loss_on})",
         f"length: min {lengths[0]}, median {_percentile(lengths, 0.5)}, p90 {_percentile(lengths, 0.9)}, "
         f"p99 {_percentile(lengths, 0.99)}, max {lengths[-1]}, mean {ts.tokens / len(lengths):.1f}",
         "length distribution (tokens: records):",
