@@ -77,6 +77,8 @@ class ConsoleCallback(ProgressCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._started, self._last = self.clock(), None
         self._steady_seconds, self._steady_steps, self._interrupted = 0.0, 0, False
+        if args.eval_on_start and state.global_step == 0 and state.is_world_process_zero:
+            self._print("eval: the held-out set before training (the first line's loss)")
         if self.bars:
             super().on_train_begin(args, state, control, **kwargs)
 
