@@ -69,7 +69,7 @@ def test_a_stream_draws_what_the_table_draws(tmp_path, tok, mix):
             "data.tokens_per_row=256", f"data.mix={mix}", "data.stream_buffer=16",
             f"data.train=[{{path: {a}, weight: 2}}, {{path: {b}, weight: 1}}]"]
     table = build_data(load_config(None, sets).data, tok, SEED)
-    stream = build_data(load_config(None, [*sets, "data.streaming=true"]).data, tok, SEED).stream
+    stream = build_data(load_config(None, [*sets, "data.streaming=true", "train.max_steps=1"]).data, tok, SEED).stream
     stats, per_source, _ = stream.scan()
     assert [d for d, *_ in per_source] == [s.drawn for s in table.sources]
     assert [t for _, _, t, _ in per_source] == [s.drawn_tokens for s in table.sources]
@@ -78,14 +78,14 @@ def test_a_stream_draws_what_the_table_draws(tmp_path, tok, mix):
         assert stream.source_sizes == [150, 9] and table.sources[1].drawn > 9 * 3
     first_pass = list(stream)
     assert list(stream) != first_pass and first_pass == list(
-        build_data(load_config(None, [*sets, "data.streaming=true"]).data, tok, SEED).stream)
+        build_data(load_config(None, [*sets, "data.streaming=true", "train.max_steps=1"]).data, tok, SEED).stream)
 
 
 def test_a_resumed_all_exhausted_stream_continues_exactly(tmp_path, tok):
     """A position taken after a source has started again resumes with it started again."""
     a, b = write_jsonl(tmp_path / "a.jsonl", _short(120, "a")), write_jsonl(tmp_path / "b.jsonl", _short(5, "b"))
     sets = [f"data.cache_dir={tmp_path / 'c'}", "data.eval_fraction=0", "data.max_seq_len=64",
-            "data.tokens_per_row=128", "data.mix=all_exhausted", "data.stream_buffer=8", "data.streaming=true",
+            "data.tokens_per_row=128", "data.mix=all_exhausted", "data.stream_buffer=8", "data.streaming=true", "train.max_steps=1",
             f"data.train=[{{path: {a}, weight: 1}}, {{path: {b}, weight: 1}}]"]
 
     def stream():
