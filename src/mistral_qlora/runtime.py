@@ -25,6 +25,14 @@ def log(message: str) -> None:
         logging.getLogger("mistral_qlora").info(message)  # run.log (mistral_qlora.logs)
 
 
+def phase(message: str) -> None:
+    """The start of a phase of the run, one line on stdout (the console's stream, beside the step
+    lines) from global rank 0, and in run.log; stderr stays for warnings and the error line."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, flush=True)
+        logging.getLogger("mistral_qlora").info(message)
+
+
 def peak_memory(device: str) -> tuple[float, str]:
     """(GiB, of what): on a GPU the peak of the memory torch allocated there ("gpu"); elsewhere the
     process's peak resident set from getrusage ("host": weights, data, Python, everything the

@@ -41,7 +41,7 @@ from mistral_qlora.run.callbacks import RunAlreadyComplete
 from mistral_qlora.run.task_eval import TaskSpec, before_after, prepare_tasks, tracker_metrics
 from mistral_qlora.run.trackers import check_trackers, finish_trackers, tracker_env
 from mistral_qlora.run.trainer import RunCallbacks, build_trainer, training_arguments
-from mistral_qlora.runtime import Runtime, barrier, launched_processes, log, peak_memory, single_process_env
+from mistral_qlora.runtime import Runtime, barrier, launched_processes, log, peak_memory, phase, single_process_env
 
 
 def run_training(cfg: RunConfig, overwrite: bool = False, force: bool = False) -> dict:
@@ -73,8 +73,8 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
     # Before the model: with a DeepSpeed config the arguments start the process group that
     # ZeRO-3 loads the base into.
     args = training_arguments(cfg, rt, has_eval=bool(inputs.data.eval), deepspeed=plan.ds_config)
-    log(f"model: loading {cfg.model.name_or_path} "
-        f"({'4-bit NF4' if cfg.quantization.bits == 4 else '16-bit'}) and adding LoRA")
+    phase(f"model: loading {cfg.model.name_or_path} "
+          f"({'4-bit NF4' if cfg.quantization.bits == 4 else '16-bit'}) and adding LoRA")
     model, load_stats = build_model(cfg, plan, rt, inputs.model_path, inputs.model_config,
                                     inputs.tokenizer.pad_token_id, args.hf_deepspeed_config if plan.zero3 else None)
     if load_stats is not None:
@@ -117,16 +117,16 @@ class RunInputs:
 
 def validate(cfg: RunConfig, rt: Runtime, overwrite: bool, force: bool) -> RunInputs:
     """Read and check everything the run depends on; nothing is written. Each phase that can take a
-    while says so in one line first, so a console in a pipe shows where the run is."""
+    while says so in one line on stdout first, so a console in a pipe shows where the run is."""
     check_output_dir(Path(cfg.output_dir), overwrite)
     check_trackers(cfg)
-    log(f"config: checked; output_dir {cfg.output_dir}")
+    phase(f"config: checked; output_dir {cfg.output_dir}")
     model_path = resolve_model_path(cfg.model.name_or_path)
     model_config = load_model_config(model_path, cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.model.revision)
     if cfg.data.streaming and cfg.train.max_steps <= 0:
         raise UserError("data.streaming needs train.max_steps: a stream has no length to count epochs by")
-    log("data: reading, tokenizing (or reading the token cache) and packing")
+    phase("data: reading, tokenizing (or reading the token cache) and packing")
     data = build_data(cfg.data, tokenizer, cfg.train.seed, cfg.eval.samples)
     fingerprint = checkpoints.run_fingerprint(cfg, data.digest, rt.world_size)
     resume_from = checkpoints.find_resume_checkpoint(cfg, fingerprint, overwrite, force, warn=log)

@@ -34,11 +34,10 @@ def test_console_in_a_pipe_prints_one_plain_line_per_log_step(tracked_run):
 def test_a_console_in_a_pipe_names_each_phase_before_it_starts(tracked_run):
     """config, data, model (after the plan's lines), then the evaluation before training: a pipe shows
     where the run is while nothing else prints."""
-    err = [line.removeprefix("mistral-qlora: ") for line in tracked_run["stderr"].splitlines()]
-    starts = {phase: next((i for i, line in enumerate(err) if line.startswith(phase)), None)
+    out = tracked_run["stdout"].splitlines()
+    starts = {phase: next((i for i, line in enumerate(out) if line.startswith(phase)), None)
               for phase in ("config: checked", "data: reading", "model: loading")}
     assert None not in starts.values() and starts["config: checked"] < starts["data: reading"] < starts["model: loading"]
-    out = tracked_run["stdout"].splitlines()
     first_eval = next(i for i, line in enumerate(out) if EVAL_LINE.match(line))
     assert out.index("eval: the held-out set before training (the first line's loss)") < first_eval
 

@@ -11,7 +11,7 @@ PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "deep
 # train.report_to's trackers and the packages of setup.cfg's extras (`pip install mistral-qlora[NAME]`;
 # tests/tools/test_env.py keeps this table equal to setup.cfg's, dev left out).
 TRACKERS = ("tensorboard", "wandb", "mlflow")
-EXTRAS = {"flash": ("flash-attn",), "kernels": ("liger-kernel",), "trackers": ("wandb", "mlflow")}
+EXTRAS = {"flash": ("flash-attn",), "kernels": ("liger-kernel",), "trackers": ("wandb", "mlflow"), "eval": ("lm-eval",)}
 
 
 def _version(name: str) -> str:
