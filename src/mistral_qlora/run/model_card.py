@@ -149,7 +149,7 @@ def model_card(kind: str, base_name: str, adapter_config: dict | None, config: d
         meta["datasets"] = datasets
     meta["pipeline_tag"] = "text-generation"
 
-    what = ("A LoRA adapter" if kind == "adapter" else "The LoRA adapter merged into a 16-bit copy of")
+    what = ("A LoRA adapter for" if kind == "adapter" else "A LoRA adapter merged into a 16-bit copy of")
     lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
              f"# {title or ('adapter' if kind == 'adapter' else 'merged model')}", "",
              f"{what} `{base_name}`, fine-tuned with "
