@@ -38,6 +38,7 @@ from mistral_qlora.plan import Plan, lora_variants, make_plan
 from mistral_qlora.run import checkpoints
 from mistral_qlora.run.artifacts import check_output_dir, clear_previous_run, perplexity, write_final_artifacts
 from mistral_qlora.run.callbacks import RunAlreadyComplete
+from mistral_qlora.run.model_card import write_model_card
 from mistral_qlora.run.task_eval import TaskSpec, before_after, prepare_tasks, tracker_metrics
 from mistral_qlora.run.trackers import check_trackers, finish_trackers, tracker_env
 from mistral_qlora.run.trainer import RunCallbacks, build_trainer, training_arguments
@@ -210,6 +211,9 @@ def finish(cfg: RunConfig, rt: Runtime, plan: Plan, inputs: RunInputs, trainer, 
         summary["tasks"] = before_after(model, inputs.tokenizer, task_spec(cfg), inputs.tasks, data.template)
         trainer.log(tracker_metrics(summary["tasks"]))  # the trackers' on_log, at the last step
     if rt.is_main:
+        # The card reads the summary in hand, so summary.json can still be written last.
+        write_model_card(out / "adapter", "adapter", out / "adapter", cfg.model.name_or_path, inputs.model_path,
+                         config=cfg.model_dump(mode="json"), summary=summary)
         write_final_artifacts(out, trainer.state.log_history, f"{cfg.model.name_or_path}: QLoRA r={cfg.lora.r}",
                               data.sample_prompts, callbacks.samples.before, samples_after, summary)
         checkpoints.remove_empty_staging(checkpoints.checkpoints_root(out))
@@ -250,6 +254,8 @@ def summarize(cfg: RunConfig, rt: Runtime, plan: Plan, inputs: RunInputs, state,
         "model": cfg.model.name_or_path,
         "sliding_window": sliding_window,
         "dtype": str(rt.dtype).removeprefix("torch."),
+        "template": data.template.name if data.template is not None else None,
+        "sources": [source_summary(s, data.sources) for s in data.sources],
         "records": {
             "train": data.train_stats.records,
             "eval": data.eval_stats.records,
@@ -262,6 +268,17 @@ def summarize(cfg: RunConfig, rt: Runtime, plan: Plan, inputs: RunInputs, state,
             "efficiency": data.packing_efficiency,
         },
     }
+
+
+def source_summary(source, sources: list) -> dict:
+    """One training source in summary.json: its weight's share, what was read and kept, and its
+    share of the mix's draws (None for a stream, which is not counted while training)."""
+    total_weight = sum(s.weight for s in sources) or 1.0
+    total_drawn = sum(s.drawn for s in sources)
+    return {"name": source.name, "hub": source.hub, "weight": source.weight / total_weight,
+            "records": source.records if source.counted else None, "kept": source.kept if source.counted else None,
+            "tokens": source.tokens if source.counted else None, "drawn": source.drawn if source.counted else None,
+            "share": source.drawn / total_drawn if source.counted and total_drawn else None}
 
 
 def oom_message(cfg: RunConfig, stage: str) -> str:

@@ -6,6 +6,9 @@
 // REQUEST: {"models": [PATH or {"model": PATH, "lora": ADAPTER.gguf, "key": NAME}, ...],
 //           "prompts": [[ids...], ...], "steps": N, "top": K}
 // stdout:  {PATH or NAME: [{"tokens": [N ids], "top": [[[id, logit] x K] per step]} per prompt], ...}
+// With "forced": [[ids...] per prompt] (teacher forcing), each prompt and its forced tokens are
+// evaluated in one pass instead, and "tokens"/"top" are the top-1 and top K after the prompt and
+// after each forced token but the last (one per forced token).
 import path from "node:path";
 import {readFileSync} from "node:fs";
 import {pathToFileURL} from "node:url";
@@ -29,8 +32,22 @@ for (const entry of request.models) {
     const sequence = context.getSequence();
     const next = {logits: {filter: {tokens: [], includeTop: request.top}}};
     results[key] = [];
-    for (const prompt of request.prompts) {
+    for (const [index, prompt] of request.prompts.entries()) {
         await sequence.clearHistory();
+        if (request.forced) {
+            const all = prompt.concat(request.forced[index]);
+            const first = prompt.length - 1, last = all.length - 2;  // the positions that predict a forced token
+            const out = await sequence.controlledEvaluate(
+                all.map((id, i) => (i >= first && i <= last ? [id, {generateNext: next}] : id)));
+            const tokens = [], top = [];
+            for (let i = first; i <= last; i++) {
+                const logits = [...out[i].next.logits.entries()].sort((a, b) => b[1] - a[1]);
+                tokens.push(logits[0][0]);
+                top.push(logits.slice(0, request.top));
+            }
+            results[key].push({tokens, top});
+            continue;
+        }
         const tokens = [], top = [];
         let input = prompt.map((id, i) => (i === prompt.length - 1 ? [id, {generateNext: next}] : id));
         for (let step = 0; step < request.steps; step++) {

@@ -91,3 +91,25 @@ def test_generate_with_the_merged_model_and_merge_refuses_a_full_folder(adapter,
     assert proc.stdout.startswith("[INST] What is a noun? [/INST]")
     proc = run_cli("merge", "--adapter", str(adapter), "--output", str(merged))
     assert proc.returncode == 2 and "folder exists and is not empty" in proc.stderr
+
+
+def test_the_run_and_its_merge_carry_model_cards_with_its_steps_and_eval_losses(adapter, tmp_path):
+    import json
+
+    from mistral_qlora.run.model_card import front_matter
+    from mistral_qlora.tools.merge import merge_adapter
+
+    summary = json.loads((adapter.parent / "summary.json").read_text())
+    assert summary["initial_eval_loss"] is not None and summary["final_eval_loss"] is not None
+    card = (adapter / "README.md").read_text()  # the run's own card, not PEFT's stub
+    meta = front_matter(card)
+    assert meta["library_name"] == "peft" and "base_model" not in meta  # tiny-random-mistral: no hub id
+    assert {"mistral-qlora", "qlora", "mistral-v1"} <= set(meta["tags"])
+    assert f"| steps | {summary['steps']} |" in card and summary["steps"] == 12
+    assert f"| eval loss | {summary['initial_eval_loss']:.4g} | {summary['final_eval_loss']:.4g} |" in card
+    assert f"`{summary['sources'][0]['name']}` | 100.0% |" in card and summary["template"] == "mistral-v1"
+
+    out = merge_adapter(str(adapter), str(tmp_path / "merged"), dtype="bf16")
+    merged = (out / "README.md").read_text()
+    assert front_matter(merged)["library_name"] == "transformers"
+    assert f"| eval loss | {summary['initial_eval_loss']:.4g} | {summary['final_eval_loss']:.4g} |" in merged

@@ -71,6 +71,7 @@ class SourceStats:
     from_cache: bool = False
     counted: bool = True  # False for a stream before `prepare` has made its pass
     form: str = ""
+    hub: bool = False  # a hub dataset id (the model card lists those under `datasets`)
 
     def describe(self, total_drawn: int, total_weight: float) -> str:
         """One line: what was read and kept, how much of it the mix uses, and its share."""
@@ -269,7 +270,8 @@ def build_data(cfg: DataSection, tokenizer, seed: int, n_samples: int = 0) -> Tr
             )
         train_parts.append(tok)
         sources.append(SourceStats(opened.name, spec.weight, tok.records, tok.kept, int(_lengths(tok.dataset).sum()),
-                                   0, tok.dropped, from_cache=tok.from_cache, form=opened.form))
+                                   0, tok.dropped, from_cache=tok.from_cache, form=opened.form,
+                                   hub=opened.resolved.kind == "hub"))
     weights = [s.weight for s in sources]
     train, source_of_row, _ = mix_tables([p.dataset for p in train_parts], weights, seed, cfg.mix)
     lengths = _lengths(train)
@@ -334,7 +336,8 @@ def build_stream(cfg: DataSection, tokenizer, seed: int, n_samples: int, train_s
     digest = hashlib.sha256(json.dumps({"stream": key, "weights": stream.weights, "seed": seed,
                                         "buffer": cfg.stream_buffer, "row": cfg.tokens_per_row, **_mix_part(cfg)})
                             .encode()).hexdigest()
-    sources = [SourceStats(spec.path, spec.weight, counted=False, form=b.form)
+    sources = [SourceStats(spec.path, spec.weight, counted=False, form=b.form,
+                           hub=resolve(spec).kind == "hub")
                for spec, b in zip(train_specs, stream.batchers)]
     return TrainingData(None, evals, sample, eval_stats, prompts, None, cfg.tokens_per_row, digest, sources, stream,
                         template)

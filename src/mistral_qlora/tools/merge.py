@@ -2,7 +2,8 @@
 
 The base is loaded in 16-bit (never merged into 4-bit weights, which would round the merge back
 onto the 4-bit grid), merged with PEFT's `merge_and_unload`, and saved as safetensors shards with
-the tokenizer. The result is written into a staging folder and renamed into place. `load_merged` is the step
+the tokenizer and a model card (README.md, from the adapter's run folder when it sits in one:
+run/model_card.py). The result is written into a staging folder and renamed into place. `load_merged` is the step
 `export` shares (tools/export.py).
 """
 
@@ -19,6 +20,7 @@ from mistral_qlora.files import set_usual_modes
 from mistral_qlora.model.adapter import adapter_base, attach_adapter
 from mistral_qlora.model.base import resolve_model_path
 from mistral_qlora.model.tokenizer import load_tokenizer
+from mistral_qlora.run.model_card import write_model_card
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -71,6 +73,7 @@ def merge_adapter(adapter: str, output: str, dtype: str = "bf16", model: str | N
     try:
         merged.save_pretrained(str(staging), safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(str(staging))
+        write_model_card(staging, "merged", Path(adapter), model or adapter_base(adapter), path)
         set_usual_modes(staging)
         if out.exists():
             shutil.rmtree(old, ignore_errors=True)
