@@ -13,6 +13,7 @@ from mistral_qlora.model.base import resolve_model_path
 from testkit.smollm2 import smollm2_gguf, smollm2_path
 
 
+@pytest.mark.slow  # a real 135M model converted and run
 def test_a_gguf_file_is_converted_once_into_a_checkpoint_that_answers():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -56,6 +56,7 @@ def adapter(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow  # a model scored through lm-eval, or lm-eval's whole task index
 def test_evaluate_writes_before_after_table_and_the_adapter_changes_the_scores(adapter, tasks_dir, capsys):
     from mistral_qlora.cli import main
 
@@ -78,6 +79,7 @@ def test_evaluate_writes_before_after_table_and_the_adapter_changes_the_scores(a
     assert "requests/s" in out and "elapsed" in out
 
 
+@pytest.mark.slow  # a model scored through lm-eval, or lm-eval's whole task index
 def test_shipped_story_tasks_score_with_the_chat_template(adapter, tmp_path):
     """dataset/tasks: the multiple-choice task (acc, acc_norm, lm-eval's standard errors) through the
     run's template (the tiny tokenizer has none: mistral-v1 renders the turns)."""
@@ -95,6 +97,7 @@ def test_shipped_story_tasks_score_with_the_chat_template(adapter, tmp_path):
     assert table["speed"]["after"]["requests"] == 2 * 4  # two questions, four answers each
 
 
+@pytest.mark.slow  # a model scored through lm-eval, or lm-eval's whole task index
 def test_scores_equal_lm_evals_own_hflm_on_the_same_16bit_model(adapter, tasks_dir, tmp_path):
     """Our load (the adapter on a 16-bit base, wrapped in HFLM) against lm-eval loading the merged
     folder itself: the same numbers within float32's rounding."""
@@ -158,6 +161,7 @@ def test_bad_inputs_fail_in_one_line_before_the_model_loads(adapter, tmp_path, c
     assert "pip install 'mistral-qlora[eval]'" in err
 
 
+@pytest.mark.slow  # a model scored through lm-eval, or lm-eval's whole task index
 def test_unknown_task_and_unreachable_hub_task_fail_in_one_line(adapter, capsys, no_model_load, monkeypatch):
     err = _fails(capsys, "--adapter", str(adapter), "--tasks", "story_mc,story_mcq", "--include-path", str(TASKS))
     assert "unknown task 'story_mcq'" in err and "closest: story_mc" in err
@@ -191,6 +195,7 @@ def test_story_task_files_are_built_deterministically_from_story_json(tmp_path):
     assert labels == {0, 1, 2, 3}  # the right answer is not always in one place
 
 
+@pytest.mark.slow  # a model scored through lm-eval, or lm-eval's whole task index
 def test_eval_tasks_in_a_run_go_to_summary_and_tensorboard(tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
