@@ -176,6 +176,7 @@ def test_compare_times_each_lever_off_against_the_plan_in_turns(tmp_path, capsys
     assert not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.slow  # a train process per strategy
 def test_strategies_run_train_itself_once_per_strategy(tmp_path, capsys):
     """`bench --strategies`: each strategy trains through `mistral-qlora train` in its own process;
     the table gives its tokens/s, peak memory and what `auto`'s estimate assumes."""

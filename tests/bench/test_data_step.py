@@ -8,6 +8,7 @@ import pytest
 from mistral_qlora.bench.synthetic import qa_records
 
 
+@pytest.mark.slow  # every phase in a child process
 def test_bench_data_on_a_tiny_size(tmp_path):
     from mistral_qlora.bench.data_step import bench_data, table
 

