@@ -12,6 +12,7 @@ from mistral_qlora.errors import UserError
 from mistral_qlora.model.base import resolve_model_path
 from mistral_qlora.model.tokenizer import load_tokenizer, write_mistral_tokenizer
 
+from testkit.llama import chatml_bpe_tokenizer
 from testkit.mistral_reference import assistant_message, chat_request, mistral_common_tokenizer
 from testkit import ROOT, run_cli
 
@@ -53,20 +54,8 @@ def v3(tmp_path_factory):
 
 def _bpe_tokenizer(chat_template: str | None):
     """A small byte-level BPE tokenizer (not Mistral's vocabulary) with ChatML's special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     texts = [t for conv in CONVERSATIONS for turn in conv for t in turn] + [c.system for c in CONVERSATIONS]
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    core.train_from_iterator(texts * 3, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|endoftext|>", eos_token="<|im_end|>",
-                                  pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
-    tok.chat_template = chat_template
-    return tok
+    return chatml_bpe_tokenizer(texts * 3, 400, chat_template, bos_token="<|endoftext|>", additional=("<|im_start|>",))
 
 
 def _learned_runs(ids: list[int], labels: list[int]) -> list[list[int]]:

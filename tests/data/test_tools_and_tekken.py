@@ -13,6 +13,7 @@ from mistral_qlora.data.templates import IGNORE_INDEX, mistral_version, resolve_
 from mistral_qlora.errors import UserError
 from mistral_qlora.model.tokenizer import load_tokenizer, write_mistral_tokenizer
 
+from testkit.llama import chatml_bpe_tokenizer
 from testkit.mistral_reference import chat_request, mistral_common_tokenizer, tekken_v7_file
 from testkit.tool_records import HARD, TOOLS, tool_records
 
@@ -237,19 +238,7 @@ CHATML_TOOLS = (
 
 
 def _chatml_tokenizer(chat_template):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    core.train_from_iterator(HARD * 3, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
-                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|endoftext|>", eos_token="<|im_end|>",
-                                  pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
-    tok.chat_template = chat_template
-    return tok
+    return chatml_bpe_tokenizer(HARD * 3, 300, chat_template, bos_token="<|endoftext|>", additional=("<|im_start|>",))
 
 
 def test_jinja_template_renders_tool_records_through_its_own_tools_support():

@@ -17,9 +17,10 @@ CHATML = (
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def chatml_bpe_tokenizer(texts: list[str], vocab_size: int = 512):
+def chatml_bpe_tokenizer(texts: list[str], vocab_size: int = 512, chat_template: str | None = CHATML,
+                         bos_token: str = "<|im_start|>", additional: tuple[str, ...] = tuple(SPECIALS)):
     """A byte-level BPE tokenizer trained on `texts`: <|im_start|>/<|im_end|> special, <|im_end|> as
-    EOS (the end of an assistant turn), <|endoftext|> as padding, the ChatML template."""
+    EOS (the end of an assistant turn), <|endoftext|> as padding, `chat_template` (ChatML's by default)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -28,9 +29,9 @@ def chatml_bpe_tokenizer(texts: list[str], vocab_size: int = 512):
     core.decoder = decoders.ByteLevel()
     core.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                  pad_token="<|endoftext|>", additional_special_tokens=SPECIALS)
-    tok.chat_template = CHATML
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=bos_token, eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", additional_special_tokens=list(additional))
+    tok.chat_template = chat_template
     return tok
 
 
