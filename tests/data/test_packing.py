@@ -273,3 +273,26 @@ def test_two_ranks_with_grad_accum_take_the_mean_over_the_global_batch(tmp_path)
     assert moved > 1e-3
     assert _max_diff(a["weights"], b["weights"]) < 1e-3 * moved
     assert _max_diff(a["weights"], b["per_rank_weights"]) > 1e-2 * moved
+
+
+def test_packed_pairs_keep_each_pair_whole_chosen_first():
+    """A row of pairs becomes records chosen, rejected, chosen, rejected; the batch tags each record
+    with its pair and, once known, its reference log-prob (data/collator.py's preference contract)."""
+    import numpy as np
+
+    from mistral_qlora.data.collator import PackedCollator, PackedPairs
+
+    pairs = [{"chosen_ids": [1, 5, 6], "chosen_labels": [-100, 5, 6], "rejected_ids": [1, 7],
+              "rejected_labels": [-100, 7]},
+             {"chosen_ids": [1, 8], "chosen_labels": [-100, 8], "rejected_ids": [1, 9, 9, 9],
+              "rejected_labels": [-100, -100, 9, 9]}]
+    rows = PackedPairs(pairs, [[1, 0]])
+    batch = PackedCollator(with_cu_seqlens=True)([rows[0]])
+    assert batch["input_ids"].tolist() == [[1, 8, 1, 9, 9, 9, 1, 5, 6, 1, 7]]
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 2, 3, 0, 1, 2, 0, 1]]
+    assert batch["record_pair"].tolist() == [1, 1, 0, 0]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 2, 6, 9, 11]
+    assert "reference_logps" not in batch
+    rows.reference = np.array([[-1.0, -2.0], [-3.0, -4.0]])
+    batch = PackedCollator()([rows[0]])
+    assert batch["reference_logps"].tolist() == [-3.0, -4.0, -1.0, -2.0]

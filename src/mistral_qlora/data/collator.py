@@ -5,6 +5,12 @@ Packed: the sequences of the micro-batch's rows are concatenated into one (1, T)
 a block-diagonal (and windowed) mask for eager/SDPA/flex, and flash-style kernels take the
 `cu_seq_lens_*`/`max_length_*` computed here on the CPU (no device sync inside the model).
 The first token of every sequence gets label -100, so no sequence learns to predict the next.
+
+Preference pairs (`PackedPairs`): a row holds whole pairs, each as two records, chosen then
+rejected, so record 2k of a micro-batch is a chosen answer and record 2k+1 its rejected one. The
+batch then also carries, per record in row order, `record_pair` (the pair's index in its table) and,
+once the reference model's log-probs are known, `reference_logps` (each record's summed log-prob of
+its answer under the reference). The loss pops both before the model's forward.
 """
 
 from __future__ import annotations
@@ -33,13 +39,45 @@ class PackedRows(Dataset):
         return [{"input_ids": ids, "labels": labels} for ids, labels in zip(batch["input_ids"], batch["labels"])]
 
 
+class PackedPairs(Dataset):
+    """Item i is row i's pairs as records: for each pair index j of `rows[i]`, its chosen record then
+    its rejected one, each tagged with `pair` = j (and `reference`, its summed log-prob under the
+    reference model, once `reference` is set). `pairs` is a `datasets.Dataset` with the columns
+    chosen_ids, chosen_labels, rejected_ids, rejected_labels (data/preference.py), or a list of such
+    dicts. `reference` is an array (len(pairs), 2): chosen's and rejected's summed log-probs."""
+
+    def __init__(self, pairs, rows: list[list[int]], reference=None):
+        self.pairs = pairs
+        self.rows = rows
+        self.reference = reference
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> list[dict]:
+        row = self.rows[i]
+        if isinstance(self.pairs, list):
+            batch = {k: [self.pairs[j][k] for j in row] for k in ("chosen_ids", "chosen_labels", "rejected_ids",
+                                                                 "rejected_labels")}
+        else:
+            batch = self.pairs[row]
+        records = []
+        for k, j in enumerate(row):
+            for side, col in ((0, "chosen"), (1, "rejected")):
+                rec = {"input_ids": batch[f"{col}_ids"][k], "labels": batch[f"{col}_labels"][k], "pair": j}
+                if self.reference is not None:
+                    rec["reference"] = float(self.reference[j, side])
+                records.append(rec)
+        return records
+
+
 class PackedCollator:
     def __init__(self, with_cu_seqlens: bool = False):
         self.with_cu_seqlens = with_cu_seqlens
 
     def __call__(self, items: list[list[dict] | dict]) -> dict[str, torch.Tensor]:
         # Training items are packed rows (lists of examples); evaluation items are single examples.
-        input_ids, labels, position_ids, seq_lens = [], [], [], []
+        input_ids, labels, position_ids, seq_lens, pairs, reference = [], [], [], [], [], []
         for item in items:
             for ex in item if isinstance(item, list) else [item]:
                 n = len(ex["input_ids"])
@@ -47,11 +85,19 @@ class PackedCollator:
                 labels += [IGNORE_INDEX] + ex["labels"][1:]
                 position_ids += range(n)
                 seq_lens.append(n)
+                if "pair" in ex:
+                    pairs.append(ex["pair"])
+                if "reference" in ex:
+                    reference.append(ex["reference"])
         batch = {
             "input_ids": torch.tensor([input_ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),
             "position_ids": torch.tensor([position_ids], dtype=torch.long),
         }
+        if pairs:
+            batch["record_pair"] = torch.tensor(pairs, dtype=torch.long)
+        if reference:
+            batch["reference_logps"] = torch.tensor(reference, dtype=torch.float32)
         if self.with_cu_seqlens:
             cu = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
             cu[1:] = torch.cumsum(torch.tensor(seq_lens, dtype=torch.int32), 0)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mistral_qlora.config import DataSection, data_problems
-from mistral_qlora.data.collator import PackedCollator, PackedRows, PaddedCollator
+from mistral_qlora.data.collator import PackedCollator, PackedPairs, PackedRows, PaddedCollator
 from mistral_qlora.data.formats import Conversation
 from mistral_qlora.data.mix import mix_tables
 from mistral_qlora.data.packing import pack_best_fit_decreasing, packing_efficiency
@@ -115,6 +115,13 @@ class TrainingData:
     sources: list[SourceStats] = field(default_factory=list)
     stream: object = None  # stream.PackedStream when data.streaming
     template: ChatTemplate | None = None  # what tokenized the data, and renders the prompts of samples
+    # Preference data (data/preference.py): `train` and `eval` are pair tables (chosen_ids,
+    # chosen_labels, rejected_ids, rejected_labels, length = both records' tokens), `packed_rows`
+    # rows of pair indices, the stats count pairs; `sample_pairs` holds held-out (prompt, chosen
+    # answer, rejected answer) for samples.md. Rows always hold whole pairs (packing: false = one
+    # pair a row), so the items are PackedPairs and the collator the packed one.
+    preference: bool = False
+    sample_pairs: list = field(default_factory=list)
 
     @property
     def packing_efficiency(self) -> float | None:
@@ -137,6 +144,8 @@ class TrainingData:
     def train_dataset(self):
         if self.stream is not None:
             return self.stream
+        if self.preference:
+            return PackedPairs(self.train, self.packed_rows)
         return PackedRows(self.train, self.packed_rows) if self.packed_rows is not None else self.train
 
     def eval_dataset(self, micro_batch_size: int = 1, seed: int = 0):
@@ -144,13 +153,16 @@ class TrainingData:
         micro_batch_size * tokens_per_row tokens (what one training micro-step holds); else records."""
         if not self.eval:
             return None
+        if self.preference:
+            return PackedPairs(self.eval, pack_best_fit_decreasing(self.eval_stats.lengths,
+                                                                   self.tokens_per_row * micro_batch_size, seed))
         if self.packed_rows is None:
             return self.eval
         rows = pack_best_fit_decreasing(self.eval_stats.lengths, self.tokens_per_row * micro_batch_size, seed)
         return PackedRows(self.eval, rows)
 
     def collator(self, pad_token_id: int, with_cu_seqlens: bool = False):
-        if self.packed_rows is not None or self.stream is not None:
+        if self.packed_rows is not None or self.stream is not None or self.preference:
             return PackedCollator(with_cu_seqlens=with_cu_seqlens)
         return PaddedCollator(pad_token_id)
 
