@@ -141,7 +141,7 @@ class DataSource(_Section):
     columns: dict[str, str] = _key({}, "Our field names mapped to this source's columns, e.g. "
                                    "`{prompt: question, response: answer}`.")
     max_records: int | None = _key(None, "Read at most this many records of the source (its first ones).", ge=1)
-    format: Union[None, Literal["auto", "text", "prompt_response", "instruction", "messages", "raw"]] = _key(
+    format: Union[None, Literal["auto", "text", "prompt_response", "instruction", "messages", "raw", "preference"]] = _key(
         None, "This source's record form, as `data.format` says it; null takes `data.format`. `raw` for "
         "documents trained on every token (docs/data.md#raw-documents).")
 
@@ -164,9 +164,10 @@ class DataSection(_Section):
         "(docs/data.md#mixing-by-weight). `prepare` and the run's log say how much of each source is used.")
     eval_fraction: float = _key(0.1, "Share of the training records held out for evaluation when `data.eval` "
                                 "is null (chosen with train.seed); 0 for none.", ge=0, lt=1)
-    format: Literal["auto", "text", "prompt_response", "instruction", "messages", "raw"] = _key(
+    format: Literal["auto", "text", "prompt_response", "instruction", "messages", "raw", "preference"] = _key(
         "auto", "The records' form; `auto` reads it from the first record's keys: `text` "
-        "(`<s>[INST] q [/INST] a </s>`), `prompt_response`, `instruction` (+ `input`), `messages`; a source "
+        "(`<s>[INST] q [/INST] a </s>`), `prompt_response`, `instruction` (+ `input`), `messages`, `preference` "
+        "(`chosen` + `rejected`, with `prompt` or `messages`, or as two conversations; docs/data.md#preference-pairs); a source "
         "of `.txt` files is `raw`. `raw` (never detected from `text` records): documents in a `text` column "
         "or `.txt` files, the loss on every token (docs/data.md#raw-documents).")
     template: Literal["auto", "mistral-v1", "mistral-v3", "mistral-v7", "mistral-tekken", "tokenizer"] = _key(
@@ -178,6 +179,10 @@ class DataSection(_Section):
         "(docs/data.md#templates).")
     max_seq_len: int = _key(512, "The longest a tokenized record may be; see `data.overlong`.",
                             ge=16, le=1_048_576)
+    max_prompt_len: int | None = _key(
+        None, "Preference pairs: the longest a prompt may be; a longer one loses its start (cut from the left, "
+        "BOS kept), then answers are cut from the right to fit data.max_seq_len. null: only data.max_seq_len "
+        "applies (docs/data.md#preference-pairs).", ge=1, le=1_048_576)
     overlong: Literal["auto", "truncate", "drop", "split"] = _key(
         "auto", "What happens to a longer record: `truncate` cuts it to data.max_seq_len, `drop` leaves "
         "it out (the summary counts both), `split` cuts a raw document into data.max_seq_len chunks, each a "

@@ -26,6 +26,7 @@ from mistral_qlora.data.collator import PackedCollator, PackedPairs, PackedRows,
 from mistral_qlora.data.formats import Conversation
 from mistral_qlora.data.mix import mix_tables
 from mistral_qlora.data.packing import pack_best_fit_decreasing, packing_efficiency
+from mistral_qlora.data.preference import COUNT_COLUMNS, FORM as PREFERENCE, PAIR_COLUMNS, drop_reason
 from mistral_qlora.data.sources import (
     decode_errors,
     form_setting,
@@ -122,6 +123,9 @@ class TrainingData:
     # pair a row), so the items are PackedPairs and the collator the packed one.
     preference: bool = False
     sample_pairs: list = field(default_factory=list)
+    # what `prepare` reports of preference data: for "train" (the pairs the mix draws) and "eval",
+    # the counts of cut prompts and answers and the prompt / chosen / rejected lengths (`pair_counts`)
+    pair_stats: dict = field(default_factory=dict)
 
     @property
     def packing_efficiency(self) -> float | None:
@@ -136,9 +140,11 @@ class TrainingData:
         import pyarrow.compute as pc
 
         total = 0
-        for batch in self.train.with_format("arrow", columns=["labels"]).iter(batch_size=65536):
-            flat = pc.list_flatten(pc.list_slice(batch["labels"], 1))
-            total += len(flat) - int(pc.sum(pc.equal(flat, -100)).as_py() or 0)
+        columns = ["chosen_labels", "rejected_labels"] if self.preference else ["labels"]
+        for batch in self.train.with_format("arrow", columns=columns).iter(batch_size=65536):
+            for column in columns:
+                flat = pc.list_flatten(pc.list_slice(batch[column], 1))
+                total += len(flat) - int(pc.sum(pc.equal(flat, -100)).as_py() or 0)
         return total
 
     def train_dataset(self):
@@ -205,8 +211,11 @@ def open_source(spec, cfg: DataSection, index: int, role: str) -> _Opened:
 
 
 def _tokenize_part(opened: _Opened, rows, part: dict, cfg: DataSection, tokenizer, tok_sig: str, what: str):
-    """The source's records `rows` (all when None) tokenized, and the cache key."""
+    """The source's records `rows` (all when None) tokenized, and the cache key. A pair must fit a
+    row whole (preference.py), so data.tokens_per_row is part of a preference table's key."""
     fn = RecordTokenizer(tokenizer, opened.form, opened.name, cfg, rows)
+    if opened.form == PREFERENCE:
+        part = {**part, "tokens_per_row": cfg.tokens_per_row}
     key = cache_key({**opened.identity, **part}, cfg, tok_sig)
     n = len(opened.table) if rows is None else len(rows)
     with decode_errors(opened.resolved):
@@ -245,6 +254,45 @@ def _first_prompts(parts: list[tuple[_Opened, object]], tokenizer, cfg: DataSect
     return prompts
 
 
+def _first_pairs(parts: list[tuple[_Opened, object]], tokenizer, cfg: DataSection, n: int) -> list[tuple]:
+    """Up to n held-out pairs as (prompt Conversation, chosen answer, rejected answer), for samples.md."""
+    pairs: list[tuple] = []
+    for opened, table in parts:
+        if len(pairs) >= n:
+            break
+        take = table.select(range(min(n - len(pairs), len(table))))
+        with decode_errors(opened.resolved):
+            read = RecordTokenizer(tokenizer, opened.form, opened.name, cfg).conversations(take[:],
+                                                                                         list(range(len(take))))
+        pairs += [(p.prompt(), p.chosen.get("content", ""), p.rejected.get("content", "")) for p in read]
+    return pairs
+
+
+def pair_counts(table) -> dict:
+    """A pair table's cuts and lengths, for `prepare`: pairs, prompts cut, answers cut, and the
+    prompt / chosen / rejected token counts (numpy arrays)."""
+    if not len(table):
+        return {"pairs": 0}
+    cols = table.with_format("numpy", columns=list(COUNT_COLUMNS))[:]
+    return {"pairs": len(table), "prompt_truncated": int(np.count_nonzero(cols["prompt_truncated"])),
+            "answer_truncated": int(np.count_nonzero(cols["answer_truncated"])),
+            **{k: np.asarray(cols[k]) for k in ("prompt_len", "chosen_len", "rejected_len")}}
+
+
+def _check_forms(opened: list[_Opened], preference: bool | None) -> bool:
+    """Whether the sources are preference pairs; a run's sources are all pairs or none."""
+    pairs = [o.name for o in opened if o.form == PREFERENCE]
+    others = [o.name for o in opened if o.form != PREFERENCE]
+    if pairs and (others or preference is False):
+        other = others[0] if others else "data.train's sources"
+        raise UserError(f"{pairs[0]}: preference pairs (chosen/rejected) and SFT records ({other}) in one run; a run "
+                        "trains on one kind: give data.train and data.eval sources of one kind")
+    if others and preference:
+        raise UserError(f"{others[0]}: SFT records beside preference pairs (data.train); a run trains on one kind: "
+                        "give data.eval preference pairs too")
+    return bool(pairs)
+
+
 def build_data(cfg: DataSection, tokenizer, seed: int, n_samples: int = 0) -> TrainingData:
     # load_config has refused these already; a section built without a RunConfig (the bench, the API)
     # is refused the same way, before any data is read.
@@ -259,8 +307,9 @@ def build_data(cfg: DataSection, tokenizer, seed: int, n_samples: int = 0) -> Tr
     hold_out = not eval_specs and cfg.eval_fraction > 0
 
     train_parts, eval_raw, eval_parts, sources, keys = [], [], [], [], []
-    for i, spec in enumerate(train_specs):
-        opened = open_source(spec, cfg, i, "train")
+    opened_all = [open_source(spec, cfg, i, "train") for i, spec in enumerate(train_specs)]
+    preference = _check_forms(opened_all, None)
+    for i, (spec, opened) in enumerate(zip(train_specs, opened_all)):
         table = opened.table
         if hold_out:
             train_idx, eval_idx = held_out(len(table), cfg.eval_fraction, seed if i == 0 else f"{seed}/{i}")
@@ -274,6 +323,9 @@ def build_data(cfg: DataSection, tokenizer, seed: int, n_samples: int = 0) -> Tr
             split, train_idx = {}, None
         tok, key = _tokenize_part(opened, train_idx, {**split, "part": "train"}, cfg, tokenizer, tok_sig, opened.name)
         keys.append(key)
+        if tok.kept == 0 and preference:
+            raise UserError(f"{opened.name}: every one of {tok.records} training pairs was dropped: "
+                            f"{drop_reason(cfg.overlong if cfg.overlong != 'auto' else 'truncate')}")
         if tok.kept == 0:
             raise UserError(
                 f"{opened.name}: every one of {tok.records} training records is longer than "
@@ -297,15 +349,26 @@ def build_data(cfg: DataSection, tokenizer, seed: int, n_samples: int = 0) -> Tr
     train_stats = _stats(sum(p.records for p in train_parts), sum(s.truncated for s in sources), lengths)
     train_stats.dropped = sum(s.dropped for s in sources)
 
-    eval_data, eval_stats, prompts, _ = eval_set(eval_specs, cfg, tokenizer, tok_sig, n_samples, eval_raw, eval_parts)
+    eval_data, eval_stats, prompts, _ = eval_set(eval_specs, cfg, tokenizer, tok_sig, n_samples, eval_raw, eval_parts,
+                                                 preference)
 
     rows = None
     if cfg.packing:
         rows = pack_best_fit_decreasing(train_stats.lengths, cfg.tokens_per_row, seed)
-    digest = hashlib.sha256(json.dumps({"tokens": keys, "weights": weights, "seed": seed, **_mix_part(cfg)})
+    elif preference:  # rows always hold whole pairs: one pair a row
+        rows = [[i] for i in range(len(train_stats.lengths))]
+    digest = hashlib.sha256(json.dumps({"tokens": keys, "weights": weights, "seed": seed, **_mix_part(cfg),
+                                        **({"preference": True} if preference else {})})
                             .encode()).hexdigest()
-    return TrainingData(train.select_columns(["input_ids", "labels", "length"]), eval_data, train_stats, eval_stats,
-                        prompts, rows, cfg.tokens_per_row, digest, sources, template=template)
+    if not preference:
+        return TrainingData(train.select_columns(["input_ids", "labels", "length"]), eval_data, train_stats,
+                            eval_stats, prompts, rows, cfg.tokens_per_row, digest, sources, template=template)
+    samples = prompts
+    stats = {"train": pair_counts(train), "eval": pair_counts(eval_data) if eval_data else {"pairs": 0}}
+    return TrainingData(train.select_columns([*PAIR_COLUMNS, "length"]),
+                        eval_data.select_columns([*PAIR_COLUMNS, "length"]) if eval_data else eval_data,
+                        train_stats, eval_stats, [p for p, _, _ in samples], rows, cfg.tokens_per_row, digest,
+                        sources, template=template, preference=True, sample_pairs=samples, pair_stats=stats)
 
 
 def _mix_part(cfg: DataSection) -> dict:
@@ -313,17 +376,22 @@ def _mix_part(cfg: DataSection) -> dict:
     return {} if cfg.mix == "first_exhausted" else {"mix": cfg.mix}
 
 
-def eval_set(eval_specs, cfg: DataSection, tokenizer, tok_sig: str, n_samples: int, raw=(), parts=()):
+def eval_set(eval_specs, cfg: DataSection, tokenizer, tok_sig: str, n_samples: int, raw=(), parts=(),
+             preference: bool = False):
     """(eval table, its stats, the first n_samples prompts, cache keys): the held-out parts of the
-    training sources (`raw`, `parts`) followed by every record of every data.eval source."""
+    training sources (`raw`, `parts`) followed by every record of every data.eval source. For
+    preference data the table keeps the pair columns and their counts, and the prompts are
+    (prompt, chosen, rejected) of the first n_samples pairs."""
     raw, parts, keys = list(raw), list(parts), []
     for i, spec in enumerate(eval_specs):
         opened = open_source(spec, cfg, i, "eval")
+        _check_forms([opened], preference)
         raw.append((opened, opened.table))
         tok, key = _tokenize_part(opened, None, {"part": "eval"}, cfg, tokenizer, tok_sig, f"{opened.name} (eval)")
         parts.append(tok)
         keys.append(key)
-    prompts = _first_prompts(raw, tokenizer, cfg, n_samples) if n_samples else []
+    first = _first_pairs if preference else _first_prompts
+    prompts = first(raw, tokenizer, cfg, n_samples) if n_samples else []
     if not parts:
         return [], TokenCounts(), prompts, keys
     from datasets import concatenate_datasets
@@ -331,6 +399,8 @@ def eval_set(eval_specs, cfg: DataSection, tokenizer, tok_sig: str, n_samples: i
     table = concatenate_datasets([p.dataset for p in parts]) if len(parts) > 1 else parts[0].dataset
     stats = _stats(sum(p.records for p in parts), _truncated(table), _lengths(table))
     stats.dropped = sum(p.dropped for p in parts)
+    if preference:  # the counts stay for `prepare`; build_data selects the pair columns
+        return table, stats, prompts, keys
     return table.select_columns(["input_ids", "labels", "length"]), stats, prompts, keys
 
 
@@ -338,6 +408,10 @@ def build_stream(cfg: DataSection, tokenizer, seed: int, n_samples: int, train_s
                    template: ChatTemplate | None = None) -> TrainingData:
     """TrainingData whose training rows come from a stream.PackedStream; the eval set is a cached table."""
     stream, identities = open_streams(train_specs, cfg, tokenizer, seed)
+    pairs = next((spec.path for spec, b in zip(train_specs, stream.batchers) if b.form == PREFERENCE), None)
+    if pairs is not None:
+        raise UserError(f"{pairs}: data.streaming does not read preference pairs (chosen/rejected); set "
+                        "data.streaming=false")
     sample, _, _ = stream.scan(max_chunks=1)  # the first chunk: lengths for FLOPs and the summary
     if not sample.lengths:
         raise UserError(f"{train_specs[0].path}: no record of the stream's first {cfg.stream_buffer} fits "

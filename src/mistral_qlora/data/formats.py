@@ -10,6 +10,8 @@ Forms (`data.format`, detected from the first record's keys when `auto`):
   a `tools` list (`parse_tool_messages`).
 The first three take an optional `system` column; `messages` takes its system message. The chat
 template (`templates.py`) decides where the system prompt goes; this module only extracts text.
+- `preference`: `chosen` + `rejected` (with a `prompt` or `messages` context, or as two full
+  conversations): pairs, read by preference.py, not conversations; detected before the others.
 - `raw`: a document in a `text` column (or a `.txt` file), no conversation: `raw_text` checks it and
   raw.py tokenizes it. Only chosen (data.format or a source's format), never detected: a `text`
   column holds the sample's `[INST]` form under `auto`.
@@ -70,6 +72,7 @@ FORM_KEYS = {
     "prompt_response": ("prompt", "response"),
     "instruction": ("instruction", "output"),
     "raw": ("text",),
+    "preference": ("chosen", "rejected"),  # data/preference.py reads these records, not this module
 }
 # Columns a form reads when present.
 OPTIONAL_KEYS = {
@@ -78,6 +81,7 @@ OPTIONAL_KEYS = {
     "prompt_response": ("system",),
     "instruction": ("input", "system"),
     "raw": (),
+    "preference": ("prompt", "messages", "system"),
 }
 
 
@@ -88,13 +92,22 @@ def _snippet(value, width: int = 60) -> str:
 
 
 def detect_format(record: dict, source: str) -> str:
+    """The form of a record from its keys; `chosen` and `rejected` make a preference pair, whatever
+    else the record has (its prompt or messages context)."""
+    pair = [k for k in FORM_KEYS["preference"] if k in record]
+    if len(pair) == 2:
+        return "preference"
+    if pair:
+        missing = "rejected" if pair == ["chosen"] else "chosen"
+        raise UserError(f"{source}: {record_label(0)} has '{pair[0]}' but no '{missing}'; a preference record "
+                        f"needs both (map other column names with the source's columns: {{{missing}: ...}})")
     for form, keys in (("messages", FORM_KEYS["messages"]), ("text", FORM_KEYS["text"]),
                        ("prompt_response", FORM_KEYS["prompt_response"]), ("instruction", FORM_KEYS["instruction"])):
         if all(k in record for k in keys):
             return form
     raise UserError(
         f"{source}: {record_label(0)} has keys {sorted(record)}; expected 'text', 'messages', "
-        "'prompt'+'response' or 'instruction'+'output' (see dataset/README.md)"
+        "'prompt'+'response', 'instruction'+'output' or 'chosen'+'rejected' (see dataset/README.md)"
     )
 
 
@@ -205,6 +218,9 @@ def records_to_conversations(records: list[dict], form: str, source: str) -> lis
         raise UserError(f"{source}: the dataset is empty (no records)")
     if form == "auto":
         form = detect_format(records[0], source)
+    if form == "preference":
+        raise UserError(f"{source}: preference pairs (chosen/rejected) are not conversations; they are read by "
+                        "data/preference.py")
     if form == "raw":
         return [raw_text(rec, f"{source} {record_label(i)}") for i, rec in enumerate(records)]
     return [to_turns(rec, form, f"{source} {record_label(i)}") for i, rec in enumerate(records)]

@@ -30,7 +30,8 @@ from mistral_qlora.errors import UserError
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 # options of a builder: a text file is one document, not one record per line
 BUILDER_OPTIONS = {"text": {"sample_by": "document"}}
-OPTIONAL_KEYS = {"instruction": ("input",), "messages": ("tools",)}  # read when present
+OPTIONAL_KEYS = {"instruction": ("input",), "messages": ("tools",),  # read when present
+                 "preference": ("prompt", "messages", "system")}
 PROGRESS_BYTES = 64 * 2**20  # files at least this large show datasets' progress bar while converted
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
@@ -132,11 +133,15 @@ def _diagnose(res: Resolved, exc: Exception, form: str) -> UserError:
     """A table that `datasets` could not build: find the record at fault the way the list reader
     does (file:line:column for bad JSON, record index for a bad field), else quote the reader."""
     from mistral_qlora.data.formats import records_to_conversations
+    from mistral_qlora.data.preference import parse_pairs
 
     if res.builder == "json":
         for f in res.files:
             records = read_records(f)  # raises on bad JSON, naming the line
-            records_to_conversations(records, form, f)  # raises on a bad field, naming the record
+            if form == "preference":
+                parse_pairs(records, f)  # raises on a bad pair, naming the record
+            else:
+                records_to_conversations(records, form, f)  # raises on a bad field, naming the record
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return UserError(f"{res.name}: cannot read it as a table: {first}")
 
@@ -271,12 +276,14 @@ def source_form(columns: list[str], form: str, first_record: dict | None, name: 
     """The record form of a source (data.format, or detected), checked against its columns."""
     if form == "auto":
         present = {k: v for k, v in (first_record or {c: "" for c in columns}).items() if v is not None}
+        if any(k in present for k in FORM_KEYS["preference"]):
+            return detect_format(present, name)  # a pair, or one half of it named as missing
         try:
             return detect_format(present, name)
         except UserError:
             raise UserError(f"{name}: no columns of a known record form; its columns: {', '.join(columns)}; "
-                            "expected 'text', 'messages', 'prompt'+'response' or 'instruction'+'output' "
-                            "(map other names with the source's columns: {prompt: ..., response: ...})") from None
+                            "expected 'text', 'messages', 'prompt'+'response', 'instruction'+'output' or "
+                            "'chosen'+'rejected' (map other names with the source's columns: {prompt: ..., response: ...})") from None
     missing = [k for k in FORM_KEYS[form] if k not in columns]
     if missing:
         raise UserError(f"{name}: format {form} needs the column(s) {', '.join(missing)}; its columns: "

@@ -39,8 +39,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from mistral_qlora.data import formats, ragged, raw, spm, tekken, templates, tokenize
-from mistral_qlora.data.formats import records_to_conversations
+from mistral_qlora.data import formats, preference, ragged, raw, spm, tekken, templates, tokenize
+from mistral_qlora.data.formats import record_label, records_to_conversations
+from mistral_qlora.data.preference import PairEncoder, parse_pairs
 from mistral_qlora.data.raw import RawEncoder, overlong_for, tokenize_raw
 from mistral_qlora.data.templates import resolve_template
 from mistral_qlora.data.tokenize import TokenBatch, tokenize_batch
@@ -96,7 +97,9 @@ class RecordTokenizer:
 
     Records longer than data.max_seq_len are truncated or dropped by tokenize.py (raw documents:
     split, truncated or dropped by raw.py); the `truncated` column marks the truncated ones.
-    data.overlong is resolved for the source's form (`raw.overlong_for`).
+    data.overlong is resolved for the source's form (`raw.overlong_for`). Preference records
+    (form `preference`) become pair rows instead (preference.py's columns: chosen_ids,
+    chosen_labels, rejected_ids, rejected_labels, length of both, truncated and its counts).
     """
 
     def __init__(self, tokenizer, form: str, source: str, data_cfg, record_ids=None):
@@ -109,21 +112,35 @@ class RecordTokenizer:
         self.record_ids = record_ids  # the source's index of each row of a selected table (held-out split)
         self.template = resolve_template(data_cfg.template, tokenizer)  # data.template, as build_data resolves it
         self.raw = RawEncoder(tokenizer) if form == "raw" else None
+        self.pairs = PairEncoder(self.template, self.max_seq_len, data_cfg.max_prompt_len, self.overlong,
+                                 data_cfg.tokens_per_row) if form == preference.FORM else None
+
+    def _record(self, row: int, indices: list[int]) -> int:
+        """The source's index of the batch's row `row`."""
+        row = indices[row]
+        return self.record_ids[row] if self.record_ids is not None else row
 
     def conversations(self, batch: dict, indices: list[int]) -> list:
+        """The batch's records as conversations (preference records: as preference.PreferencePair)."""
         keys = list(batch)
         records = [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
         try:
+            if self.pairs is not None:
+                return parse_pairs(records, self.source)
             return records_to_conversations(records, self.form, self.source)
         except UserError as exc:  # name the record by its index in the source, not in the batch
             prefix = f"{self.source} record "
             text = str(exc)
             m = re.match(re.escape(prefix) + r"(\d+)", text)
             if m and int(m.group(1)) < len(indices):
-                row = indices[int(m.group(1))]
-                record = self.record_ids[row] if self.record_ids is not None else row
-                text = f"{prefix}{record}" + text[m.end():]
+                text = f"{prefix}{self._record(int(m.group(1)), indices)}" + text[m.end():]
             raise UserError(text) from None
+
+    def pair_columns(self, batch: dict, indices: list[int]) -> dict:
+        """A batch of preference records as the pair table's columns (lists)."""
+        pairs = self.conversations(batch, indices)
+        wheres = [f"{self.source} {record_label(self._record(k, indices))}" for k in range(len(pairs))]
+        return self.pairs.encode(pairs, wheres)
 
     def tokenized(self, batch: dict, indices: list[int]) -> TokenBatch:
         convs = self.conversations(batch, indices)
@@ -134,6 +151,8 @@ class RecordTokenizer:
         return out
 
     def __call__(self, batch: dict, indices: list[int]) -> dict:
+        if self.pairs is not None:
+            return self.pair_columns(batch, indices)
         out = self.tokenized(batch, indices)
         return {"input_ids": out.ids.lists(), "labels": out.labels.lists(),
                 "length": out.ids.lengths.tolist(), "truncated": out.truncated.tolist()}
@@ -143,10 +162,16 @@ class RecordTokenizer:
         from the ragged batch directly (no Python list per record)."""
         import pyarrow as pa
 
+        if self.pairs is not None:
+            return pa.Table.from_pydict(self.pair_columns(batch, indices), schema=self.features().arrow_schema)
         out = self.tokenized(batch, indices)
         return pa.table({"input_ids": out.ids.to_arrow(), "labels": out.labels.to_arrow(),
                          "length": pa.array(out.ids.lengths.astype(np.int32)),
                          "truncated": pa.array(out.truncated)})
+
+    def features(self):
+        """The columns this tokenizer writes (`datasets.Features`)."""
+        return preference.features() if self.pairs is not None else features()
 
 
 def features():
@@ -167,7 +192,7 @@ def tokenizer_signature(tokenizer) -> str:
 
 def code_signature() -> str:
     h = hashlib.sha256()
-    for module in (formats, ragged, raw, spm, tekken, templates, tokenize):
+    for module in (formats, preference, ragged, raw, spm, tekken, templates, tokenize):
         h.update(Path(module.__file__).read_bytes())
     h.update(Path(__file__).read_bytes())
     return h.hexdigest()
@@ -323,7 +348,7 @@ def _run_task(table, rows, start: int, stop: int, out_file: str, fingerprint: st
     table = inherited if table is None else table
     shard = table.select(range(start, stop) if rows is None else rows[start:stop])
     out = shard.map(lambda batch, idx: fn.columns(batch, [start + i for i in idx]), batched=True,
-                    batch_size=BATCH, with_indices=True, remove_columns=shard.column_names, features=features(),
+                    batch_size=BATCH, with_indices=True, remove_columns=shard.column_names, features=fn.features(),
                     cache_file_name=out_file, new_fingerprint=fingerprint)
     return len(out), pc.sum(out.data.column("length")).as_py() or 0
 
