@@ -1,7 +1,7 @@
 """`mistral-qlora prepare`: validate the data and describe it.
 
 Runs the same data step as training (same tokenizer, same split, same mix, same packing), so what
-it reports is what the run will see. It writes nothing but what that step writes: the token cache
+it reports is what the run will see. Preference pairs get their own report (`describe_pairs`). It writes nothing but what that step writes: the token cache
 (data.cache_dir), which the run then reads instead of tokenizing again.
 """
 
@@ -12,6 +12,7 @@ import math
 from mistral_qlora.config import RunConfig
 from mistral_qlora.data import build_data
 from mistral_qlora.data.dataset import source_lines
+from mistral_qlora.data.preference import drop_reason
 from mistral_qlora.model.base import resolve_model_path
 from mistral_qlora.model.tokenizer import load_tokenizer
 
@@ -42,9 +43,60 @@ def length_histogram(lengths: list[int], bins: int = 8, width: int = 40) -> list
     return lines
 
 
+def _length_line(what: str, values) -> str:
+    v = sorted(int(x) for x in values)
+    if not v:
+        return f"{what}: none"
+    return (f"{what}: min {v[0]}, median {_percentile(v, 0.5)}, p90 {_percentile(v, 0.9)}, max {v[-1]}, "
+            f"mean {sum(v) / len(v):.1f}")
+
+
+def describe_pairs(cfg: RunConfig, data, world_size: int = 1) -> str:
+    """What `prepare` prints for preference data: pairs read, kept and dropped (and why), the
+    prompt and answer lengths, the cuts, and how the pairs pack into rows."""
+    ts, es = data.train_stats, data.eval_stats
+    train, evals = data.pair_stats["train"], data.pair_stats["eval"]
+    overlong = "truncate" if cfg.data.overlong == "auto" else cfg.data.overlong
+    dropped = ts.dropped + es.dropped
+    lengths = sorted(ts.lengths)
+    prompt_limit = cfg.data.max_prompt_len if cfg.data.max_prompt_len is not None else "null"
+    train_text = cfg.data.train if isinstance(cfg.data.train, str) else f"{len(cfg.data.train)} sources"
+    eval_text = (cfg.data.eval if isinstance(cfg.data.eval, str) else f"{len(cfg.data.eval)} sources") \
+        if cfg.data.eval else f"{cfg.data.eval_fraction:.0%} held out"
+    lines = [
+        f"preference data: {train_text}  (eval: {eval_text})",
+        f"chat template: {data.template.describe()}",
+        *(f"warning: {w}" for w in data.template.warnings),
+        *source_lines(data.sources, cfg.data.mix),
+        f"pairs read: {ts.records} train, {es.records} eval",
+        f"pairs kept: {ts.kept} train, {es.kept} eval; dropped: {dropped}"
+        + (f" ({drop_reason(overlong)})" if dropped else ""),
+        f"truncated (data.max_prompt_len={prompt_limit}, data.max_seq_len={cfg.data.max_seq_len}, "
+        f"data.tokens_per_row={cfg.data.tokens_per_row}, data.overlong={cfg.data.overlong}): "
+        f"prompt cut from the left in {train.get('prompt_truncated', 0) + evals.get('prompt_truncated', 0)} pairs, "
+        f"answers cut from the right in {train.get('answer_truncated', 0) + evals.get('answer_truncated', 0)} pairs",
+        f"train tokens: {ts.tokens:,} (chosen and rejected sequences; {data.answer_tokens():,} answer tokens in the loss)",
+    ]
+    if train["pairs"]:
+        lines += [_length_line("prompt length", train["prompt_len"]),
+                  _length_line("chosen answer length", train["chosen_len"]),
+                  _length_line("rejected answer length", train["rejected_len"]),
+                  _length_line("pair length (both sequences)", lengths),
+                  "pair length distribution (tokens: pairs):", *length_histogram(lengths)]
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
+    rows = len(data.packed_rows)
+    how = "whole pairs packed" if cfg.data.packing else "one pair a row (data.packing=false)"
+    lines += [f"packing: {rows} rows of {cfg.data.tokens_per_row} tokens per epoch, {how}, "
+              f"efficiency {data.packing_efficiency:.1%} (real tokens / row slots)",
+              f"steps per epoch: {math.ceil(rows / per_step)} ({per_step} rows per optimizer step)"]
+    return "\n".join(lines)
+
+
 def describe_data(cfg: RunConfig, world_size: int = 1) -> str:
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.revision)
     data = build_data(cfg.data, tokenizer, cfg.train.seed, n_samples=0)
+    if data.preference:
+        return describe_pairs(cfg, data, world_size)
     stream_rows = None
     if data.stream is not None:  # one pass over the stream: what the mix draws and how it packs
         data.train_stats, per_source, stream_rows = data.stream.scan()
