@@ -72,6 +72,20 @@ def test_every_kind_of_source_gives_the_same_tokens(tmp_path, tok):
     assert _ids(build_data(mapped.data, tok, SEED).train) == [ex["input_ids"] for ex in expected]
 
 
+@pytest.mark.parametrize("form", ["prompt_response", "instruction"])
+def test_a_system_column_reaches_the_tokens(tmp_path, tok, form):
+    """The `system` column of a file source is read, as the list reader reads it, not dropped."""
+    records = [{"prompt": f"Question {i}?", "response": f"Answer {i}.", "system": "Be brief."} for i in range(4)]
+    if form == "instruction":
+        records = [{"instruction": r["prompt"], "output": r["response"], "system": r["system"]} for r in records]
+    path = write_jsonl(tmp_path / "sys.jsonl", records)
+    expected, _ = tokenize_conversations(records_to_conversations(records, "auto", "x"), tok, 256)
+    data = build_data(_cfg(tmp_path, f"data.train={path}", "data.eval_fraction=0", "data.packing=false").data,
+                      tok, SEED)
+    assert _ids(data.train) == [ex["input_ids"] for ex in expected]
+    assert records_to_conversations(records, "auto", "x")[0].system == "Be brief."
+
+
 def test_held_out_split_is_the_list_split(tmp_path, tok):
     """One source: the same seeded split of record indices the list-based data step made."""
     import random

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mistral_qlora.config import DataSource
-from mistral_qlora.data.formats import FORM_KEYS, detect_format
+from mistral_qlora.data.formats import FORM_KEYS, OPTIONAL_KEYS, detect_format
 from mistral_qlora.data.load import _looks_like_jsonl, read_records, utf8_problem
 from mistral_qlora.data.token_cache import datasets_quiet
 from mistral_qlora.errors import UserError
@@ -30,8 +30,6 @@ from mistral_qlora.errors import UserError
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 # options of a builder: a text file is one document, not one record per line
 BUILDER_OPTIONS = {"text": {"sample_by": "document"}}
-OPTIONAL_KEYS = {"instruction": ("input",), "messages": ("tools",),  # read when present
-                 "preference": ("prompt", "messages", "system")}
 PROGRESS_BYTES = 64 * 2**20  # files at least this large show datasets' progress bar while converted
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
