@@ -263,19 +263,18 @@ def preference_data(sft_data, tokenizer, cfg):
         digest=sft_data.digest + "-pairs")
 
 
-@pytest.fixture(scope="module")
-def dpo_run(tmp_path_factory):
+def preference_run(tmp_path_factory, method: str, steps: int):
     import mistral_qlora.train as train_mod
     from mistral_qlora.config import load_config
     from testkit import story_records
 
-    tmp = tmp_path_factory.mktemp("dpo")
+    tmp = tmp_path_factory.mktemp(method)
     data = tmp / "qa.json"
     data.write_text(json.dumps(story_records(12)))
-    overrides = [f"data.train={data}", "data.max_seq_len=64", "data.tokens_per_row=128", "train.max_steps=2",
+    overrides = [f"data.train={data}", "data.max_seq_len=64", "data.tokens_per_row=128", f"train.max_steps={steps}",
                  "train.gradient_checkpointing=false", "train.logging_steps=1", "train.eval_steps=2",
                  "train.save_steps=100", "eval.samples=1", "eval.max_new_tokens=4", "train.report_to=[none]",
-                 "train.method=dpo", "lora.dropout=0", f"output_dir={tmp / 'run'}"]
+                 f"train.method={method}", "lora.dropout=0", f"output_dir={tmp / 'run'}"]
     cfg = load_config(ROOT / "configs/tiny.yaml", overrides)
     real = train_mod.build_data
     mp = pytest.MonkeyPatch()
@@ -286,6 +285,11 @@ def dpo_run(tmp_path_factory):
     finally:
         mp.undo()
     return summary, tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory):
+    return preference_run(tmp_path_factory, "dpo", 2)
 
 
 def test_a_dpo_run_writes_its_rewards_and_preference_accuracy_to_the_summary(dpo_run):
@@ -308,6 +312,18 @@ def test_a_dpo_run_writes_its_rewards_and_preference_accuracy_to_the_summary(dpo
     assert first_eval["eval_preference_accuracy"] == pref["preference_accuracy_before"]
     samples = (out / "samples.md").read_text()
     assert "**Chosen:**" in samples and "**Rejected:**" in samples
+
+
+def test_an_orpo_run_needs_no_reference_and_reports_its_nll(tmp_path_factory):
+    summary, out = preference_run(tmp_path_factory, "orpo", 1)
+    pref = summary["preference"]
+    assert pref["method"] == "orpo" and pref["reference_computed"] is None
+    history = json.loads((out / "history.json").read_text())
+    evals = [e for e in history if "eval_loss" in e]
+    # the eval loss is the chosen answers' NLL minus beta * mean log sigmoid(log odds)
+    assert evals[0]["eval_loss"] > evals[0]["eval_nll_loss"] > 0
+    assert pref["preference_accuracy_before"] == evals[0]["eval_preference_accuracy"]
+    assert pref["preference_accuracy_after"] == evals[-1]["eval_preference_accuracy"]
 
 
 def test_dpo_on_sft_records_is_refused_in_one_line(tmp_path):
