@@ -113,6 +113,10 @@ class LoraSection(_Section):
     modules_to_save: list[str] = _key(
         [], "Modules trained in full and saved in the adapter besides the LoRA matrices, e.g. `[lm_head]` or "
         "`[embed_tokens]` (for new tokens or a new output format). Costs their full size in optimizer state.")
+    init_from: str | None = _key(
+        None, "An adapter folder (such as an SFT run's `RUN/adapter`) the LoRA weights start from instead of PEFT's "
+        "initialization (B = 0): continues SFT from an adapter, and is DPO's reference model "
+        "(docs/preference.md). Its rank, alpha, rsLoRA, DoRA and target modules must match this section's.")
 
     @field_validator("target_modules")
     @classmethod
@@ -222,6 +226,12 @@ class DataSection(_Section):
 class TrainSection(_Section):
     """The optimisation, memory plan, processes, checkpoints and logs."""
 
+    method: Literal["sft", "dpo", "orpo"] = _key(
+        "sft", "What the run optimizes: `sft` (the answers' next-token loss), `dpo` (Direct Preference "
+        "Optimization on chosen/rejected pairs against a reference model), `orpo` (the chosen answer's loss plus "
+        "an odds-ratio preference term; no reference model). dpo and orpo need preference pairs "
+        "(docs/preference.md).")
+
     epochs: float = _key(3, "Passes over the training data (a fraction allowed), unless train.max_steps is set.",
                          gt=0)
     max_steps: int = _key(-1, "Stop after this many optimizer steps; -1 runs train.epochs.", ge=-1)
@@ -293,6 +303,20 @@ class TrainSection(_Section):
         return v
 
 
+class PreferenceSection(_Section):
+    """Preference tuning (train.method dpo or orpo): docs/preference.md."""
+
+    beta: float = _key(
+        0.1, "DPO: how far the policy may move from the reference (the temperature of the implicit reward "
+        "beta * (log pi - log pi_ref)); ORPO: the weight of the odds-ratio term.", gt=0, allow_inf_nan=False)
+    loss: Literal["sigmoid", "ipo"] = _key(
+        "sigmoid", "DPO's loss: `sigmoid` (the DPO paper's -log sigmoid(beta * margin)) or `ipo` (the squared "
+        "distance of the length-averaged margin from 1 / (2 beta)). DPO only.")
+    label_smoothing: float = _key(
+        0.0, "Conservative DPO: the assumed share of pairs whose labels are flipped; the sigmoid loss then mixes "
+        "in the flipped pair's loss with this weight. The sigmoid loss only.", ge=0, lt=0.5)
+
+
 class EvalSection(_Section):
     """What a run shows of its model besides the loss."""
 
@@ -320,6 +344,7 @@ class RunConfig(_Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    preference: PreferenceSection = Field(default_factory=PreferenceSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     output_dir: str = _key("runs/tiny", "Where the run writes its adapter, checkpoints, logs, plots and summary.")
 
@@ -393,7 +418,29 @@ def config_problems(cfg: RunConfig) -> list[str]:
             problems.append(f"{' and '.join(asked)} cannot run with train.strategy={cfg.train.strategy} (each "
                             "rank holds a slice of the base weights); use train.strategy=ddp or single, or turn "
                             "them off")
-    return problems + _fp8_problems(cfg)
+    return problems + _fp8_problems(cfg) + _preference_problems(cfg)
+
+
+def _preference_problems(cfg: RunConfig) -> list[str]:
+    """What preference tuning cannot run with. DPO's reference log-probs are computed once, by the
+    policy before its first step (docs/preference.md): NEFTune's noise on the training forwards
+    would make the policy differ from that reference at step 0, so its margins start off zero."""
+    method, pref = cfg.train.method, cfg.preference
+    problems = []
+    if method != "dpo" and pref.loss != "sigmoid":
+        problems.append(f"preference.loss={pref.loss} is a DPO loss and train.method is {method}; set "
+                        "train.method=dpo or leave preference.loss at sigmoid")
+    if pref.label_smoothing and (method != "dpo" or pref.loss != "sigmoid"):
+        problems.append(f"preference.label_smoothing applies to DPO's sigmoid loss only (train.method={method}, "
+                        f"preference.loss={pref.loss}); set it to 0")
+    if method in ("dpo", "orpo") and cfg.train.neftune_alpha is not None:
+        problems.append(f"train.neftune_alpha cannot run with train.method={method}: the noise changes the "
+                        "policy's log-probs of the very pairs it compares (and DPO's reference is the noiseless "
+                        "policy before training); set train.neftune_alpha=null")
+    if method in ("dpo", "orpo") and cfg.data.streaming:
+        problems.append(f"train.method={method} reads preference pairs from tables, not streams; set "
+                        "data.streaming=false")
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------

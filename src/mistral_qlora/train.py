@@ -24,6 +24,7 @@ import torch
 from mistral_qlora.config import RunConfig
 from mistral_qlora.data import TrainingData, build_data
 from mistral_qlora.data.dataset import source_lines
+from mistral_qlora.data.token_cache import cache_root
 from mistral_qlora.data.stream import POSITION_FILE as STREAM_POSITION
 from mistral_qlora.errors import Preempted, UserError
 from mistral_qlora.files import atomic_write_text
@@ -33,12 +34,15 @@ from mistral_qlora.model.adapter import publish_adapter
 from mistral_qlora.model.base import load_model_config, resolve_model_path
 from mistral_qlora.model.build import build_model
 from mistral_qlora.model.greedy import greedy_answers
+from mistral_qlora.model.lora import check_init_adapter
 from mistral_qlora.model.tokenizer import load_tokenizer
 from mistral_qlora.plan import Plan, lora_variants, make_plan
 from mistral_qlora.run import checkpoints
 from mistral_qlora.run.artifacts import check_output_dir, clear_previous_run, perplexity, write_final_artifacts
 from mistral_qlora.run.callbacks import RunAlreadyComplete
 from mistral_qlora.run.model_card import write_model_card
+from mistral_qlora.run.preference import (PREFERENCE_METHODS, PreferenceTrainer, ReferenceCallback, ReferenceLogps,
+                                          preference_accuracy, reference_key)
 from mistral_qlora.run.task_eval import TaskSpec, before_after, prepare_tasks, tracker_metrics
 from mistral_qlora.run.trackers import check_trackers, finish_trackers, tracker_env
 from mistral_qlora.run.trainer import RunCallbacks, build_trainer, training_arguments
@@ -63,6 +67,11 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
         log(line)
     for warning in inputs.data.template.warnings:
         log(f"warning: {warning}")
+    if cfg.train.method == "dpo":
+        store = reference_store(cfg, rt, inputs, plan)
+        if inputs.resume_from is not None and not store.exists():
+            raise UserError(f"{store.path}: the DPO reference log-probs this run started with are gone, and the "
+                            f"policy of {inputs.resume_from.name} is no longer the reference; --overwrite starts again")
     if plan.zero3 and cfg.eval.tasks:
         raise UserError(f"eval.tasks cannot be scored under {plan.strategy} (the model is partitioned over the ranks; "
                         "they are scored on rank 0): leave eval.tasks empty and run `mistral-qlora evaluate` on the "
@@ -90,7 +99,8 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
     peak = peak_flops(torch.cuda.get_device_name(rt.local_rank) if rt.device == "cuda" else None,
                       cfg.train.peak_tflops)
     trainer, callbacks = build_trainer(cfg, rt, args, model, inputs.tokenizer, inputs.data, plan.attention,
-                                       inputs.fingerprint, per_token, peak, inputs.resume_from)
+                                       inputs.fingerprint, per_token, peak, inputs.resume_from,
+                                       **preference_trainer(cfg, rt, inputs, plan))
     try:
         train(trainer, inputs.resume_from, rt)
         summary = finish(cfg, rt, plan, inputs, trainer, callbacks, model, per_token, started)
@@ -127,8 +137,11 @@ def validate(cfg: RunConfig, rt: Runtime, overwrite: bool, force: bool) -> RunIn
     tokenizer = load_tokenizer(model_path, cfg.model.revision)
     if cfg.data.streaming and cfg.train.max_steps <= 0:
         raise UserError("data.streaming needs train.max_steps: a stream has no length to count epochs by")
+    if cfg.lora.init_from:
+        check_init_adapter(cfg.lora)
     phase("data: reading, tokenizing (or reading the token cache) and packing")
     data = build_data(cfg.data, tokenizer, cfg.train.seed, cfg.eval.samples)
+    check_method(cfg, data)
     fingerprint = checkpoints.run_fingerprint(cfg, data.digest, rt.world_size)
     resume_from = checkpoints.find_resume_checkpoint(cfg, fingerprint, overwrite, force, warn=log)
     if data.stream is not None and resume_from is not None:
@@ -139,6 +152,46 @@ def validate(cfg: RunConfig, rt: Runtime, overwrite: bool, force: bool) -> RunIn
         data.stream.resume(json.loads(position.read_text()))
     tasks = prepare_tasks(task_spec(cfg)) if cfg.eval.tasks else None
     return RunInputs(model_path, model_config, tokenizer, data, fingerprint, resume_from, tasks)
+
+
+def check_method(cfg: RunConfig, data: TrainingData) -> None:
+    """train.method and the data's form agree: dpo/orpo train on pairs, sft on records."""
+    method = cfg.train.method
+    if method in PREFERENCE_METHODS and not data.preference:
+        raise UserError(f"train.method={method} needs preference pairs (chosen/rejected); {describe_train(cfg)} "
+                        "holds SFT records: give pairs (prompt/chosen/rejected records, docs/preference.md) or set "
+                        "train.method=sft")
+    if method == "sft" and data.preference:
+        raise UserError(f"train.method=sft trains on answers, and {describe_train(cfg)} holds preference pairs "
+                        "(chosen/rejected); set train.method=dpo or orpo, or give SFT records")
+
+
+def describe_train(cfg: RunConfig) -> str:
+    train = cfg.data.train
+    return f"data.train ({train})" if isinstance(train, str) else f"data.train ({', '.join(s.path for s in train)})"
+
+
+def reference_store(cfg: RunConfig, rt: Runtime, inputs: RunInputs, plan: Plan) -> ReferenceLogps:
+    """Where DPO's reference log-probs of this run live: the data cache, keyed by base, adapter,
+    data and how the model computes (run/preference.py)."""
+    return ReferenceLogps(cache_root(cfg.data), reference_key(cfg, inputs.data.digest, plan.attention, rt.dtype))
+
+
+def preference_trainer(cfg: RunConfig, rt: Runtime, inputs: RunInputs, plan: Plan) -> dict:
+    """build_trainer's arguments for train.method dpo/orpo (none for sft): PreferenceTrainer, and
+    for DPO the callback that gives the datasets their reference log-probs."""
+    if cfg.train.method not in PREFERENCE_METHODS:
+        return {}
+    if not inputs.data.sample_prompts:
+        inputs.data.sample_prompts = [prompt for prompt, _, _ in inputs.data.sample_pairs]
+    p = cfg.preference
+    out = {"trainer_cls": PreferenceTrainer, "trainer_kwargs": {
+        "method": cfg.train.method, "beta": p.beta, "loss_type": p.loss, "label_smoothing": p.label_smoothing}}
+    if cfg.train.method == "dpo":
+        store = reference_store(cfg, rt, inputs, plan)
+        out["reference"] = lambda train, evals, collator: ReferenceCallback(
+            store, train, evals, collator, rt.rank, rt.world_size, rt.is_main)
+    return out
 
 
 def task_spec(cfg: RunConfig) -> TaskSpec:
@@ -206,6 +259,13 @@ def finish(cfg: RunConfig, rt: Runtime, plan: Plan, inputs: RunInputs, trainer, 
 
     summary = summarize(cfg, rt, plan, inputs, trainer.state, callbacks, per_token, getattr(model.config, "sliding_window", None),
                         initial_eval_loss, final_eval_loss, started)
+    if cfg.train.method in PREFERENCE_METHODS:
+        summary["preference"] = preference_summary(cfg, trainer.state.log_history, callbacks)
+        before_after_acc = {k: summary["preference"][k] for k in ("preference_accuracy_before",
+                                                                 "preference_accuracy_after")}
+        log("held-out preference accuracy: " + ", ".join(
+            f"{k.rsplit('_', 1)[1]} {v:.1%}" for k, v in before_after_acc.items() if v is not None))
+        trainer.log({f"eval_{k}": v for k, v in before_after_acc.items() if v is not None})
     if cfg.eval.tasks and rt.is_main:
         # rank 0 alone: the others wait at the barrier below
         summary["tasks"] = before_after(model, inputs.tokenizer, task_spec(cfg), inputs.tasks, data.template)
@@ -215,7 +275,8 @@ def finish(cfg: RunConfig, rt: Runtime, plan: Plan, inputs: RunInputs, trainer, 
         write_model_card(out / "adapter", "adapter", out / "adapter", cfg.model.name_or_path, inputs.model_path,
                          config=cfg.model_dump(mode="json"), summary=summary)
         write_final_artifacts(out, trainer.state.log_history, f"{cfg.model.name_or_path}: QLoRA r={cfg.lora.r}",
-                              data.sample_prompts, callbacks.samples.before, samples_after, summary)
+                              data.sample_prompts, callbacks.samples.before, samples_after, summary,
+                              pairs=data.sample_pairs if cfg.train.method in PREFERENCE_METHODS else None)
         checkpoints.remove_empty_staging(checkpoints.checkpoints_root(out))
     barrier()  # the others wait for rank 0's files, so the run ends when they exist
     return summary
@@ -229,6 +290,7 @@ def summarize(cfg: RunConfig, rt: Runtime, plan: Plan, inputs: RunInputs, state,
     throughput = callbacks.throughput
     peak_gib, peak_of = peak_memory(rt.device)
     return {
+        "method": cfg.train.method,
         "initial_eval_loss": initial_eval_loss,
         "final_eval_loss": final_eval_loss,
         "initial_eval_perplexity": perplexity(initial_eval_loss),
@@ -267,6 +329,33 @@ def summarize(cfg: RunConfig, rt: Runtime, plan: Plan, inputs: RunInputs, state,
             "rows": len(data.packed_rows),
             "efficiency": data.packing_efficiency,
         },
+    }
+
+
+PREFERENCE_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
+
+def preference_summary(cfg: RunConfig, history: list[dict], callbacks: RunCallbacks) -> dict:
+    """summary.json's `preference`: the method and its settings, the last training log's loss and
+    rewards, the final evaluation's, and the held-out preference accuracy (share of eval pairs
+    whose chosen answer has the higher summed log-prob) before training (DPO: the reference pass;
+    ORPO: the evaluation at the start) and after it (the final evaluation)."""
+    train = [e for e in history if "loss" in e and "rewards/accuracies" in e]
+    evals = [e for e in history if "eval_preference_accuracy" in e]
+    reference = callbacks.reference.arrays if callbacks.reference is not None else None
+    before = preference_accuracy(reference.get("eval")) if reference else None
+    if before is None and evals and evals[0]["step"] == 0:
+        before = evals[0]["eval_preference_accuracy"]
+    return {
+        "method": cfg.train.method,
+        "beta": cfg.preference.beta,
+        "loss_type": cfg.preference.loss if cfg.train.method == "dpo" else None,
+        "label_smoothing": cfg.preference.label_smoothing if cfg.train.method == "dpo" else None,
+        "train": {k: train[-1].get(k) for k in PREFERENCE_METRICS} if train else None,
+        "eval": {k: evals[-1].get(f"eval_{k}") for k in PREFERENCE_METRICS} if evals else None,
+        "preference_accuracy_before": before,
+        "preference_accuracy_after": evals[-1]["eval_preference_accuracy"] if evals else None,
+        "reference_computed": callbacks.reference.computed if callbacks.reference is not None else None,
     }
 
 

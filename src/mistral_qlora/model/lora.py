@@ -5,10 +5,14 @@ linears with PEFT's LoRA layers or, on a 4-bit base, with the fused layer (kerne
 registered through PEFT's custom-module extension point), and configures the fused layers.
 `configure_fused_layers` is the one place their run-time options are set: how long each keeps its
 dequantized weight, whether the adapter's product is written first, and which linears share an
-input-gradient buffer.
+input-gradient buffer. With `lora.init_from` the adapters start from a saved adapter's weights
+(`check_init_adapter` before the model loads, `load_init_adapter` once the adapters exist).
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from mistral_qlora.config import LoraSection
 from mistral_qlora.errors import UserError
@@ -83,9 +87,65 @@ def add_lora(model, lora_cfg: LoraSection, layers: LayerPlan):
     if layers.fused:
         register_fused_lora(peft_config)
     model = get_peft_model(model, peft_config)
+    if lora_cfg.init_from:
+        load_init_adapter(model, lora_cfg.init_from)
     if layers.fused:
         configure_fused_layers(model, layers)
     return model
+
+
+def _saved_lora_config(folder: str) -> dict:
+    path = Path(folder) / "adapter_config.json"
+    if not (Path(folder) / "adapter_model.safetensors").is_file() or not path.is_file():
+        raise UserError(f"lora.init_from: {folder} is not an adapter folder (no adapter_config.json and "
+                        "adapter_model.safetensors); point it at a run's adapter/ folder")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"lora.init_from: {path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+
+
+def check_init_adapter(lora_cfg: LoraSection) -> None:
+    """The adapter of `lora.init_from` has this config's shape (rank, alpha, rsLoRA, DoRA), else one
+    line naming the first mismatch; its target modules are compared once the model resolved ours."""
+    saved = _saved_lora_config(lora_cfg.init_from)
+    for key, ours, theirs in (("r", lora_cfg.r, saved.get("r")), ("alpha", lora_cfg.alpha, saved.get("lora_alpha")),
+                              ("rslora", lora_cfg.rslora, bool(saved.get("use_rslora"))),
+                              ("dora", lora_cfg.dora, bool(saved.get("use_dora")))):
+        if theirs is None or float(ours) != float(theirs):
+            raise UserError(f"lora.init_from: {lora_cfg.init_from} has lora {key}={theirs} and this run lora.{key}="
+                            f"{ours}; set lora.{key}={theirs} (the adapter's weights only fit its own shape)")
+
+
+def load_init_adapter(model, folder: str) -> None:
+    """Copy a saved adapter's tensors into the PeftModel's freshly made adapters (PEFT's
+    `set_peft_model_state_dict`): the same target modules, every tensor found and of its shape."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    check_init_adapter_targets(model, folder)
+    tensors = load_file(str(Path(folder) / "adapter_model.safetensors"))
+    try:
+        result = set_peft_model_state_dict(model, tensors)
+    except RuntimeError as exc:
+        line = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc).splitlines()[0])
+        raise UserError(f"lora.init_from: {folder} does not fit this model: {line}") from None
+    unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if unexpected or missing:
+        names = (missing or unexpected)[:2]
+        raise UserError(f"lora.init_from: {folder} does not fit this model ({len(missing)} adapter tensors missing, "
+                        f"{len(unexpected)} unexpected, e.g. {', '.join(names)}); train it with the same base and "
+                        "lora settings")
+
+
+def check_init_adapter_targets(model, folder: str) -> None:
+    saved = _saved_lora_config(folder).get("target_modules") or []
+    ours = model.peft_config["default"].target_modules
+    saved, ours = ({saved} if isinstance(saved, str) else set(saved)), ({ours} if isinstance(ours, str) else set(ours))
+    if saved != ours:
+        raise UserError(f"lora.init_from: {folder} adapts {', '.join(sorted(saved))} and this run adapts "
+                        f"{', '.join(sorted(ours))}; set lora.target_modules to [{', '.join(sorted(saved))}]")
 
 
 def configure_fused_layers(model, layers: LayerPlan) -> None:

@@ -111,20 +111,26 @@ def shown_answer(text: str) -> str:
     return f"_(whitespace only)_ `{visible_whitespace(text)}`" if text else "_(empty)_"
 
 
-def samples_markdown(prompts: list, before: list[str], after: list[str]) -> str:
-    lines = ["# Samples", "", "Greedy answers to held-out prompts, before and after training.", ""]
+def samples_markdown(prompts: list, before: list[str], after: list[str], pairs: list | None = None) -> str:
+    """Held-out prompts with the greedy answers before and after training; with `pairs` (a
+    preference run's (prompt, chosen, rejected)) each prompt also shows its chosen and rejected answers."""
+    lines = ["# Samples", "", "Greedy answers to held-out prompts, before and after training"
+             + (", beside the pair's chosen and rejected answers." if pairs else "."), ""]
     for i, (p, b, a) in enumerate(zip(prompts, before, after), start=1):
-        lines += [f"## {i}. Prompt", "", _prompt_text(p), "", "**Before:**", "", shown_answer(b), "", "**After:**",
-                  "", shown_answer(a), ""]
+        lines += [f"## {i}. Prompt", "", _prompt_text(p), ""]
+        if pairs:
+            lines += ["**Chosen:**", "", shown_answer(pairs[i - 1][1]), "", "**Rejected:**", "",
+                      shown_answer(pairs[i - 1][2]), ""]
+        lines += ["**Before:**", "", shown_answer(b), "", "**After:**", "", shown_answer(a), ""]
     if not prompts:
         lines.append("_No held-out prompts (no eval split)._")
     return "\n".join(lines) + "\n"
 
 
 def write_final_artifacts(out: Path, history: list[dict], title: str, prompts: list, before: list[str],
-                          after: list[str], summary: dict) -> None:
+                          after: list[str], summary: dict, pairs: list | None = None) -> None:
     """history.json, loss.png, samples.md, then summary.json: its presence marks a finished run."""
     write_json(out / "history.json", history)
     plot_loss(out / "loss.png", history, title)
-    atomic_write_text(out / "samples.md", samples_markdown(prompts, before, after))
+    atomic_write_text(out / "samples.md", samples_markdown(prompts, before, after, pairs))
     write_json(out / SUMMARY, summary)

@@ -98,10 +98,11 @@ class ThroughputCallback(TrainerCallback):
 
 class EvalPerplexityCallback(TrainerCallback):
     """Adds `eval_perplexity` = exp(eval_loss) to every evaluation's log (and its history entry),
-    before the console and trackers see it."""
+    before the console and trackers see it; not to a preference run's (its eval loss is DPO's or
+    ORPO's, not a token cross-entropy)."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or "eval_loss" not in logs:
+        if logs is None or "eval_loss" not in logs or "eval_rewards/accuracies" in logs:
             return
         value = perplexity(logs["eval_loss"])
         if value is not None:

@@ -3,6 +3,7 @@
     step STEP/TOTAL | epoch E | loss L | lr LR | grad norm G | N tok/s | MFU M% | ELAPSED | ETA T
     (streaming: `rows R`, the packed rows read from the stream, in place of `epoch E`)
     eval step STEP/TOTAL | loss L | perplexity P
+    (preference runs: `reward acc A | margin M` after the loss; eval: also `pref acc P`)
 
 `ConsoleCallback` takes the place of the Trainer's `PrinterCallback` and `ProgressCallback`, which
 print each log as a raw dict. Progress bars (the Trainer's, through `ProgressCallback`'s own
@@ -39,6 +40,7 @@ def train_line(logs: dict, step: int, total: int, elapsed: float, eta: float | N
     elif logs.get("stream_rows") is not None:  # a stream has no epochs: the rows read from it
         parts.append(f"rows {logs['stream_rows']:,}")
     parts.append(f"loss {logs['loss']:.4f}")
+    parts += _preference_parts(logs, "")
     if logs.get("learning_rate") is not None:
         parts.append(f"lr {logs['learning_rate']:.2e}")
     if logs.get("grad_norm") is not None:
@@ -52,8 +54,17 @@ def train_line(logs: dict, step: int, total: int, elapsed: float, eta: float | N
     return " | ".join(parts)
 
 
+def _preference_parts(logs: dict, prefix: str) -> list[str]:
+    """A preference run's reward accuracy and margin (run/preference.py), when the line has them."""
+    if logs.get(f"{prefix}rewards/accuracies") is None:
+        return []
+    return [f"reward acc {logs[f'{prefix}rewards/accuracies']:.1%}", f"margin {logs[f'{prefix}rewards/margins']:.4g}"]
+
+
 def eval_line(logs: dict, step: int, total: int) -> str:
-    parts = [f"eval step {step}/{total}", f"loss {logs['eval_loss']:.4f}"]
+    parts = [f"eval step {step}/{total}", f"loss {logs['eval_loss']:.4f}", *_preference_parts(logs, "eval_")]
+    if logs.get("eval_preference_accuracy") is not None:
+        parts.append(f"pref acc {logs['eval_preference_accuracy']:.1%}")
     if logs.get("eval_perplexity") is not None:
         parts.append(f"perplexity {logs['eval_perplexity']:.4g}")
     return " | ".join(parts)
