@@ -15,7 +15,7 @@ import torch
 
 from mistral_qlora.data.formats import Conversation
 from mistral_qlora.data.spm import spm_encoder, tokenizer_ids
-from mistral_qlora.data.templates import resolve_template
+from mistral_qlora.data.templates import TekkenTemplate, resolve_template
 from testkit import tiny_path
 from testkit.llama_cpp import llama_runtime, run_llama_cpp
 
@@ -93,16 +93,20 @@ def _vocab_gguf(folder: str, template: str, out: Path):
 
 @pytest.fixture(scope="module")
 def vocabularies(tmp_path_factory):
-    """name -> (checkpoint folder, data.template): SentencePiece v1 and v3, byte-level BPE."""
+    """name -> (checkpoint folder, data.template): SentencePiece v1, v3 and v7, byte-level BPE, and
+    the built-in Tekken checkpoint (Mistral-Nemo's tekken.json, instruct version v3)."""
+    from mistral_qlora.model.base import resolve_model_path
     from mistral_qlora.model.tokenizer import write_mistral_tokenizer
 
     root = tmp_path_factory.mktemp("vocab")
     write_mistral_tokenizer(root / "v3", "v3")
+    write_mistral_tokenizer(root / "v7", "v7")
     return {"mistral-v1": (tiny_path(), "mistral-v1"), "mistral-v3": (str(root / "v3"), "mistral-v3"),
-            "bpe-chatml": (str(_bpe_folder(root / "bpe")), "tokenizer")}
+            "mistral-v7": (str(root / "v7"), "mistral-v7"), "bpe-chatml": (str(_bpe_folder(root / "bpe")), "tokenizer"),
+            "tekken": (resolve_model_path("tiny-random-tekken"), "mistral-tekken")}
 
 
-@pytest.mark.parametrize("name", ["mistral-v1", "mistral-v3", "bpe-chatml"])
+@pytest.mark.parametrize("name", ["mistral-v1", "mistral-v3", "mistral-v7", "bpe-chatml", "tekken"])
 def test_llama_cpp_renders_the_training_prompt_and_tokenizes_as_transformers(name, vocabularies, tmp_path):
     runtime = llama_runtime()
     folder, template_name = vocabularies[name]
@@ -114,10 +118,11 @@ def test_llama_cpp_renders_the_training_prompt_and_tokenizes_as_transformers(nam
     assert got["template"] == fmt.jinja
     for conv, ids in zip(CONVERSATIONS, got["chats"]):
         assert ids == template.generation_ids(conv), (conv, tokenizer.convert_ids_to_tokens(ids))
-    # Texts as the training encoder tokenizes them: SentencePiece itself for a tokenizer.model
-    # (data/spm.py; transformers' v3 tokenizer drops a doubled space that SentencePiece, mistral-common
-    # and llama.cpp keep), the transformers tokenizer otherwise.
-    encoder = spm_encoder(tokenizer)
+    # Texts as the training encoder tokenizes them: mistral-common's Tekkenizer for Tekken,
+    # SentencePiece itself for a tokenizer.model (data/spm.py; transformers' v3 tokenizer drops a
+    # doubled space that SentencePiece, mistral-common and llama.cpp keep), the transformers tokenizer
+    # otherwise.
+    encoder = template.encoder if isinstance(template, TekkenTemplate) else spm_encoder(tokenizer)
     expected = encoder.encode_ragged(TEXTS).lists() if encoder is not None else tokenizer_ids(tokenizer, TEXTS)
     assert got["texts"] == [list(e) for e in expected]
 
