@@ -61,7 +61,9 @@ def read_vocab(adapter: str, base_path: str, tokenizer, rows: int) -> gguf_vocab
 
     tekken = tekken_file(tokenizer)
     if tekken is not None:
-        return gguf_vocab.read_tekken(tekken, rows)
+        # the Tekkenizer transformers' MistralCommonBackend already loaded from it, when it did
+        loaded = getattr(getattr(getattr(tokenizer, "tokenizer", None), "instruct_tokenizer", None), "tokenizer", None)
+        return gguf_vocab.read_tekken(tekken, rows, loaded)
     spm = tokenizer_file(adapter, base_path, "tokenizer.model")
     if spm is not None:
         return gguf_vocab.read_sentencepiece(spm, rows)

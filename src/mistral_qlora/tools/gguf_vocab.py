@@ -173,11 +173,12 @@ def tekken_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     return merges
 
 
-def read_tekken(tekken_json: Path, vocab_size: int) -> Vocab:
-    """A Tekken vocabulary as llama.cpp's converter writes it (see the module docstring)."""
+def read_tekken(tekken_json: Path, vocab_size: int, tekkenizer=None) -> Vocab:
+    """A Tekken vocabulary as llama.cpp's converter writes it (see the module docstring);
+    `tekkenizer`: mistral-common's Tekkenizer already loaded from that file, if there is one."""
     from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
-    tek = Tekkenizer.from_file(str(tekken_json))
+    tek = tekkenizer if isinstance(tekkenizer, Tekkenizer) else Tekkenizer.from_file(str(tekken_json))
     pattern = json.loads(Path(tekken_json).read_text()).get("config", {}).get("pattern")
     if pattern != TEKKEN_PATTERN:
         raise UserError(f"{tekken_json}: its split pattern is not Mistral-Nemo's, the only Tekken pre-tokenizer "
