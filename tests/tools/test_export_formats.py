@@ -15,7 +15,7 @@ import torch
 
 from mistral_qlora.data.formats import Conversation
 from mistral_qlora.data.spm import spm_encoder, tokenizer_ids
-from mistral_qlora.data.templates import resolve_template
+from mistral_qlora.data.templates import TekkenTemplate, resolve_template
 from testkit import tiny_path
 from testkit.llama_cpp import llama_runtime, run_llama_cpp
 
@@ -93,31 +93,39 @@ def _vocab_gguf(folder: str, template: str, out: Path):
 
 @pytest.fixture(scope="module")
 def vocabularies(tmp_path_factory):
-    """name -> (checkpoint folder, data.template): SentencePiece v1 and v3, byte-level BPE."""
+    """name -> (checkpoint folder, data.template): SentencePiece v1, v3 and v7, byte-level BPE (Tekken:
+    test_tekken_export_runs_in_llama_cpp_as_in_training, on the exported file)."""
     from mistral_qlora.model.tokenizer import write_mistral_tokenizer
 
     root = tmp_path_factory.mktemp("vocab")
     write_mistral_tokenizer(root / "v3", "v3")
+    write_mistral_tokenizer(root / "v7", "v7")
     return {"mistral-v1": (tiny_path(), "mistral-v1"), "mistral-v3": (str(root / "v3"), "mistral-v3"),
-            "bpe-chatml": (str(_bpe_folder(root / "bpe")), "tokenizer")}
+            "mistral-v7": (str(root / "v7"), "mistral-v7"), "bpe-chatml": (str(_bpe_folder(root / "bpe")), "tokenizer")}
 
 
-@pytest.mark.parametrize("name", ["mistral-v1", "mistral-v3", "bpe-chatml"])
+@pytest.mark.parametrize("name", ["mistral-v1", "mistral-v3", "mistral-v7", "bpe-chatml"])
 def test_llama_cpp_renders_the_training_prompt_and_tokenizes_as_transformers(name, vocabularies, tmp_path):
-    runtime = llama_runtime()
     folder, template_name = vocabularies[name]
     tokenizer, fmt = _vocab_gguf(folder, template_name, tmp_path / f"{name}.gguf")
+    _check_vocabulary_in_llama_cpp(tmp_path / f"{name}.gguf", tokenizer, template_name, fmt, tmp_path)
+
+
+def _check_vocabulary_in_llama_cpp(path: Path, tokenizer, template_name: str, fmt, tmp_path: Path) -> None:
+    """llama.cpp renders CONVERSATIONS with the file's template to the training encoder's prompt
+    ids, and tokenizes TEXTS as the training encoder does."""
+    runtime = llama_runtime()
     template = resolve_template(template_name, tokenizer)
     got = run_llama_cpp(runtime, "llama_cpp_vocab.mjs", {
-        "model": str(tmp_path / f"{name}.gguf"), "texts": TEXTS,
-        "chats": [_messages(c) for c in CONVERSATIONS]}, tmp_path)
+        "model": str(path), "texts": TEXTS, "chats": [_messages(c) for c in CONVERSATIONS]}, tmp_path)
     assert got["template"] == fmt.jinja
     for conv, ids in zip(CONVERSATIONS, got["chats"]):
         assert ids == template.generation_ids(conv), (conv, tokenizer.convert_ids_to_tokens(ids))
-    # Texts as the training encoder tokenizes them: SentencePiece itself for a tokenizer.model
-    # (data/spm.py; transformers' v3 tokenizer drops a doubled space that SentencePiece, mistral-common
-    # and llama.cpp keep), the transformers tokenizer otherwise.
-    encoder = spm_encoder(tokenizer)
+    # Texts as the training encoder tokenizes them: mistral-common's Tekkenizer for Tekken,
+    # SentencePiece itself for a tokenizer.model (data/spm.py; transformers' v3 tokenizer drops a
+    # doubled space that SentencePiece, mistral-common and llama.cpp keep), the transformers tokenizer
+    # otherwise.
+    encoder = template.encoder if isinstance(template, TekkenTemplate) else spm_encoder(tokenizer)
     expected = encoder.encode_ragged(TEXTS).lists() if encoder is not None else tokenizer_ids(tokenizer, TEXTS)
     assert got["texts"] == [list(e) for e in expected]
 
@@ -169,21 +177,65 @@ def test_a_run_folder_template_decides_the_exported_template(tmp_path):
 
 # --- the LoRA adapter GGUF ----------------------------------------------------------------------
 
-def _adapter(folder: Path, init: bool) -> Path:
+def _adapter(folder: Path, init: bool, base_name: str = "tiny-random-mistral") -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from mistral_qlora.model.adapter import record_base_model
+    from mistral_qlora.model.base import resolve_model_path
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_path(), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(base_name), dtype=torch.float32)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
         model = get_peft_model(base, LoraConfig(
             r=8, lora_alpha=32, init_lora_weights=init,
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     model.save_pretrained(str(folder))
-    record_base_model(folder, "tiny-random-mistral")
+    record_base_model(folder, base_name)
     return folder
+
+
+@torch.no_grad()
+def test_tekken_export_runs_in_llama_cpp_as_in_training(tmp_path):
+    """The tiny Tekken checkpoint (Mistral-Nemo's tekken.json, instruct version v3; head_dim 32, not
+    hidden/heads) exported through `export`: llama.cpp renders and tokenizes as the training
+    encoder does, and from the encoder's prompts its greedy tokens are transformers' (on the
+    weights rounded to f16, as the file holds them), parting only at a near-tie."""
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    from mistral_qlora.model.base import resolve_model_path
+    from mistral_qlora.tools.chat_format import JINJA_V3, chat_format
+    from mistral_qlora.tools.export import export_model, load_export_tokenizer
+
+    runtime = llama_runtime()
+    folder = resolve_model_path("tiny-random-tekken")
+    adapter = _adapter(tmp_path / "zero", init=True, base_name="tiny-random-tekken")  # B = 0: merged = base
+    gguf_path, _ = export_model(str(adapter), str(tmp_path / "tekken.gguf"), qtype="f16")
+    fields = GGUFReader(gguf_path).fields
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2" and fields["tokenizer.ggml.pre"].contents() == "tekken"
+    tokenizer = load_export_tokenizer(str(adapter), folder)
+    fmt = chat_format("mistral-tekken", tokenizer)
+    assert fmt.jinja == JINJA_V3
+    _check_vocabulary_in_llama_cpp(gguf_path, tokenizer, "mistral-tekken", fmt, tmp_path)
+
+    template = resolve_template("mistral-tekken", tokenizer)
+    prompts = [template.generation_ids(c) for c in CONVERSATIONS[:3]]
+    steps = 8
+    got = run_llama_cpp(runtime, "llama_cpp_greedy.mjs", {"models": [str(gguf_path)], "prompts": prompts,
+                                                           "steps": steps, "top": 5}, tmp_path)[str(gguf_path)]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16).float().eval()
+    for prompt, answer in zip(prompts, got):
+        ids = torch.tensor([prompt])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
+                             do_sample=False, pad_token_id=11)[0, len(prompt):].tolist()
+        logits = model(torch.tensor([prompt + answer["tokens"]])).logits[0, len(prompt) - 1:-1]
+        for step, top in enumerate(answer["top"]):
+            assert all(abs(v - logits[step, t].item()) < 0.05 for t, v in top), (step, top)
+        if answer["tokens"] != out:
+            step = next(i for i, (a, b) in enumerate(zip(answer["tokens"], out)) if a != b)
+            best, second = logits[step].topk(2).values.tolist()
+            assert best - second < 0.05, (answer["tokens"], out)
 
 
 def test_lora_gguf_over_the_base_continues_as_the_merged_gguf(tmp_path):

@@ -7,6 +7,10 @@ and the stop words.
   system message opens the first question, followed by a blank line (data/templates.py).
 - `mistral-v3`: `<s>[INST]q1[/INST]a1</s>[INST]q2[/INST]` with `[INST]`/`[/INST]` control tokens,
   answers without trailing spaces; a system message opens the last question.
+- `mistral-v7`: v3's turns with the system message as its own `[SYSTEM_PROMPT]...[/SYSTEM_PROMPT]`
+  right after BOS (no blank line, no place in a question).
+- `mistral-tekken`: the instruct version its tekken.json declares, v3 or v7, as above: the control
+  tokens and text are the same, only the vocabulary differs.
 - `tokenizer`: the checkpoint's own Jinja template, as it is. The Modelfile then carries no
   TEMPLATE: Ollama reads the GGUF's template (and maps the templates it knows, ChatML among them).
 
@@ -49,7 +53,19 @@ JINJA_V3 = (
     "{% endfor %}"
 )
 
-# The same two in Ollama's Go template language (Ollama adds the BOS itself, from the GGUF).
+JINJA_V7 = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}"
+    "{{ '[SYSTEM_PROMPT]' + messages[0]['content'] + '[/SYSTEM_PROMPT]' }}{% set turns = messages[1:] %}"
+    "{% else %}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}"
+    "{% if message['role'] == 'user' %}{{ '[INST]' + message['content'] + '[/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'].rstrip(' ') + eos_token }}"
+    "{% endif %}"
+    "{% endfor %}"
+)
+
+# The same three in Ollama's Go template language (Ollama adds the BOS itself, from the GGUF).
 OLLAMA_V1 = """{{- $system := "" }}
 {{- range .Messages }}
 {{- if eq .Role "system" }}{{ $system = .Content }}
@@ -71,6 +87,13 @@ OLLAMA_V3 = """{{- $system := "" }}{{- $last := 0 }}
 {{- end }}
 {{- end }}"""
 
+OLLAMA_V7 = """{{- range .Messages }}
+{{- if eq .Role "system" }}[SYSTEM_PROMPT]{{ .Content }}[/SYSTEM_PROMPT]
+{{- else if eq .Role "user" }}[INST]{{ .Content }}[/INST]
+{{- else if eq .Role "assistant" }}{{ .Content }}</s>
+{{- end }}
+{{- end }}"""
+
 
 @dataclass(frozen=True)
 class ChatFormat:
@@ -85,8 +108,9 @@ def chat_format(template_name: str, tokenizer) -> ChatFormat:
     template = resolve_template(template_name, tokenizer)
     if isinstance(template, MistralV1Template):
         return ChatFormat(template.name, JINJA_V1, OLLAMA_V1, (tokenizer.eos_token, "[INST]"))
-    if isinstance(template, MistralV3Template):
-        return ChatFormat(template.name, JINJA_V3, OLLAMA_V3, (tokenizer.eos_token, "[INST]"))
+    if isinstance(template, MistralV3Template):  # v3, v7 and Tekken (of either version)
+        jinja, ollama = (JINJA_V7, OLLAMA_V7) if template._v7 else (JINJA_V3, OLLAMA_V3)
+        return ChatFormat(template.name, jinja, ollama, (tokenizer.eos_token, "[INST]"))
     assert isinstance(template, JinjaTemplate)
     stops = tuple(dict.fromkeys(tokenizer.convert_ids_to_tokens(template.stop_token_ids())))
     return ChatFormat(template.name, template.source, None, stops)

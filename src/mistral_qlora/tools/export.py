@@ -3,7 +3,7 @@ model is deployed with: one GGUF file (llama.cpp, Ollama, LM Studio) with an Oll
 beside it, or safetensors shards (what `merge` writes); or the adapter alone as a llama.cpp LoRA
 GGUF (`gguf-lora`) to put over a base GGUF.
 
-The GGUF carries the vocabulary the run trained with (SentencePiece or byte-level BPE,
+The GGUF carries the vocabulary the run trained with (SentencePiece, byte-level BPE or Tekken,
 tools/gguf_vocab.py) and its chat template (the run's data.template, tools/chat_format.py); the
 Modelfile follows the same template and stop words.
 
@@ -55,8 +55,15 @@ def tokenizer_file(adapter: str, base_path: str, name: str) -> Path | None:
 
 
 def read_vocab(adapter: str, base_path: str, tokenizer, rows: int) -> gguf_vocab.Vocab:
-    """The GGUF vocabulary: SentencePiece from tokenizer.model when there is one, else byte-level
-    BPE from tokenizer.json."""
+    """The GGUF vocabulary: Tekken from the tokenizer's tekken.json when it has one, else
+    SentencePiece from tokenizer.model when there is one, else byte-level BPE from tokenizer.json."""
+    from mistral_qlora.data.tekken import tekken_file
+
+    tekken = tekken_file(tokenizer)
+    if tekken is not None:
+        # the Tekkenizer transformers' MistralCommonBackend already loaded from it, when it did
+        loaded = getattr(getattr(getattr(tokenizer, "tokenizer", None), "instruct_tokenizer", None), "tokenizer", None)
+        return gguf_vocab.read_tekken(tekken, rows, loaded)
     spm = tokenizer_file(adapter, base_path, "tokenizer.model")
     if spm is not None:
         return gguf_vocab.read_sentencepiece(spm, rows)

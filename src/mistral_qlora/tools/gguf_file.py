@@ -10,11 +10,23 @@ grouped K/V heads, SwiGLU). What differs from a transformers checkpoint:
   as llama.cpp's own converter does, so both compute the same attention scores;
 - no sliding window: llama.cpp's `llama` architecture reads none and attends to the whole context
   (Mistral-7B v0.2 has none; v0.1's 4096-token window only matters past 4096 tokens).
-Llama checkpoints (SmolLM, Llama-2; rope scaling none or linear) take the same path:
-`head_dim` other than hidden/heads is written as the key/value lengths, and tied embeddings leave
-out `output.weight` (llama.cpp then reads `token_embd` for the output). The file also carries the
-vocabulary (tools/gguf_vocab.py) and the chat template the run trained with (tools/chat_format.py),
-so llama.cpp needs nothing else.
+Llama checkpoints (SmolLM, Llama-2, Llama-3.x) take the same path: `head_dim` other than
+hidden/heads is written as the key/value lengths, and tied embeddings leave out `output.weight`
+(llama.cpp then reads `token_embd` for the output). The file also carries the vocabulary
+(tools/gguf_vocab.py) and the chat template the run trained with (tools/chat_format.py), so
+llama.cpp needs nothing else.
+
+Rope scaling (the config's `rope_parameters`, `rope_scaling` before transformers 5), as llama.cpp's
+converter writes it for the `llama` architecture:
+- `linear`: scaling type linear and the factor (llama.cpp divides positions by it);
+- `yarn`: scaling type yarn, the factor, the original context length and whichever of the
+  extrapolation factor, attention factor and beta fast/slow the config sets (llama.cpp's defaults
+  are transformers' for the rest);
+- `llama3`: no scaling keys but a `rope_freqs` tensor, one factor per rotary frequency that
+  llama.cpp divides that frequency by: 1 above the high-frequency cutoff, `factor` below the
+  low-frequency one, and between them the inverse of transformers' smooth interpolation
+  (1 / ((1 - s) / factor + s)), so llama.cpp rotates by exactly transformers' frequencies.
+  The original context length is the rope parameters' own, as transformers reads it.
 
 Tensors are converted and written one at a time (header and tensor table first), so a 7B model
 never holds a second full copy in memory.
@@ -66,7 +78,9 @@ class Hyper:
     rope_theta: float
     vocab: int
     tied: bool
-    rope_linear: float = 1.0  # linear position interpolation: positions divided by this factor
+    # rope scaling: "default", "linear", "yarn" or "llama3", and its parameters (name, value), sorted
+    rope_type: str = "default"
+    rope_scaling: tuple[tuple[str, float], ...] = ()
 
     @classmethod
     def from_config(cls, config) -> Hyper:
@@ -78,10 +92,18 @@ class Hyper:
         if getattr(config, "mlp_bias", False):
             raise UserError("export --format gguf: only the plain Llama/Mistral MLP (no bias) is supported")
         rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        rope = rope.get("full_attention", rope)  # per-layer-type parameters: the full-attention layers'
         scaling = rope.get("rope_type", rope.get("type", "default"))
-        if scaling not in ("default", "linear"):
-            raise UserError(f"export --format gguf: rope scaling {scaling!r} is not supported (default and "
-                            "linear are)")
+        if scaling not in ROPE_SCALING:
+            raise UserError(f"export --format gguf: rope scaling {scaling!r} is not supported (supported: "
+                            f"{', '.join(ROPE_SCALING)})")
+        params = {k: float(rope[k]) for k in ROPE_SCALING[scaling] if rope.get(k) is not None}
+        if scaling in ("yarn", "llama3") and "original_max_position_embeddings" not in params:
+            params["original_max_position_embeddings"] = float(
+                getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings)
+        if scaling != "default" and "factor" not in params:
+            raise UserError(f"export --format gguf: rope scaling {scaling!r} without a factor in the config's "
+                            "rope_parameters; add it")
         heads = config.num_attention_heads
         return cls(
             layers=config.num_hidden_layers, hidden=config.hidden_size, intermediate=config.intermediate_size,
@@ -90,8 +112,43 @@ class Hyper:
             context=config.max_position_embeddings, rms_eps=config.rms_norm_eps,
             rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
             vocab=config.vocab_size, tied=bool(config.tie_word_embeddings),
-            rope_linear=float(rope.get("factor", 1.0)) if scaling == "linear" else 1.0,
+            rope_type=scaling, rope_scaling=tuple(sorted(params.items())),
         )
+
+    def rope(self, name: str, default: float | None = None) -> float | None:
+        return dict(self.rope_scaling).get(name, default)
+
+
+# rope type -> the parameters the GGUF carries for it (llama.cpp's defaults stand for the others)
+ROPE_SCALING = {
+    "default": (),
+    "linear": ("factor",),
+    "yarn": ("factor", "original_max_position_embeddings", "extrapolation_factor", "attention_factor",
+             "beta_fast", "beta_slow"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def llama3_rope_factors(hyper: Hyper) -> np.ndarray:
+    """The `rope_freqs` tensor for llama3 rope scaling: per rotary frequency (head_dim / 2 of
+    them), the factor llama.cpp divides it by to get the frequency transformers rotates by.
+    Frequencies and wavelengths in float32, as transformers computes them."""
+    factor = hyper.rope("factor")
+    low, high = hyper.rope("low_freq_factor", 1.0), hyper.rope("high_freq_factor", 4.0)
+    old_context = hyper.rope("original_max_position_embeddings")
+    exponents = torch.arange(0, hyper.head_dim, 2, dtype=torch.int64).float() / hyper.head_dim
+    wavelen = (2 * math.pi / (1.0 / (hyper.rope_theta ** exponents))).tolist()
+    factors = []
+    for w in wavelen:
+        if w < old_context / high:  # high frequencies: kept
+            factors.append(1.0)
+        elif w > old_context / low:  # low frequencies: divided by factor
+            factors.append(factor)
+        else:  # between: transformers' smooth interpolation, as a divisor
+            smooth = (old_context / w - low) / (high - low)
+            factors.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(factors, dtype=np.float32)
 
 
 def gguf_name(hf_name: str) -> str:
@@ -133,8 +190,9 @@ def tensor_nbytes(qtype: str, shape: tuple[int, ...]) -> int:
 
 
 def tensor_plan(state_shapes: dict[str, tuple[int, ...]], hyper: Hyper) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(HF name, GGUF name, shape) of every tensor the file holds, in writing order."""
-    plan = []
+    """(HF name, GGUF name, shape) of every tensor the file holds, in writing order; llama3 rope
+    scaling adds `rope_freqs` (computed, not the checkpoint's: ROPE_FREQS names it on both sides)."""
+    plan = [(ROPE_FREQS, ROPE_FREQS, (hyper.head_dim // 2,))] if hyper.rope_type == "llama3" else []
     for name, shape in state_shapes.items():
         if name == "lm_head.weight" and hyper.tied:
             continue  # llama.cpp reuses token_embd when the file has no output.weight
@@ -182,9 +240,19 @@ def write_gguf(path: Path, name: str, hyper: Hyper, vocab: Vocab, tensors, plan,
         writer.add_value_length(hyper.head_dim)
     writer.add_layer_norm_rms_eps(hyper.rms_eps)
     writer.add_rope_freq_base(hyper.rope_theta)
-    if hyper.rope_linear != 1.0:
+    if hyper.rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(hyper.rope_linear)
+        writer.add_rope_scaling_factor(hyper.rope("factor"))
+    elif hyper.rope_type == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(hyper.rope("factor"))
+        writer.add_rope_scaling_orig_ctx_len(int(hyper.rope("original_max_position_embeddings")))
+        for key, add in (("extrapolation_factor", writer.add_rope_scaling_yarn_ext_factor),
+                         ("attention_factor", writer.add_rope_scaling_yarn_attn_factor),
+                         ("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+                         ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):
+            if hyper.rope(key) is not None:
+                add(hyper.rope(key))
 
     write_vocab(writer, vocab)
     writer.add_chat_template(chat_template)
@@ -202,6 +270,9 @@ def write_gguf(path: Path, name: str, hyper: Hyper, vocab: Vocab, tensors, plan,
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for hf_name, _, shape in plan:
+            if hf_name == ROPE_FREQS:
+                writer.write_tensor_data(llama3_rope_factors(hyper))
+                continue
             weight = tensors[hf_name]
             if hf_name.endswith("q_proj.weight"):
                 weight = permute_rotary(weight, hyper.heads)

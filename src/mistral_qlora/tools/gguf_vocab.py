@@ -8,9 +8,14 @@ forms llama.cpp's `llama` architecture tokenizes:
   user-defined for the other added ones) and `tokenizer.ggml.pre`, the name llama.cpp knows the
   pre-tokenizer's split rules by. The name is read from the pre-tokenizer the file declares (see
   `PRE_TOKENIZERS`), so llama.cpp splits text the way transformers does; a pre-tokenizer llama.cpp
-  has no name for is refused, since its tokenization would silently differ.
+  has no name for is refused, since its tokenization would silently differ;
+- Tekken (`tekken.json`, Mistral-Nemo and later): byte-level BPE too (`gpt2`, pre-tokenizer
+  `tekken`), as llama.cpp's converter writes it: the special tokens first (control tokens, by
+  their names), then each byte piece by rank in GPT-2's byte-to-character form, and the merges
+  tiktoken's ranks imply (`tekken_merges`). A tekken.json whose split pattern is not the one
+  llama.cpp's `tekken` pre-tokenizer implements is refused.
 
-Either is padded with unused `[PADn]` tokens up to the model's embedding rows.
+Each is padded with unused `[PADn]` tokens up to the model's embedding rows.
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ class Vocab:
     merges: list[str] = field(default_factory=list)
     pre: str = "default"
     add_bos: bool = True
+    pad: int | None = None
 
 
 def _pad(vocab: Vocab, size: int, source) -> Vocab:
@@ -137,6 +143,62 @@ def read_bpe(tokenizer_json: Path, tokenizer, vocab_size: int) -> Vocab:
     return _pad(vocab, vocab_size, tokenizer_json)
 
 
+# The split rule of Mistral-Nemo's tekken.json: the one llama.cpp's `tekken` pre-tokenizer implements.
+TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                  r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                  r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def byte_chars() -> dict[int, str]:
+    """GPT-2's byte -> character map of byte-level BPE vocabularies: printable Latin-1 bytes
+    stand for themselves, the other bytes for the characters from U+0100 on, in byte order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in kept}
+    for n, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = chr(256 + n)
+    return chars
+
+
+def tekken_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The BPE merges tiktoken's ranks imply: every split of each multi-byte piece into two pieces
+    of the vocabulary, ordered by the rank of the piece they make (then by their own ranks).
+    tiktoken merges the adjacent pair whose joined piece ranks lowest; a BPE that applies merges
+    in this order makes the same choices."""
+    merges = []
+    for piece, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        splits = [(piece[:j], piece[j:]) for j in range(1, len(piece)) if piece[:j] in ranks and piece[j:] in ranks]
+        if len(piece) > 1 and not splits:
+            raise UserError(f"tekken.json: piece of rank {rank} cannot be made from two others; not a BPE vocabulary")
+        merges += sorted(splits, key=lambda pair: (ranks[pair[0]], ranks[pair[1]]))
+    return merges
+
+
+def read_tekken(tekken_json: Path, vocab_size: int, tekkenizer=None) -> Vocab:
+    """A Tekken vocabulary as llama.cpp's converter writes it (see the module docstring);
+    `tekkenizer`: mistral-common's Tekkenizer already loaded from that file, if there is one."""
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+    tek = tekkenizer if isinstance(tekkenizer, Tekkenizer) else Tekkenizer.from_file(str(tekken_json))
+    pattern = json.loads(Path(tekken_json).read_text()).get("config", {}).get("pattern")
+    if pattern != TEKKEN_PATTERN:
+        raise UserError(f"{tekken_json}: its split pattern is not Mistral-Nemo's, the only Tekken pre-tokenizer "
+                        "llama.cpp implements; llama.cpp would split text differently, so it cannot be exported to GGUF")
+    chars = byte_chars()
+
+    def text(piece: bytes) -> bytes:
+        return "".join(chars[b] for b in piece).encode("utf-8")
+
+    ranks = tek._model._mergeable_ranks  # byte piece -> rank (id = rank + num_special_tokens)
+    by_rank = sorted(ranks, key=ranks.__getitem__)
+    specials = tek.num_special_tokens
+    pieces = [tek.id_to_piece(i).encode("utf-8") for i in range(specials)] + [text(p) for p in by_rank]
+    types = [CONTROL] * specials + [NORMAL] * len(by_rank)
+    merges = [f"{text(a).decode()} {text(b).decode()}" for a, b in tekken_merges(ranks)]
+    vocab = Vocab("gpt2", pieces, types, bos=tek.bos_id, eos=tek.eos_id, unk=tek.unk_id, merges=merges, pre="tekken",
+                  add_bos=True, pad=tek.pad_id if tek.pad_id >= 0 else None)
+    return _pad(vocab, vocab_size, tekken_json)
+
+
 def header_bytes(vocab: Vocab) -> int:
     """About what the vocabulary adds to the file's header."""
     return sum(len(p) + 8 + 4 + 4 for p in vocab.pieces) + sum(len(m) + 8 for m in vocab.merges)
@@ -157,5 +219,7 @@ def write_vocab(writer, vocab: Vocab) -> None:
         writer.add_eos_token_id(vocab.eos)
     if vocab.unk is not None:
         writer.add_unk_token_id(vocab.unk)
+    if vocab.pad is not None:
+        writer.add_pad_token_id(vocab.pad)
     writer.add_add_bos_token(vocab.add_bos)
     writer.add_add_eos_token(False)
