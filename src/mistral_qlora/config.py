@@ -36,6 +36,9 @@ def _key(default, description: str, **bounds):
     return Field(default, description=description, **bounds)
 
 
+ROPE_SCALING_TYPES = ("linear", "dynamic", "yarn")
+
+
 class ModelSection(_Section):
     """The base checkpoint and how its layers run."""
 
@@ -57,6 +60,25 @@ class ModelSection(_Section):
         "auto", "Liger's fused Triton kernels: RoPE, RMSNorm, SwiGLU, and the lm_head fused with the loss so "
         "the logits are never materialised. `auto` uses them on a CUDA GPU where liger-kernel is installed "
         "(`pip install mistral-qlora[kernels]`).")
+    rope_scaling: Union[dict[str, Any], None] = _key(
+        None, "RoPE scaling for records longer than the checkpoint's trained context, as transformers takes it: "
+        "`{type: linear|dynamic|yarn, factor: F}` plus that type's own keys (yarn: `original_max_position_embeddings`, "
+        "`beta_fast`, `beta_slow`, ...). Written into the base's config when it loads, logged, and carried by the "
+        "adapter's record, `merge` and `export`. null keeps the checkpoint's own.")
+
+    @field_validator("rope_scaling")
+    @classmethod
+    def _rope_scaling(cls, v):
+        if v is None:
+            return v
+        kind = v.get("type", v.get("rope_type"))
+        if kind not in ROPE_SCALING_TYPES:
+            raise ValueError(f"needs type: one of {', '.join(ROPE_SCALING_TYPES)} (got {kind!r})")
+        factor = v.get("factor")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
+            raise ValueError(f"needs factor: a number >= 1, how many times longer than the trained context "
+                             f"(got {factor!r})")
+        return v
 
     @field_validator("name_or_path")
     @classmethod
@@ -251,6 +273,11 @@ class TrainSection(_Section):
         True, "How many decoder layers recompute their activations in backward (a third more FLOPs, far "
         "less memory): true every layer, false none, a fraction such as 0.25 that share, `auto` as few as "
         "the GPU's memory allows (see train.memory; the choice and the estimate are logged).")
+    activation_offload: Union[bool, Literal["auto"]] = _key(
+        "auto", "Hold the hidden states saved at each recomputing layer's input in pinned host memory (copied on a "
+        "side CUDA stream, fetched back one layer ahead in backward) instead of on the GPU: the longest rows. "
+        "`auto` turns it on only when the rows would not fit the GPU otherwise (the estimate and the host memory "
+        "it needs are logged); true needs some layer to recompute (train.gradient_checkpointing not false).")
     memory: Literal["auto", "low"] = _key(
         "auto", "What `auto` aims for. `auto` spends free GPU memory on speed: first fewer layers recompute, "
         "then layers keep their dequantized 16-bit weights for the whole run. `low` recomputes every layer "
@@ -407,6 +434,10 @@ def config_problems(cfg: RunConfig) -> list[str]:
     """Every rule between keys that the config alone decides, one line each naming the keys;
     load_config refuses a config with any."""
     problems = data_problems(cfg.data)
+    if cfg.train.activation_offload is True and cfg.train.gradient_checkpointing is False:
+        problems.append("train.activation_offload=true moves the inputs of recomputing layers to the host, and "
+                        "train.gradient_checkpointing=false recomputes none; set gradient_checkpointing to true, "
+                        "auto or a fraction, or activation_offload to auto or false")
     if cfg.data.streaming and cfg.train.max_steps <= 0:
         problems.append("data.streaming needs train.max_steps: a stream has no length to count epochs by")
     if cfg.train.strategy in ZERO3_STRATEGIES:

@@ -98,6 +98,24 @@ def gpu_budget(device_index: int = 0) -> int | None:
     return total - max(GIB, int(0.08 * total))
 
 
+def host_ram() -> int:
+    """Bytes of host memory available to this run now: psutil's `available` (free plus what the
+    kernel can reclaim), else the free pages from sysconf."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def processes_per_host(world_size: int, env=None) -> int:
+    """The training processes that share this host's memory: the launcher's LOCAL_WORLD_SIZE,
+    else every rank."""
+    env = os.environ if env is None else env
+    return int(env.get("LOCAL_WORLD_SIZE", world_size))
+
+
 # ---------------------------------------------------------------------------------------------
 # Launchers: who started this process
 

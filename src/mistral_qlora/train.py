@@ -255,7 +255,8 @@ def finish(cfg: RunConfig, rt: Runtime, plan: Plan, inputs: RunInputs, trainer, 
     final_eval_loss = evals[-1]["eval_loss"] if data.eval else None
     samples_after = greedy_answers(model, inputs.tokenizer, data.sample_prompts, cfg.eval.max_new_tokens,
                                      data.template)
-    publish_adapter(model, inputs.tokenizer, out, cfg.model.name_or_path, zero3=plan.zero3, is_main=rt.is_main)
+    publish_adapter(model, inputs.tokenizer, out, cfg.model.name_or_path, zero3=plan.zero3, is_main=rt.is_main,
+                    rope_scaling=cfg.model.rope_scaling)
 
     summary = summarize(cfg, rt, plan, inputs, trainer.state, callbacks, per_token, getattr(model.config, "sliding_window", None),
                         initial_eval_loss, final_eval_loss, started)

@@ -370,3 +370,27 @@ def test_varlen_is_registered_with_transformers():
     assert AttentionInterface._global_mapping["torch_varlen"] is A.varlen_attention_forward
     assert "torch_varlen" in ALL_MASK_ATTENTION_FUNCTIONS
     assert A.TAKES_CU_SEQLENS == {"flash_attention_2", "varlen"}
+
+
+def test_packed_rows_carry_int32_positions_that_give_the_same_logits():
+    """The collator hands positions and cu_seqlens over as int32, and the model reads int32
+    positions as it reads int64 ones."""
+    from transformers import AutoModelForCausalLM
+
+    from mistral_qlora.data.collator import PackedCollator
+    from mistral_qlora.model.base import resolve_model_path
+
+    gen = torch.Generator().manual_seed(0)
+    rows = [[{"input_ids": torch.randint(3, 32000, (n,), generator=gen).tolist(), "labels": [1] * n}
+             for n in (20, 9, 15)]]
+    batch = PackedCollator(with_cu_seqlens=True)(rows)
+    assert batch["position_ids"].dtype == batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["position_ids"][0].tolist() == [*range(20), *range(9), *range(15)]
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-random-mistral"), dtype=torch.float32,
+                                                 attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        wide = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"].long()).logits
+        narrow = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        running = model(input_ids=batch["input_ids"]).logits  # positions 0..43: one sequence
+    assert torch.equal(wide, narrow)
+    assert not torch.allclose(narrow[:, 20:], running[:, 20:])  # the positions were read

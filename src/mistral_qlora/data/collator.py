@@ -92,7 +92,9 @@ class PackedCollator:
         batch = {
             "input_ids": torch.tensor([input_ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),
-            "position_ids": torch.tensor([position_ids], dtype=torch.long),
+            # int32: positions and sequence boundaries are what the attention path takes as int32
+            # (the flash-style kernels' cu_seqlens), and at long rows an int64 copy is twice the bytes
+            "position_ids": torch.tensor([position_ids], dtype=torch.int32),
         }
         if pairs:
             batch["record_pair"] = torch.tensor(pairs, dtype=torch.long)

@@ -25,6 +25,7 @@ from mistral_qlora.files import set_usual_modes, write_json
 from mistral_qlora.runtime import barrier
 
 ADAPTER_FILE = "adapter_model.safetensors"
+BASE_OVERRIDES = "base_overrides.json"  # what the run changed in the base's config (model.rope_scaling)
 
 
 def _adapter_key(param_name: str, adapter_name: str = "default") -> str:
@@ -89,16 +90,33 @@ def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(folder) / ADAPTER_FILE))
 
 
-def record_base_model(adapter_dir: Path, name: str) -> None:
+def record_base_model(adapter_dir: Path, name: str, rope_scaling: dict | None = None) -> None:
     """Name the base as the user did (tiny-random-mistral, a hub id), not by a cache path, so the
-    adapter loads anywhere. Done after saving: PEFT looks the base up while it saves."""
+    adapter loads anywhere. Done after saving: PEFT looks the base up while it saves. The RoPE
+    scaling the adapter was trained under (`model.rope_scaling`) goes into BASE_OVERRIDES beside
+    it (PEFT's own config file takes no keys of ours), for merge and export to apply."""
     path = Path(adapter_dir) / "adapter_config.json"
     config = json.loads(path.read_text())
     config["base_model_name_or_path"] = name
     write_json(path, config)
+    if rope_scaling is not None:
+        write_json(Path(adapter_dir) / BASE_OVERRIDES, {"rope_scaling": rope_scaling})
 
 
-def publish_adapter(model, tokenizer, out: Path, base_name: str, zero3: bool, is_main: bool) -> Path:
+def adapter_rope_scaling(adapter: str | Path) -> dict | None:
+    """The `model.rope_scaling` an adapter was trained under, from its BASE_OVERRIDES (None: none)."""
+    path = Path(adapter) / BASE_OVERRIDES
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["rope_scaling"]
+    except (json.JSONDecodeError, KeyError):
+        raise UserError(f"{path}: damaged (no rope_scaling); delete it if the adapter was trained without "
+                        "RoPE scaling") from None
+
+
+def publish_adapter(model, tokenizer, out: Path, base_name: str, zero3: bool, is_main: bool,
+                    rope_scaling: dict | None = None) -> Path:
     """Save (every rank joins: ZeRO-3 gathers) and check the adapter in a staging folder, then
     rename it to `out/adapter`, so that folder is always whole."""
     staging, final = out / ".adapter-staging", out / "adapter"
@@ -107,7 +125,7 @@ def publish_adapter(model, tokenizer, out: Path, base_name: str, zero3: bool, is
     barrier()
     save_adapter(model, tokenizer, staging, zero3=zero3, is_main=is_main)
     if is_main:
-        record_base_model(staging, base_name)
+        record_base_model(staging, base_name, rope_scaling)
         set_usual_modes(staging)
         if final.exists():
             shutil.rmtree(final)

@@ -17,6 +17,7 @@ from mistral_qlora.config import TINY_MODEL, ModelSection, QuantizationSection
 from mistral_qlora.errors import UserError
 from mistral_qlora.model import builtin
 from mistral_qlora.model.attention import implementation
+from mistral_qlora.runtime import log
 
 
 def resolve_model_path(name_or_path: str, random_dir: str | None = None) -> str:
@@ -48,8 +49,32 @@ def resolve_model_path(name_or_path: str, random_dir: str | None = None) -> str:
     return name_or_path
 
 
+def apply_rope_scaling(config, rope_scaling: dict, where: str = "model.rope_scaling") -> str:
+    """Write `rope_scaling` ({type|rope_type, factor, ...}) into the checkpoint's config, on top of
+    its own RoPE parameters (rope_theta kept), as transformers' config reads it (`rope_parameters`,
+    `rope_scaling` in older versions), validated by transformers; returns the line to log."""
+    scaling = {("rope_type" if k == "type" else k): v for k, v in rope_scaling.items()}
+    field = "rope_parameters" if hasattr(config, "rope_parameters") else "rope_scaling"
+    own = dict(getattr(config, field, None) or {})
+    if field == "rope_parameters":
+        for key in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
+                    "mscale", "mscale_all_dim", "truncate"):
+            own.pop(key, None)  # the checkpoint's own scaling, replaced whole
+    params = {**own, **scaling}
+    setattr(config, field, params)
+    try:
+        if hasattr(config, "standardize_rope_params"):
+            config.standardize_rope_params()
+        if hasattr(config, "validate_rope"):
+            config.validate_rope()
+    except (KeyError, ValueError, TypeError) as exc:
+        raise UserError(f"{where}={rope_scaling}: transformers refuses it: {str(exc).splitlines()[0]}") from None
+    return (f"{where}: {params['rope_type']} x{params['factor']:g} RoPE scaling over the checkpoint's "
+            f"{getattr(config, 'max_position_embeddings', '?')} positions ({field}={getattr(config, field)})")
+
+
 def load_model_config(path: str, model_cfg: ModelSection):
-    """The checkpoint's config with the run's overrides (sliding window) applied."""
+    """The checkpoint's config with the run's overrides (sliding window, RoPE scaling) applied."""
     from transformers import AutoConfig
 
     try:
@@ -65,6 +90,8 @@ def load_model_config(path: str, model_cfg: ModelSection):
                                 "no sliding window; set model.sliding_window to auto or null")
         else:
             config.sliding_window = model_cfg.sliding_window
+    if model_cfg.rope_scaling is not None:
+        log(apply_rope_scaling(config, model_cfg.rope_scaling))
     config.use_cache = False
     return config
 

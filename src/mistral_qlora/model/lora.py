@@ -18,6 +18,7 @@ from mistral_qlora.config import LoraSection
 from mistral_qlora.errors import UserError
 from mistral_qlora.kernels.fused_lora import (KEEP_FOR_BACKWARD, KEEP_FOR_RUN, KEEP_NONE, SHARED_INPUT_LINEARS,
                                               FusedLoraLinear4bit, InputGroup, register_fused_lora)
+from mistral_qlora.model.offload import BoundaryOffload, install
 from mistral_qlora.plan.layers import LayerPlan
 
 
@@ -26,14 +27,18 @@ def decoder_layers(model):
     return base.get_decoder().layers if hasattr(base, "get_decoder") else base.model.layers
 
 
-def set_recompute_layers(model, k: int, reentrant: bool = False) -> None:
+def set_recompute_layers(model, k: int, reentrant: bool = False, offload: bool = False) -> None:
     """Recompute the first k decoder layers in backward, keep the others' activations, through
-    each decoder layer's own switch (transformers' GradientCheckpointingLayer)."""
+    each decoder layer's own switch (transformers' GradientCheckpointingLayer); with `offload`
+    their inputs wait for backward in host memory (model/offload.py), through the checkpoint
+    function each such layer calls."""
     if k <= 0:
         return
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     for i, layer in enumerate(decoder_layers(model)):
         layer.gradient_checkpointing = i < k
+    if offload:
+        install(decoder_layers(model), BoundaryOffload(), reentrant)
     # Reentrant checkpointing only back-propagates into a block whose input requires grad.
     model.enable_input_require_grads()
 
@@ -82,7 +87,7 @@ def add_lora(model, lora_cfg: LoraSection, layers: LayerPlan):
     check_module_names(model, lora_cfg)
     for p in model.parameters():
         p.requires_grad_(False)
-    set_recompute_layers(model, layers.recompute, layers.reentrant)
+    set_recompute_layers(model, layers.recompute, layers.reentrant, layers.offload)
     peft_config = lora_config(lora_cfg)
     if layers.fused:
         register_fused_lora(peft_config)

@@ -20,9 +20,11 @@ from pathlib import Path
 from mistral_qlora.config import RunConfig
 from mistral_qlora.errors import UserError
 from mistral_qlora.plan.backends import fp8_problem, select_attention, select_kernels
-from mistral_qlora.plan.layers import LayerPlan, compute_for, lora_layer, plan_kept_weights, plan_recompute
+from mistral_qlora.plan.layers import (LayerPlan, check_host_memory, compute_for, lora_layer, plan_kept_weights,
+                                      plan_offload, plan_recompute)
+from mistral_qlora.plan.memory import estimate_memory
 from mistral_qlora.plan.strategy import is_zero3, plan_strategy
-from mistral_qlora.runtime import Runtime
+from mistral_qlora.runtime import Runtime, host_ram, processes_per_host
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class Plan:
         lines = [f"train.strategy={self.strategy} ({self.why['strategy']})",
                  f"train.gradient_checkpointing={cfg.train.gradient_checkpointing} ({self.why['recompute']}); "
                  f"model.kernels={self.kernels}",
+                 f"train.activation_offload={self.layers.offload} ({self.why['offload']})",
                  f"lora: {self.why['lora_layer']}"]
         if self.layers.fused:
             lines.append(f"lora: dequantized weights kept for backward: {self.why['kept_for_run']}")
@@ -75,8 +78,10 @@ def check_variants(cfg: RunConfig, strategy: str) -> None:
                         "slice of the base weights); use train.strategy=ddp or single, or turn them off")
 
 
-def make_plan(cfg: RunConfig, model_config, rt: Runtime, env=None) -> Plan:
-    """The plan for this run on `rt.world_size` processes, with `rt`'s device and dtype."""
+def make_plan(cfg: RunConfig, model_config, rt: Runtime, env=None, available_host_ram: int | None = None) -> Plan:
+    """The plan for this run on `rt.world_size` processes, with `rt`'s device and dtype;
+    `available_host_ram`: the host memory an offloading run may use (default: what is available
+    now)."""
     env = os.environ if env is None else env  # read now: `datasets` rebinds os.environ
     attention = select_attention(cfg.model.attention, rt.dtype)
     kernels = select_kernels(cfg.model.kernels)
@@ -87,12 +92,20 @@ def make_plan(cfg: RunConfig, model_config, rt: Runtime, env=None) -> Plan:
     layer, layer_why = lora_layer(cfg, strategy)
     compute, compute_why = compute_for(cfg, layer, strategy,
                                        fp8_problem(rt.dtype) if cfg.quantization.compute == "fp8" else None, rt.dtype)
+    offload, offload_why = plan_offload(cfg, model_config, dtype_bytes, kernels, budget, strategy, rt.world_size)
     recompute, recompute_why = plan_recompute(cfg, model_config, dtype_bytes, kernels, budget, strategy,
-                                              rt.world_size)
+                                              rt.world_size, offload)
+    if offload and recompute == 0:
+        offload, offload_why = False, "no layer recomputes, so no layer input waits for backward"
+    if offload:
+        host = estimate_memory(model_config, cfg, dtype_bytes, recompute_layers=recompute,
+                               fused_loss=kernels == "liger", offload=True).host_activations
+        available = host_ram() if available_host_ram is None else available_host_ram
+        offload_why += "; " + check_host_memory(host, processes_per_host(rt.world_size, env), available)
     kept, kept_why = plan_kept_weights(cfg, model_config, dtype_bytes, kernels, budget, recompute, strategy,
-                                       rt.world_size)
+                                       rt.world_size, offload)
     layers = LayerPlan(lora_layer=layer, recompute=recompute, kept_for_run=kept, reentrant=is_zero3(strategy),
-                       compute=compute)
+                       compute=compute, offload=offload)
     why = {"strategy": strategy_why, "lora_layer": layer_why, "recompute": recompute_why, "kept_for_run": kept_why,
-           "compute": compute_why}
+           "compute": compute_why, "offload": offload_why}
     return Plan(strategy, ds_config, attention, kernels, layers, why)

@@ -14,6 +14,11 @@
   it for the whole run: dequantized once, not once a step. Such a layer holds its 16-bit weights
   at the step's peak (the end of forward) whether it keeps them between steps or not.
 
+- Activation offload (`plan_offload`): the recomputing layers' inputs held in host memory
+  (model/offload.py). It costs a copy out and back per layer and a step, so `auto` takes it only
+  when the run would not fit the GPU otherwise (every layer recomputing), and `check_host_memory`
+  refuses a run whose offloaded inputs and process reserve exceed the host's available memory.
+
 `auto` keeps a head-room free beyond the estimate in proportion to how far the estimate can be
 off: the fast path's op-by-op count (plan/memory.py) lands a few tenths of a GiB from measured
 peaks, so a small share of the budget with a 1 GiB floor; the rule for PEFT's layers is coarser, so
@@ -32,6 +37,9 @@ from mistral_qlora.errors import UserError
 from mistral_qlora.plan.memory import (GIB, ZERO3, counts_fast_path, estimate_memory, fused_lora, kept_weight_bytes,
                                        layer_shapes, recompute_layers_for)
 
+# What one training process holds in host memory besides offloaded activations: the interpreter,
+# torch's and CUDA's libraries and context, the pinned staging of loading, data pages.
+HOST_RESERVE = 4 * GIB
 FAST_PATH_HEADROOM = 0.04
 FAST_PATH_HEADROOM_MIN = GIB
 HEADROOM = 0.10
@@ -45,6 +53,7 @@ class LayerPlan:
     recompute: int  # the first `recompute` decoder layers recompute in backward
     kept_for_run: int = 0  # the last `kept_for_run` layers keep their dequantized weights for the whole run
     reentrant: bool = False  # reentrant recompute (ZeRO-3 + PEFT refuses the non-reentrant kind)
+    offload: bool = False  # the recomputing layers' inputs held in host memory (model/offload.py)
     # The fused layer's levers; each on by default. `mistral-qlora bench --compare` times a plan
     # with one switched off against the plan itself.
     keep_weights: bool = True  # off: no layer keeps a dequantized weight, backward dequantizes again
@@ -101,8 +110,47 @@ def auto_headroom(cfg: RunConfig, kernels: str, budget: int, strategy: str = "si
     return int(HEADROOM * budget)
 
 
+def plan_offload(cfg: RunConfig, model_config, dtype_bytes: int, kernels: str, budget: int | None,
+                 strategy: str = "single", world_size: int = 1) -> tuple[bool, str]:
+    """(whether the recomputing layers' inputs wait in host memory, why) for this run."""
+    setting = cfg.train.activation_offload
+    if setting is not True and setting is not False and recompute_layers_for(
+            cfg.train.gradient_checkpointing, model_config.num_hidden_layers) == 0:
+        return False, "auto: no layer recomputes (train.gradient_checkpointing=false)"
+    if setting is True or setting is False:
+        return setting, "set in the run config"
+    if budget is None:
+        return False, "auto without a GPU: the activations are in host memory already"
+    usable = budget - auto_headroom(cfg, kernels, budget, strategy)
+    fused = kernels == "liger"
+    without = estimate_memory(model_config, cfg, dtype_bytes, recompute_layers=model_config.num_hidden_layers,
+                              fused_loss=fused).per_gpu(strategy, world_size)
+    if without <= usable:
+        return False, (f"auto: off, every row fits the GPU without it (~{without / GIB:.1f} GiB of "
+                       f"{usable / GIB:.1f} GiB usable with every layer recomputing)")
+    with_it = estimate_memory(model_config, cfg, dtype_bytes, recompute_layers=model_config.num_hidden_layers,
+                              fused_loss=fused, offload=True)
+    return True, (f"auto: on, a row of {with_it.tokens_per_micro_batch} tokens needs ~{without / GIB:.1f} GiB "
+                  f"with every layer recomputing, more than {usable / GIB:.1f} GiB usable; ~"
+                  f"{with_it.per_gpu(strategy, world_size) / GIB:.1f} GiB with their inputs on the host "
+                  f"({with_it.host_activations / GIB:.1f} GiB there)")
+
+
+def check_host_memory(host_activations: int, processes: int, available: int) -> str:
+    """A refusal (UserError) when `processes` processes offloading `host_activations` bytes each,
+    each with its HOST_RESERVE, need more host memory than `available`; else the log line."""
+    need = processes * (host_activations + HOST_RESERVE)
+    what = (f"{processes} x ({host_activations / GIB:.1f} GiB offloaded activations + "
+            f"{HOST_RESERVE / GIB:.0f} GiB per process)")
+    if need > available:
+        raise UserError(f"train.activation_offload: the run needs ~{need / GIB:.1f} GiB of host memory ({what}) "
+                        f"and {available / GIB:.1f} GiB is available; shorten data.tokens_per_row or "
+                        "data.max_seq_len, run fewer processes on this host, or free host memory")
+    return f"host memory: ~{need / GIB:.1f} GiB of {available / GIB:.1f} GiB available ({what})"
+
+
 def plan_recompute(cfg: RunConfig, model_config, dtype_bytes: int, kernels: str, budget: int | None,
-                   strategy: str = "single", world_size: int = 1) -> tuple[int, str]:
+                   strategy: str = "single", world_size: int = 1, offload: bool = False) -> tuple[int, str]:
     """(layers that recompute in backward, why) for this run."""
     L = model_config.num_hidden_layers
     explicit = recompute_layers_for(cfg.train.gradient_checkpointing, L)
@@ -118,8 +166,8 @@ def plan_recompute(cfg: RunConfig, model_config, dtype_bytes: int, kernels: str,
     # recomputed keeps only its input, but the first one also brings the recompute's own buffers
     # (one layer's activations and weights), so the estimate is not linear in k.
     for k in range(L + 1):
-        need = estimate_memory(model_config, cfg, dtype_bytes, recompute_layers=k,
-                               fused_loss=kernels == "liger").per_gpu(strategy, world_size)
+        need = estimate_memory(model_config, cfg, dtype_bytes, recompute_layers=k, fused_loss=kernels == "liger",
+                               offload=offload).per_gpu(strategy, world_size)
         if need <= usable:
             break
     return k, (f"auto: {k} of {L} layers recompute; ~{need / GIB:.1f} GiB estimated "
@@ -127,7 +175,8 @@ def plan_recompute(cfg: RunConfig, model_config, dtype_bytes: int, kernels: str,
 
 
 def plan_kept_weights(cfg: RunConfig, model_config, dtype_bytes: int, kernels: str, budget: int | None,
-                      recompute: int, strategy: str = "single", world_size: int = 1) -> tuple[int, str]:
+                      recompute: int, strategy: str = "single", world_size: int = 1,
+                      offload: bool = False) -> tuple[int, str]:
     """(layers, among those that do not recompute, that keep their dequantized weights for the
     whole run, why): as many as the memory left after `plan_recompute` holds, with the same
     head-room."""
@@ -137,7 +186,8 @@ def plan_kept_weights(cfg: RunConfig, model_config, dtype_bytes: int, kernels: s
     if cfg.train.memory == "low" or budget is None or recompute >= L:
         why = "train.memory=low" if cfg.train.memory == "low" else "no GPU" if budget is None else "every layer recomputes"
         return 0, f"{why}: recomputing layers only, from their recompute to their backward"
-    need = estimate_memory(model_config, cfg, dtype_bytes, recompute_layers=recompute, fused_loss=kernels == "liger")
+    need = estimate_memory(model_config, cfg, dtype_bytes, recompute_layers=recompute, fused_loss=kernels == "liger",
+                           offload=offload)
     per_layer = kept_weight_bytes(layer_shapes(model_config, cfg.lora.target_modules), cfg, dtype_bytes)
     spare = budget - auto_headroom(cfg, kernels, budget, strategy) - need.per_gpu(strategy, world_size)
     n = max(0, min(L - recompute, int(spare // per_layer)))

@@ -15,6 +15,10 @@ keeps, until its backward:
   measured peaks).
 Logits cost V values in the model dtype plus an fp32 copy and its gradient, unless the loss is
 fused with the lm_head (Liger), which never materialises them.
+
+With activation offloading (model/offload.py) the recomputing layers' inputs wait in host memory:
+the GPU holds at most two of them at a time (the one a layer recomputes from and the one fetched
+ahead), the host holds all of them (`host_activations`).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class MemoryEstimate:
     lora_grads_and_optimizer: int  # their gradients and AdamW moments (fp32)
     activations: int  # saved activations, one layer's recompute, logits and their gradient
     tokens_per_micro_batch: int
+    host_activations: int = 0  # the recomputing layers' inputs held in host memory (offload)
 
     def per_gpu(self, strategy: str, world_size: int = 1) -> int:
         n = max(1, world_size)
@@ -140,11 +145,12 @@ def dora_layer_bytes(shapes: LayerShapes, cfg: RunConfig, tokens: int, dtype_byt
 
 
 def estimate_memory(model_config, cfg: RunConfig, dtype_bytes: int, recompute_layers: int | None = None,
-                    fused_loss: bool = False, kept_weight_layers: int = 0) -> MemoryEstimate:
+                    fused_loss: bool = False, kept_weight_layers: int = 0, offload: bool = False) -> MemoryEstimate:
     """The estimate for `recompute_layers` recomputing layers (default: what
     train.gradient_checkpointing says, auto counting as every layer) and `kept_weight_layers`
     layers that keep their dequantized weights for the whole run. A run that recomputes any layer
-    on the fused path also keeps one layer's weights from its recompute to its backward."""
+    on the fused path also keeps one layer's weights from its recompute to its backward. With
+    `offload` the recomputing layers' inputs count on the host, two of them on the GPU."""
     c = model_config
     H, L, V = c.hidden_size, c.num_hidden_layers, c.vocab_size
     shapes = layer_shapes(c, cfg.lora.target_modules)
@@ -186,11 +192,14 @@ def estimate_memory(model_config, cfg: RunConfig, dtype_bytes: int, recompute_la
         k = L if k is None else k
     # a recomputing layer keeps its input; under DoRA the hidden states are float32 (dora_layer_bytes)
     checkpoint_bytes = 4 if cfg.lora.dora else dtype_bytes
-    activations = k * T * H * checkpoint_bytes + (L - k) * one_layer + (one_layer if k else 0)
+    boundary = T * H * checkpoint_bytes  # one recomputing layer's input
+    on_gpu = min(k, 2) if offload else k
+    activations = on_gpu * boundary + (L - k) * one_layer + (one_layer if k else 0)
     recomputing_keeps = k > 0 and cfg.lora.fused and cfg.quantization.bits == 4
     activations += (kept_weight_layers + recomputing_keeps) * kept_weight_bytes(shapes, cfg, dtype_bytes)
     if cfg.quantization.compute == "fp8":
         activations += fp8_transient_bytes(shapes, T)
     if not fused_loss:
         activations += T * V * (dtype_bytes + 8)
-    return MemoryEstimate(base, layer_bytes, 4 * lora_params, 12 * lora_params, activations, T)
+    return MemoryEstimate(base, layer_bytes, 4 * lora_params, 12 * lora_params, activations, T,
+                          k * boundary if offload else 0)

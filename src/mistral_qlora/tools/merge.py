@@ -17,10 +17,11 @@ import torch
 
 from mistral_qlora.errors import UserError
 from mistral_qlora.files import set_usual_modes
-from mistral_qlora.model.adapter import adapter_base, attach_adapter
-from mistral_qlora.model.base import resolve_model_path
+from mistral_qlora.model.adapter import adapter_base, adapter_rope_scaling, attach_adapter
+from mistral_qlora.model.base import apply_rope_scaling, resolve_model_path
 from mistral_qlora.model.tokenizer import load_tokenizer
 from mistral_qlora.run.model_card import write_model_card
+from mistral_qlora.runtime import log
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -44,8 +45,16 @@ def load_merged(adapter: str, dtype: str = "bf16", model: str | None = None):
     from transformers import AutoModelForCausalLM
 
     base_name, path = resolve_base(adapter, model)
+    extra = {}
+    rope_scaling = adapter_rope_scaling(adapter)
+    if rope_scaling is not None:  # the scaling it was trained under: in the merged config.json too
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path)
+        log(apply_rope_scaling(config, rope_scaling, where=f"adapter {adapter}: rope_scaling"))
+        extra["config"] = config
     try:
-        base = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **extra)
     except OSError as exc:
         raise UserError(f"adapter {adapter}: cannot load its base model {base_name!r}: "
                         f"{str(exc).splitlines()[0]}; pass --model with the base it was trained on") from None
