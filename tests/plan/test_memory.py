@@ -137,3 +137,55 @@ def test_memory_plan_counts_fp8_weights_at_one_byte():
     a = estimate_memory(mc, cfg16, 2, recompute_layers=0, kept_weight_layers=4)
     b = estimate_memory(mc, cfg8, 2, recompute_layers=0, kept_weight_layers=4)
     assert b.activations - a.activations == 4 * 4 * sum(o for _, o in shapes) + fp8_transient_bytes(layer, a.tokens_per_micro_batch)
+
+
+def test_a_preference_step_counts_its_kept_logits_even_with_ligers_fused_loss():
+    # Liger's fused lm_head + cross-entropy needs labels, which the preference log-prob path never
+    # passes: its logits count with or without Liger, and for SFT with Liger they do not.
+    from mistral_qlora.plan.memory import preference_logits_bytes
+
+    T, V = 8192, MISTRAL_7B.vocab_size
+    sft = estimate_memory(MISTRAL_7B, config_7b(), 2, fused_loss=True)
+    for method in ("dpo", "orpo"):
+        pref = estimate_memory(MISTRAL_7B, config_7b(method=method), 2, fused_loss=True)
+        assert pref.activations - sft.activations == preference_logits_bytes(T, V, 2)
+        unfused = estimate_memory(MISTRAL_7B, config_7b(method=method), 2, fused_loss=False)
+        sft_unfused = estimate_memory(MISTRAL_7B, config_7b(), 2, fused_loss=False)
+        # the same fast-path layers either way; the head in the model dtype, no float32 copy of the row
+        assert unfused.activations - sft_unfused.activations == preference_logits_bytes(T, V, 2) - T * V * 10
+        assert pref.base == sft.base and pref.lora_grads_and_optimizer == sft.lora_grads_and_optimizer
+
+
+def test_preference_logits_estimate_covers_what_the_log_prob_path_keeps_for_backward():
+    # record_logps' head: the scored positions' logits (bf16) are what it saves for backward; the
+    # float32 log-softmax of each chunk is recomputed, never kept.
+    import torch
+
+    from mistral_qlora.plan.memory import preference_logits_bytes
+    from mistral_qlora.run.preference import token_logps
+
+    T, H, V = 2500, 32, 3000
+    hidden = torch.randn(1, T, H, dtype=torch.bfloat16, requires_grad=True)
+    head = torch.randn(V, H, dtype=torch.bfloat16)
+    saved = {}
+
+    def keep(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        logits = torch.nn.functional.linear(hidden[:, torch.arange(T)], head).reshape(T, V)
+        token_logps(logits, torch.randint(0, V, (T,)))
+    kept = sum(saved.values())
+    assert T * V * 2 <= kept < T * V * 2 * 1.1  # the bf16 logits, not a float32 copy
+    # kept + their gradient + one slice gradient + a chunk's float32 buffers
+    assert preference_logits_bytes(T, V, 2) >= kept + 2 * T * V * 2
+
+
+def test_ligers_fused_cross_entropy_is_planned_for_sft_only():
+    from mistral_qlora.plan.memory import fused_loss_for
+
+    assert fused_loss_for(config_7b(), "liger")
+    assert not fused_loss_for(config_7b(method="dpo"), "liger")
+    assert not fused_loss_for(config_7b(method="orpo"), "liger")
+    assert not fused_loss_for(config_7b(), "none")

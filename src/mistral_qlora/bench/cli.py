@@ -51,6 +51,9 @@ def _add_bench_parser(sub) -> None:
                                      "preparation), packed+BACKEND[+liger][+ckpt=all|none|auto|FRACTION]"
                                      "[+lora=fused|peft] "
                                      "(default: tutorial, plain, every usable backend, then the fastest with Liger)")
+    p.add_argument("--method", default="sft", choices=("sft", "dpo", "orpo"),
+                   help="sft (default); dpo or orpo: a preference step of ours against TRL's trainer on the same "
+                        "synthetic pairs (--recipes trl,fast by default; bench/preference.py)")
     p.add_argument("--profile", action="store_true", help="profile one step of the last recipe: GPU time by kernel kind")
     p.add_argument("--compare", metavar="LEVERS",
                    help=f"comma-separated levers of the fast path ({', '.join(LEVERS)}): "
@@ -131,6 +134,16 @@ def cmd_bench(args) -> int:
         sliding_window=window, gradient_checkpointing=not args.no_gradient_checkpointing, lora_r=args.lora_r,
         dtype=args.dtype, seed=args.seed, out=args.out, profile=args.profile,
     )
+    if args.method != "sft":
+        from mistral_qlora.bench.preference import format_preference_report, run_preference_bench
+        from mistral_qlora.bench.report import write_report
+
+        report = run_preference_bench(opts, args.method)
+        print(format_preference_report(report))
+        write_report(args.out, report)
+        if args.out:
+            print(f"report: {args.out}")
+        return 0
     if args.eval is not None:
         from mistral_qlora.bench.eval import format_eval_report, run_eval_bench
 

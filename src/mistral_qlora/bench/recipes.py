@@ -117,8 +117,9 @@ def expand_recipes(names: list[str] | None, dtype) -> list[str]:
     return [fastest + FAST[n] if n in FAST else n for n in names]
 
 
-def recipe_config(recipe: Recipe, opts, model_path: str) -> RunConfig:
-    """The run config of a `train` run of this recipe with the bench's shapes (one packed row a step)."""
+def recipe_config(recipe: Recipe, opts, model_path: str, method: str = "sft") -> RunConfig:
+    """The run config of a `train` run of this recipe with the bench's shapes (one packed row a step)
+    and `train.method`."""
     ckpt = CKPT[recipe.ckpt] if recipe.ckpt in CKPT else float(recipe.ckpt)
     return validate_config({
         "model": {"name_or_path": model_path, "sliding_window": opts.sliding_window, "attention": recipe.attention,
@@ -127,15 +128,17 @@ def recipe_config(recipe: Recipe, opts, model_path: str) -> RunConfig:
                  "rslora": recipe.variant == "rslora", "dora": recipe.variant == "dora"},
         "quantization": {"compute": recipe.compute},
         "data": {"tokens_per_row": opts.tokens_per_row, "max_seq_len": opts.max_len},
-        "train": {"micro_batch_size": 1, "seed": opts.seed,
+        "train": {"micro_batch_size": 1, "seed": opts.seed, "method": method,
                   "gradient_checkpointing": ckpt if opts.gradient_checkpointing else False},
     }, source="bench options")
 
 
-def build_recipe_model(recipe: Recipe, opts, model_path: str, model_config, rt: Runtime, pad_token_id: int):
-    """(model, plan or None): ours through `make_plan` and `build_model`, as `train` builds it; the
-    tutorial's preparation by peft's `prepare_model_for_kbit_training` on the same 4-bit base."""
-    cfg = recipe_config(recipe, opts, model_path)
+def build_recipe_model(recipe: Recipe, opts, model_path: str, model_config, rt: Runtime, pad_token_id: int,
+                       method: str = "sft"):
+    """(model, plan or None): ours through `make_plan` and `build_model`, as `train` builds it for
+    `train.method`; the tutorial's preparation by peft's `prepare_model_for_kbit_training` on the same
+    4-bit base."""
+    cfg = recipe_config(recipe, opts, model_path, method)
     if recipe.kbit_setup == "ours":
         plan = make_plan(cfg, model_config, rt)
         return build_model(cfg, plan, rt, model_path, model_config, pad_token_id)[0], plan

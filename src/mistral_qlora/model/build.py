@@ -35,7 +35,7 @@ def build_model(cfg: RunConfig, plan: Plan, rt: Runtime, model_path: str, model_
                                 rt.dtype, device_map=device_map)
     if rt.device == "cpu" and cfg.quantization.bits == 4:
         keep_4bit_layout(model)
-    apply_kernels(model, plan.kernels)  # before LoRA wraps the linears
+    apply_kernels(model, plan.kernels, plan.fused_loss)  # before LoRA wraps the linears
     set_seed(cfg.train.seed)  # every rank, strategy and rerun starts from the same adapter
     model = add_lora(model, cfg.lora, plan.layers)
     # Mistral ships no pad token; the tokenizer's stand-in (<unk>) is told to the model up front.

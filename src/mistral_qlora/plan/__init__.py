@@ -22,7 +22,7 @@ from mistral_qlora.errors import UserError
 from mistral_qlora.plan.backends import fp8_problem, select_attention, select_kernels
 from mistral_qlora.plan.layers import (LayerPlan, check_host_memory, compute_for, lora_layer, plan_kept_weights,
                                       plan_offload, plan_recompute)
-from mistral_qlora.plan.memory import estimate_memory
+from mistral_qlora.plan.memory import estimate_memory, fused_loss_for
 from mistral_qlora.plan.strategy import is_zero3, plan_strategy
 from mistral_qlora.runtime import Runtime, host_ram, processes_per_host
 
@@ -35,6 +35,7 @@ class Plan:
     kernels: str  # model.kernels resolved: liger or none
     layers: LayerPlan
     why: dict  # decision -> the reason, for the log
+    fused_loss: bool = False  # Liger's fused lm_head + cross-entropy applied (memory.fused_loss_for)
 
     @property
     def zero3(self) -> bool:
@@ -49,6 +50,8 @@ class Plan:
         if self.layers.fused:
             lines.append(f"lora: dequantized weights kept for backward: {self.why['kept_for_run']}")
             lines.append(f"quantization.compute={self.layers.compute} ({self.why['compute']})")
+        if self.kernels == "liger" and not self.fused_loss:
+            lines.append(f"model.kernels=liger: RoPE, RMSNorm and SwiGLU only ({self.why['loss']})")
         if lora_variants(cfg):
             lines.append(f"lora: variants {', '.join(lora_variants(cfg))}")
         return lines
@@ -106,6 +109,11 @@ def make_plan(cfg: RunConfig, model_config, rt: Runtime, env=None, available_hos
                                        rt.world_size, offload)
     layers = LayerPlan(lora_layer=layer, recompute=recompute, kept_for_run=kept, reentrant=is_zero3(strategy),
                        compute=compute, offload=offload)
+    fused_loss = fused_loss_for(cfg, kernels)
     why = {"strategy": strategy_why, "lora_layer": layer_why, "recompute": recompute_why, "kept_for_run": kept_why,
-           "compute": compute_why, "offload": offload_why}
-    return Plan(strategy, ds_config, attention, kernels, layers, why)
+           "compute": compute_why, "offload": offload_why,
+           "loss": ("Liger's lm_head fused with the cross-entropy" if fused_loss else
+                    f"train.method={cfg.train.method} scores each record from its own logits "
+                    "(run/preference.py), so Liger's fused lm_head + cross-entropy is not applied"
+                    if kernels == "liger" else "the lm_head's logits, then the loss")}
+    return Plan(strategy, ds_config, attention, kernels, layers, why, fused_loss)

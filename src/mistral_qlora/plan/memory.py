@@ -19,6 +19,16 @@ fused with the lm_head (Liger), which never materialises them.
 With activation offloading (model/offload.py) the recomputing layers' inputs wait in host memory:
 the GPU holds at most two of them at a time (the one a layer recomputes from and the one fetched
 ahead), the host holds all of them (`host_activations`).
+
+A preference step (train.method dpo or orpo) holds no reference model (DPO's reference log-probs
+are computed once before training, run/preference.py) and its row budget already holds both
+records of each pair. Its head never goes through Liger's fused cross-entropy (that needs labels,
+which the log-prob path does not pass): the head runs on the scored positions only and keeps their
+logits in the model dtype for backward (the float32 log-softmax is recomputed a chunk at a time),
+so it costs, at the start of backward, the kept logits, their gradient and the zero-filled
+gradient of one chunk's slice being added into it, each K x V in the model dtype (K scored tokens,
+at most the row's T), plus one chunk's float32 log-softmax, its input and their gradients
+(`preference_logits_bytes`).
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ from mistral_qlora.flops import decoder_linear_shapes, lora_target_names
 
 GIB = 2**30
 ZERO3 = ("zero3", "zero3_offload")
+PREFERENCE_METHODS = ("dpo", "orpo")
+LOGSOFTMAX_CHUNK = 1024  # tokens per float32 log-softmax of the preference log-prob path
 
 
 @dataclass
@@ -119,6 +131,22 @@ def kept_weight_bytes(shapes: LayerShapes, cfg: RunConfig, dtype_bytes: int) -> 
     return dtype_bytes * sum(i * o for i, o in shapes.adapted)
 
 
+def fused_loss_for(cfg: RunConfig, kernels: str) -> bool:
+    """Whether the loss is fused with the lm_head (Liger's fused linear cross-entropy): with Liger's
+    kernels, for SFT only. A preference step scores each record's answer from its own logits
+    (run/preference.py), so Liger's fused cross-entropy is neither applied nor counted on."""
+    return kernels == "liger" and cfg.train.method not in PREFERENCE_METHODS
+
+
+def preference_logits_bytes(tokens: int, vocab: int, dtype_bytes: int) -> int:
+    """What the preference log-prob path holds for its head at the start of backward (module
+    docstring), with every token of the micro-batch counted as scored (an upper bound: prompts are
+    not scored): the kept logits, their gradient and one chunk's zero-filled slice gradient, each in
+    the model dtype, plus one chunk's float32 values, log-softmax and their gradients (4 x 4 bytes)
+    and its gradient back in the model dtype."""
+    return 3 * tokens * vocab * dtype_bytes + min(tokens, LOGSOFTMAX_CHUNK) * vocab * (16 + dtype_bytes)
+
+
 def fp8_transient_bytes(shapes: LayerShapes, tokens: int) -> int:
     """Under FP8, the largest buffers one fused linear adds while it runs: its input or output
     gradient quantized by row (1 byte a value) and, in backward, its e4m3 weight transposed."""
@@ -199,7 +227,9 @@ def estimate_memory(model_config, cfg: RunConfig, dtype_bytes: int, recompute_la
     activations += (kept_weight_layers + recomputing_keeps) * kept_weight_bytes(shapes, cfg, dtype_bytes)
     if cfg.quantization.compute == "fp8":
         activations += fp8_transient_bytes(shapes, T)
-    if not fused_loss:
+    if cfg.train.method in PREFERENCE_METHODS:
+        activations += preference_logits_bytes(T, V, dtype_bytes)
+    elif not fused_loss:
         activations += T * V * (dtype_bytes + 8)
     return MemoryEstimate(base, layer_bytes, 4 * lora_params, 12 * lora_params, activations, T,
                           k * boundary if offload else 0)

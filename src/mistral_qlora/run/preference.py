@@ -36,13 +36,12 @@ from transformers import TrainerCallback
 from mistral_qlora.data.tokenize import IGNORE_INDEX
 from mistral_qlora.errors import UserError
 from mistral_qlora.files import atomic_write_bytes
+from mistral_qlora.plan.memory import LOGSOFTMAX_CHUNK, PREFERENCE_METHODS  # noqa: F401 (re-exported)
 from mistral_qlora.run.trainer import RunTrainer
 from mistral_qlora.runtime import barrier, log
 
-PREFERENCE_METHODS = ("dpo", "orpo")
 # Batch keys that are the loss's, not the model's.
 LOSS_KEYS = ("labels", "record_pair", "reference_logps")
-LOGSOFTMAX_CHUNK = 1024  # tokens per float32 log-softmax
 
 
 # ---------------------------------------------------------------------------------------------
