@@ -89,6 +89,14 @@ def test_chunked_token_logps_equal_a_whole_log_softmax_with_the_same_gradient():
     (g_whole,) = torch.autograd.grad((whole * torch.arange(10.0)).sum(), logits)
     torch.testing.assert_close(chunked, whole)
     torch.testing.assert_close(g_chunked, g_whole)
+    # bf16 logits: float32 log-probs, and the gradient of the float32 math rounded once to bf16
+    half = logits.detach().bfloat16().requires_grad_()
+    (g_half,) = torch.autograd.grad((token_logps(half, targets, chunk=4) * torch.arange(10.0)).sum(), half)
+    ref = half.detach().float().requires_grad_()
+    (g_ref,) = torch.autograd.grad((F.log_softmax(ref, -1).gather(1, targets[:, None]).squeeze(1)
+                                    * torch.arange(10.0)).sum(), ref)
+    assert g_half.dtype == torch.bfloat16
+    assert torch.equal(g_half, g_ref.bfloat16())
 
 
 # ---------------------------------------------------------------------------------------------

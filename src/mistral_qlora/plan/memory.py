@@ -24,11 +24,10 @@ A preference step (train.method dpo or orpo) holds no reference model (DPO's ref
 are computed once before training, run/preference.py) and its row budget already holds both
 records of each pair. Its head never goes through Liger's fused cross-entropy (that needs labels,
 which the log-prob path does not pass): the head runs on the scored positions only and keeps their
-logits in the model dtype for backward (the float32 log-softmax is recomputed a chunk at a time),
-so it costs, at the start of backward, the kept logits, their gradient and the zero-filled
-gradient of one chunk's slice being added into it, each K x V in the model dtype (K scored tokens,
-at most the row's T), plus one chunk's float32 log-softmax, its input and their gradients
-(`preference_logits_bytes`).
+logits in the model dtype for backward (forward keeps one log-sum-exp a token; backward writes the
+logits' gradient a chunk at a time), so it costs in backward the kept logits and their gradient,
+each K x V in the model dtype (K scored tokens, at most the row's T), plus one chunk's float32
+buffers (`preference_logits_bytes`).
 """
 
 from __future__ import annotations
@@ -139,12 +138,11 @@ def fused_loss_for(cfg: RunConfig, kernels: str) -> bool:
 
 
 def preference_logits_bytes(tokens: int, vocab: int, dtype_bytes: int) -> int:
-    """What the preference log-prob path holds for its head at the start of backward (module
-    docstring), with every token of the micro-batch counted as scored (an upper bound: prompts are
-    not scored): the kept logits, their gradient and one chunk's zero-filled slice gradient, each in
-    the model dtype, plus one chunk's float32 values, log-softmax and their gradients (4 x 4 bytes)
-    and its gradient back in the model dtype."""
-    return 3 * tokens * vocab * dtype_bytes + min(tokens, LOGSOFTMAX_CHUNK) * vocab * (16 + dtype_bytes)
+    """What the preference log-prob path holds for its head in backward (module docstring), with
+    every token of the micro-batch counted as scored (an upper bound: prompts are not scored): the
+    kept logits and their gradient, each in the model dtype, plus one chunk's float32 logits and
+    softmax (2 x 4 bytes) and that chunk's gradient before it is written back in the model dtype."""
+    return 2 * tokens * vocab * dtype_bytes + min(tokens, LOGSOFTMAX_CHUNK) * vocab * (8 + dtype_bytes)
 
 
 def fp8_transient_bytes(shapes: LayerShapes, tokens: int) -> int:

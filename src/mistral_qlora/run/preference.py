@@ -4,8 +4,9 @@ pair's chosen answer, record 2k+1 its rejected one).
 
 - Log-probs (`record_logps`): each record's summed log-prob of its labelled tokens. The model's
   head runs only on the positions whose next token is labelled (`logits_to_keep`), and the
-  float32 log-softmax goes chunk by chunk, each chunk recomputed in backward rather than kept, so
-  no float32 (tokens x vocabulary) tensor of the whole row ever exists. Tokens are assigned to
+  float32 log-softmax goes chunk by chunk (`TokenLogps`: forward keeps one log-sum-exp a token,
+  backward writes the logits' gradient chunk by chunk), so no float32 (tokens x vocabulary)
+  tensor of the whole row ever exists. Tokens are assigned to
   records by `position_ids` restarting at 0, and summed with one `index_add`: packed and unpacked
   rows give the same numbers.
 - Losses (`dpo_loss`, `orpo_loss`): TRL's definitions (DPOTrainer's sigmoid with label smoothing
@@ -48,24 +49,43 @@ LOSS_KEYS = ("labels", "record_pair", "reference_logps")
 # Log-probs
 
 
-def _chunk_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return logits.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+class TokenLogps(torch.autograd.Function):
+    """log softmax(logits)[target] per row of `logits` (K, V), in float32, `chunk` rows at a time.
+
+    Forward keeps each row's log-sum-exp (K floats) and nothing of the float32 log-softmax. Backward
+    writes d logits = g * (onehot(target) - softmax(logits)) chunk by chunk into one gradient
+    tensor in the logits' dtype, recomputing each chunk's softmax from the kept log-sum-exp: no
+    float32 (K x V) tensor and no zero-filled per-chunk gradient ever exists."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(out)
+        for s in range(0, logits.shape[0], chunk):
+            x = logits[s:s + chunk].float()
+            lse[s:s + chunk] = torch.logsumexp(x, -1)
+            out[s:s + chunk] = x.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], ctx.chunk):
+            g = grad_out[s:s + ctx.chunk, None]
+            d = (logits[s:s + ctx.chunk].float() - lse[s:s + ctx.chunk, None]).exp_().mul_(-g)
+            d.scatter_add_(1, targets[s:s + ctx.chunk, None], g)
+            grad[s:s + ctx.chunk] = d
+        return grad, None, None
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int = LOGSOFTMAX_CHUNK) -> torch.Tensor:
-    """log softmax(logits)[target] per row of `logits` (K, V), in float32, `chunk` rows at a time.
-    With grad, each chunk is recomputed in backward (checkpoint), so only the model-dtype logits
-    are kept, never their float32 log-softmax."""
-    from torch.utils.checkpoint import checkpoint
-
-    parts = []
-    for s in range(0, logits.shape[0], chunk):
-        piece, tgt = logits[s:s + chunk], targets[s:s + chunk]
-        if torch.is_grad_enabled() and piece.requires_grad:
-            parts.append(checkpoint(_chunk_logps, piece, tgt, use_reentrant=False))
-        else:
-            parts.append(_chunk_logps(piece, tgt))
-    return torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32)
+    """log softmax(logits)[target] per row of `logits` (K, V), in float32 (`TokenLogps`)."""
+    if logits.shape[0] == 0:
+        return logits.new_zeros(0, dtype=torch.float32)
+    return TokenLogps.apply(logits, targets, chunk)
 
 
 def record_logps(model, batch: dict, n_records: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
