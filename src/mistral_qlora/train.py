@@ -32,6 +32,7 @@ from mistral_qlora.flops import flops_per_token, lora_target_names, peak_flops
 from mistral_qlora.logs import close_run_log, open_run_log
 from mistral_qlora.model.adapter import publish_adapter
 from mistral_qlora.model.base import load_model_config, resolve_model_path
+from mistral_qlora.plan.context import check_max_seq_len
 from mistral_qlora.model.build import build_model
 from mistral_qlora.model.greedy import greedy_answers
 from mistral_qlora.model.lora import check_init_adapter
@@ -134,6 +135,7 @@ def validate(cfg: RunConfig, rt: Runtime, overwrite: bool, force: bool) -> RunIn
     phase(f"config: checked; output_dir {cfg.output_dir}")
     model_path = resolve_model_path(cfg.model.name_or_path)
     model_config = load_model_config(model_path, cfg.model)
+    check_max_seq_len(cfg, model_config)
     tokenizer = load_tokenizer(model_path, cfg.model.revision)
     if cfg.data.streaming and cfg.train.max_steps <= 0:
         raise UserError("data.streaming needs train.max_steps: a stream has no length to count epochs by")

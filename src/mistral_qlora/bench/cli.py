@@ -15,6 +15,7 @@ import sys
 
 from mistral_qlora.bench.data_step import BASELINE_RECORDS, FORMS, MAX_SEQ_LEN, PHASES, RECORDS, WORKDIR
 from mistral_qlora.bench.levers import LEVERS
+from mistral_qlora.bench.max_context import MaxContextOptions
 from mistral_qlora.bench.options import BenchOptions
 from mistral_qlora.errors import UserError
 
@@ -65,6 +66,31 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--eval", type=int, metavar="N",
                    help="time the evaluation of N synthetic records (--median, --sigma, --max-len): packed rows of "
                         "--tokens-per-row against one record per forward, through the run's Trainer")
+    m = MaxContextOptions()
+    p.add_argument("--max-context", action="store_true",
+                   help="the longest single record that trains one full step in each of --budgets (one child "
+                        "process per probe, seeded from the planner's estimate), on the last of --recipes "
+                        "(default fast) with --lora-r and --sliding-window")
+    p.add_argument("--budgets", help="--max-context: comma-separated GiB, each enforced with "
+                                     "torch.cuda.set_per_process_memory_fraction (default: the card's whole memory)")
+    p.add_argument("--granularity", type=int, default=m.granularity,
+                   help="--max-context: the finest step between lengths, in tokens (default %(default)s)")
+    p.add_argument("--resolution", type=float, default=m.resolution,
+                   help="--max-context: a budget's step as a share of the planner's length, rounded down to a power "
+                        "of two (default %(default)s)")
+    p.add_argument("--growth", type=float, default=m.growth,
+                   help="--max-context: the factor the length grows or shrinks by from the planner's length "
+                        "before bisecting (default %(default)s)")
+    p.add_argument("--max-probes", type=int, default=m.max_probes,
+                   help="--max-context: probes per budget; the search stops there (default %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=m.max_tokens,
+                   help="--max-context: the longest row probed (default %(default)s)")
+    p.add_argument("--also-at", type=int, default=m.also_at, metavar="TOKENS",
+                   help="--max-context: also time one row of TOKENS tokens in --also-at-budget")
+    p.add_argument("--also-at-budget", type=float, default=m.also_at_budget,
+                   help="--max-context: the budget of --also-at, GiB (default %(default)s)")
+    p.add_argument("--full-attention-check", action="store_true",
+                   help="--max-context: time one step without the sliding window at the largest budget's length")
     p.add_argument("--steps", type=int, default=16,
                    help="optimizer steps per strategy with --strategies (default %(default)s)")
     p.add_argument("--work-dir", default="runs/bench-strategies",
@@ -134,6 +160,23 @@ def cmd_bench(args) -> int:
         sliding_window=window, gradient_checkpointing=not args.no_gradient_checkpointing, lora_r=args.lora_r,
         dtype=args.dtype, seed=args.seed, out=args.out, profile=args.profile,
     )
+    if args.max_context:
+        from mistral_qlora.bench.max_context import format_max_context, run_max_context
+
+        budgets = None
+        if args.budgets:
+            try:
+                budgets = [float(b) for b in _comma_list(args.budgets)]
+            except ValueError:
+                raise UserError(f"--budgets {args.budgets}: comma-separated numbers of GiB, e.g. 16,24,40,80") from None
+        mc = MaxContextOptions(budgets=budgets, granularity=args.granularity, resolution=args.resolution,
+                               growth=args.growth, max_probes=args.max_probes, max_tokens=args.max_tokens,
+                               also_at=args.also_at, also_at_budget=args.also_at_budget,
+                               full_attention_check=args.full_attention_check)
+        print(format_max_context(run_max_context(opts, mc, log=lambda m: print(m, flush=True))))
+        if args.out:
+            print(f"report: {args.out}")
+        return 0
     if args.method != "sft":
         from mistral_qlora.bench.preference import format_preference_report, run_preference_bench
         from mistral_qlora.bench.report import write_report

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from mistral_qlora.errors import UserError
 from mistral_qlora.files import atomic_write_text
+from mistral_qlora.model.adapter import adapter_rope_scaling
+from mistral_qlora.model.base import apply_rope_scaling
 from mistral_qlora.tools import gguf_file, gguf_vocab
 from mistral_qlora.tools.chat_format import ChatFormat, chat_format, modelfile_text
 from mistral_qlora.tools.generate import run_template
@@ -163,6 +165,9 @@ def export_gguf(adapter: str, out: Path, qtype: str, model: str | None, overwrit
 
     _check_output(out, overwrite)
     config, path = _base_config(adapter, model)
+    rope_scaling = adapter_rope_scaling(adapter)
+    if rope_scaling is not None:  # the scaling it was trained under, as load_merged gives the merged config
+        apply_rope_scaling(config, rope_scaling, where=f"adapter {adapter}: rope_scaling")
     hyper = gguf_file.Hyper.from_config(config)
     tokenizer = load_export_tokenizer(adapter, path)
     vocab = read_vocab(adapter, path, tokenizer, hyper.vocab)

@@ -13,8 +13,10 @@ from mistral_qlora.config import RunConfig
 from mistral_qlora.data import build_data
 from mistral_qlora.data.dataset import source_lines
 from mistral_qlora.data.preference import drop_reason
-from mistral_qlora.model.base import resolve_model_path
+from mistral_qlora.model.base import load_model_config, resolve_model_path
 from mistral_qlora.model.tokenizer import load_tokenizer
+from mistral_qlora.plan.context import check_max_seq_len, longest_row
+from mistral_qlora.runtime import GIB
 
 
 def _percentile(sorted_values: list[int], q: float) -> int:
@@ -92,8 +94,37 @@ def describe_pairs(cfg: RunConfig, data, world_size: int = 1) -> str:
     return "\n".join(lines)
 
 
+def fit_line(cfg: RunConfig, model_config, lengths: list[int], budget: int | None, dtype_bytes: int,
+             kernels: str) -> str:
+    """How many records are longer than the longest row the plan fits in `budget` bytes of one GPU
+    (plan/context.py: recompute and offload as `auto` would choose them), in one line; without a
+    GPU it cannot tell, and says so."""
+    if budget is None:
+        return ("records longer than the GPU fits: cannot tell without a GPU here (it depends on the card's memory; "
+                "run prepare where the run will train)")
+    fits = longest_row(cfg, model_config, dtype_bytes, kernels, budget)
+    over = sum(1 for n in lengths if n > fits)
+    row = (f"; data.tokens_per_row={cfg.data.tokens_per_row} is longer too" if cfg.data.packing
+           and cfg.data.tokens_per_row > fits else "")
+    return (f"records longer than this GPU fits ({fits:,} tokens a row in {budget / GIB:.1f} GiB usable, as the "
+            f"plan would recompute and offload): {over} of {len(lengths)}{row}")
+
+
+def _fit_here(cfg: RunConfig, model_config, lengths: list[int]) -> str:
+    """`fit_line` for this machine's GPU, the dtype and kernels the run would take."""
+    from mistral_qlora.plan.backends import select_kernels
+    from mistral_qlora.runtime import gpu_budget, resolve_dtype
+
+    budget = gpu_budget()
+    kernels = select_kernels(cfg.model.kernels) if budget is not None else "none"
+    return fit_line(cfg, model_config, lengths, budget, resolve_dtype(cfg.model.dtype).itemsize, kernels)
+
+
 def describe_data(cfg: RunConfig, world_size: int = 1) -> str:
-    tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.revision)
+    model_path = resolve_model_path(cfg.model.name_or_path)
+    model_config = load_model_config(model_path, cfg.model)
+    check_max_seq_len(cfg, model_config)
+    tokenizer = load_tokenizer(model_path, cfg.model.revision)
     data = build_data(cfg.data, tokenizer, cfg.train.seed, n_samples=0)
     if data.preference:
         return describe_pairs(cfg, data, world_size)
@@ -134,6 +165,7 @@ def describe_data(cfg: RunConfig, world_size: int = 1) -> str:
         f"p99 {_percentile(lengths, 0.99)}, max {lengths[-1]}, mean {ts.tokens / len(lengths):.1f}",
         "length distribution (tokens: records):",
         *length_histogram(lengths),
+        _fit_here(cfg, model_config, lengths),
     ]
     if stream_rows is not None:
         lines.append(f"streaming: {stream_rows:,} rows of {cfg.data.tokens_per_row} tokens per pass, "
