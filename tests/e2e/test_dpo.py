@@ -157,3 +157,30 @@ def test_merge_export_and_generate_run_on_the_dpo_adapter(toy, tmp_path):
                    "--max-new-tokens", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_two_process_deepspeed_dpo_gives_one_process_reference_log_probs(toy, tmp_path, strategy):
+    """`--nproc 2` under ZeRO-2 and ZeRO-3 (accelerate launch, gloo): each rank scores every other
+    row of the reference pass and the sums are all-reduced; the cached table equals the one-process
+    run's (the toy run's, of the same data and rows), and the run trains and finishes."""
+    train_file, eval_file, one_cache, _ = toy
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    proc = subprocess.run(_args(train_file, eval_file, out, "--nproc", "2", "--set", f"train.strategy={strategy}",
+                                "--set", "train.max_steps=2", "--set", "train.save_steps=100"),
+                          cwd=ROOT, env=_env(cache), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["strategy"] == strategy and summary["steps"] == 2
+    pref = summary["preference"]
+    assert pref["reference_computed"] is True
+    assert all(np.isfinite(v) for part in ("train", "eval") for v in pref[part].values())
+    assert all(np.isfinite(v) for v in _train_losses(out).values())
+    (mine,), (one,) = _reference_files(cache), _reference_files(one_cache)
+    assert mine.name == one.name  # the same key: base, adapter, data and rows
+    with np.load(mine) as got, np.load(one) as want:
+        assert set(got.files) == set(want.files) == {"train", "eval"}
+        for split in want.files:
+            assert got[split].shape == want[split].shape and (got[split] < 0).all()
+            np.testing.assert_allclose(got[split], want[split], rtol=1e-6, atol=1e-4)
