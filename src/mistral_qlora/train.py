@@ -184,8 +184,6 @@ def preference_trainer(cfg: RunConfig, rt: Runtime, inputs: RunInputs, plan: Pla
     for DPO the callback that gives the datasets their reference log-probs."""
     if cfg.train.method not in PREFERENCE_METHODS:
         return {}
-    if not inputs.data.sample_prompts:
-        inputs.data.sample_prompts = [prompt for prompt, _, _ in inputs.data.sample_pairs]
     p = cfg.preference
     out = {"trainer_cls": PreferenceTrainer, "trainer_kwargs": {
         "method": cfg.train.method, "beta": p.beta, "loss_type": p.loss, "label_smoothing": p.label_smoothing}}

@@ -5,7 +5,6 @@ CPU, the embedded tiny model in float32."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 
@@ -237,62 +236,29 @@ def test_preference_settings_that_cannot_run_are_refused_in_one_line(overrides, 
 
 
 # ---------------------------------------------------------------------------------------------
-# One tiny DPO run through run_training.
-#
-# DATA SIDE NOT IN MAIN YET: the pairs are hand-made and handed to run_training through a
-# patched build_data. Once data/preference.py lands, switch to a prompt/chosen/rejected JSONL
-# given as data.train (see `pairs_jsonl`) and drop the patch.
+# One tiny DPO run through run_training, on prompt/chosen/rejected JSONL files (data.train and
+# data.eval): the real data path, from records to packed pairs.
 
 
-def pairs_jsonl(path, n):
-    """The same pairs as a prompt/chosen/rejected JSONL (the data side's first record form)."""
-    path.write_text("".join(json.dumps({"prompt": q, "chosen": a, "rejected": QA[(i + 1) % len(QA)][1]}) + "\n"
-                            for i, (q, a) in enumerate(QA[i % len(QA)] for i in range(n))))
+def pairs_jsonl(path, indices):
+    """Pairs of QA as a prompt/chosen/rejected JSONL: question i, its own answer chosen and the next
+    question's rejected."""
+    path.write_text("".join(json.dumps({"prompt": QA[i % len(QA)][0], "chosen": QA[i % len(QA)][1],
+                                        "rejected": QA[(i + 1) % len(QA)][1]}) + "\n" for i in indices))
     return path
 
 
-def preference_data(sft_data, tokenizer, cfg):
-    from mistral_qlora.data.formats import Conversation
-    from mistral_qlora.data.packing import pack_best_fit_decreasing
-    from mistral_qlora.data.tokenize import TokenCounts
-
-    pairs = make_pairs(tokenizer, 12)
-    train, evals = pairs[:10], pairs[10:]
-
-    def counts(ps):
-        return TokenCounts(records=len(ps), lengths=[len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in ps])
-
-    train_stats = counts(train)
-    return dataclasses.replace(
-        sft_data, train=train, eval=evals, train_stats=train_stats, eval_stats=counts(evals),
-        packed_rows=pack_best_fit_decreasing(train_stats.lengths, cfg.data.tokens_per_row, cfg.train.seed),
-        preference=True, sample_prompts=[],
-        sample_pairs=[(Conversation([(QA[10 % len(QA)][0], "")]), QA[10 % len(QA)][1], QA[11 % len(QA)][1])],
-        digest=sft_data.digest + "-pairs")
-
-
 def preference_run(tmp_path_factory, method: str, steps: int):
-    import mistral_qlora.train as train_mod
     from mistral_qlora.config import load_config
-    from testkit import story_records
+    from mistral_qlora.train import run_training
 
     tmp = tmp_path_factory.mktemp(method)
-    data = tmp / "qa.json"
-    data.write_text(json.dumps(story_records(12)))
-    overrides = [f"data.train={data}", "data.max_seq_len=64", "data.tokens_per_row=128", f"train.max_steps={steps}",
-                 "train.gradient_checkpointing=false", "train.logging_steps=1", "train.eval_steps=2",
-                 "train.save_steps=100", "eval.samples=1", "eval.max_new_tokens=4", "train.report_to=[none]",
-                 f"train.method={method}", "lora.dropout=0", f"output_dir={tmp / 'run'}"]
-    cfg = load_config(ROOT / "configs/tiny.yaml", overrides)
-    real = train_mod.build_data
-    mp = pytest.MonkeyPatch()
-    mp.setattr(train_mod, "build_data", lambda dcfg, tok, seed, samples: preference_data(
-        real(dcfg, tok, seed, samples), tok, cfg))
-    try:
-        summary = train_mod.run_training(cfg)
-    finally:
-        mp.undo()
-    return summary, tmp / "run"
+    train, evals = pairs_jsonl(tmp / "train.jsonl", range(10)), pairs_jsonl(tmp / "eval.jsonl", range(10, 12))
+    overrides = [f"data.train={train}", f"data.eval={evals}", "data.max_seq_len=64", "data.tokens_per_row=128",
+                 f"train.max_steps={steps}", "train.gradient_checkpointing=false", "train.logging_steps=1",
+                 "train.eval_steps=2", "train.save_steps=100", "eval.samples=1", "eval.max_new_tokens=4",
+                 "train.report_to=[none]", f"train.method={method}", "lora.dropout=0", f"output_dir={tmp / 'run'}"]
+    return run_training(load_config(ROOT / "configs/tiny.yaml", overrides)), tmp / "run"
 
 
 @pytest.fixture(scope="module")
