@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -102,10 +103,14 @@ def _same_adapter(a: Path, b: Path, atol=1e-4):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from test_distributed import _write_dataset
-
     path = tmp_path_factory.mktemp("elastic") / "data.json"
-    _write_dataset(path)
+    rng = random.Random(0)
+    records = []
+    for _ in range(120):
+        a, b = rng.randint(1, 60), rng.randint(1, 60)
+        records.append({"text": f"<s>[INST] What is {a} plus {b}? [/INST] {a} plus {b} is {a + b}. We add the ones "
+                                f"first and then the tens. So the answer is {a + b}. </s>"})
+    path.write_text(json.dumps(records))
     return path
 
 
