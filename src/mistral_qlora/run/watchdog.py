@@ -60,9 +60,12 @@ class HangWatchdog(TrainerCallback):
             return AUTO_FLOOR
         return max(AUTO_FLOOR, AUTO_FACTOR * statistics.median(self._step_times[-50:]))
 
-    def _progress(self, factor: float = 1.0) -> None:
+    def _progress(self, factor: float = 1.0, extend_only: bool = False) -> None:
         limit = self.limit() * factor
-        self._deadline = time.monotonic() + limit
+        deadline = time.monotonic() + limit
+        if extend_only and self._deadline is not None and self._deadline > deadline:
+            return  # a saving step's allowance is not cut short by the events inside it
+        self._deadline = deadline
         if self._backstop is not None:
             faulthandler.dump_traceback_later(2 * limit, exit=True, file=self._backstop)
 
@@ -85,7 +88,7 @@ class HangWatchdog(TrainerCallback):
 
     def _event(self, *args, **kwargs):
         if self._deadline is not None:
-            self._progress(SAVE_FACTOR)  # after an evaluation or a log a save may follow
+            self._progress(extend_only=True)
 
     on_substep_end = on_log = on_prediction_step = on_evaluate = on_save = _event
 
