@@ -250,6 +250,11 @@ class TrainSection(_Section):
     save_steps: int = _key(50, "Save a checkpoint every this many optimizer steps.", ge=1)
     logging_steps: int = _key(5, "Log loss, learning rate, tokens/s and MFU every this many optimizer steps.",
                               ge=1)
+    hang_timeout: Union[Literal["auto"], None, float] = _key(
+        "auto", "Seconds within which every rank must finish a training step (a saving step: ten times that); "
+        "past it each rank writes its Python stacks to run.log and the run exits with 76, saving nothing new, "
+        "for a scheduler to requeue (docs/runs.md). `auto`: 20 times the median step time, at least 300 s; "
+        "null turns the watchdog off.", gt=0)
     keep_checkpoints: int = _key(2, "How many complete checkpoints to keep (the newest).", ge=1)
     resume: str = _key(
         "auto", "`auto` continues from the newest complete checkpoint in output_dir; `never` refuses to start "
