@@ -255,6 +255,10 @@ class TrainSection(_Section):
         "past it each rank writes its Python stacks to run.log and the run exits with 76, saving nothing new, "
         "for a scheduler to requeue (docs/runs.md). `auto`: 20 times the median step time, at least 300 s; "
         "null turns the watchdog off.", gt=0)
+    straggler_factor: Union[float, None] = _key(
+        1.5, "Warn on the console when one rank's forward time per step (median over a logging window) is this "
+        "many times the other ranks' in 3 logging windows in a row; each window's per-rank min/median/max go to "
+        "run.log and the trackers either way (run/straggler.py). null: no warning.", gt=1)
     keep_checkpoints: int = _key(2, "How many complete checkpoints to keep (the newest).", ge=1)
     resume: str = _key(
         "auto", "`auto` continues from the newest complete checkpoint in output_dir; `never` refuses to start "

@@ -21,6 +21,7 @@ from mistral_qlora.run.callbacks import (AdapterCheckCallback, CheckpointCommitC
 from mistral_qlora.run.checkpoints import staging_root
 from mistral_qlora.run.console import ConsoleCallback
 from mistral_qlora.run.sampler import GlobalOrderSampler
+from mistral_qlora.run.straggler import StragglerCallback
 from mistral_qlora.run.trackers import run_name, tracker_callbacks
 from mistral_qlora.run.watchdog import HangWatchdog
 from mistral_qlora.runtime import Runtime, log
@@ -170,6 +171,7 @@ class RunCallbacks:
     divergence: DivergenceCallback
     commit: CheckpointCommitCallback
     stream: StreamPositionCallback | None = None
+    straggler: StragglerCallback | None = None
     watchdog: HangWatchdog | None = None
     console: ConsoleCallback | None = None  # global rank 0
     trackers: list = field(default_factory=list)  # global rank 0: train.report_to's (run/trackers.py)
@@ -181,14 +183,16 @@ class RunCallbacks:
         # adapter check runs before the commit seals the checkpoint, and the stream's position is
         # written into the checkpoint before the commit seals it; the console and the trackers come
         # after the callbacks that add tokens/s, MFU and perplexity to the logs.
-        # The watchdog starts after the samples (not a step) and comes last, so a step ends for it
-        # only after every collective the other callbacks make at its end.
+        # The straggler report adds its per-rank times to the logs before the console and the
+        # trackers read them. The watchdog starts after the samples (not a step) and comes last, so
+        # a step ends for it only after every collective the other callbacks make at its end.
         stream = [self.stream] if self.stream is not None else []
         shown = [self.console] if self.console is not None else []
         watch = [self.watchdog] if self.watchdog is not None else []
+        straggler = [self.straggler] if self.straggler is not None else []
         return [self.samples, CompletedCheckpointCallback(), self.throughput, self.preemption, self.divergence,
-                AdapterCheckCallback(), *stream, self.commit, EvalPerplexityCallback(), *shown, *self.trackers,
-                *watch]
+                AdapterCheckCallback(), *stream, self.commit, EvalPerplexityCallback(), *straggler, *shown,
+                *self.trackers, *watch]
 
 
 def build_trainer(cfg: RunConfig, rt: Runtime, args, model, tokenizer, data: TrainingData, attention: str,
@@ -205,6 +209,7 @@ def build_trainer(cfg: RunConfig, rt: Runtime, args, model, tokenizer, data: Tra
         commit=CheckpointCommitCallback(fingerprint, cfg.train.keep_checkpoints),
         stream=StreamPositionCallback(data.stream, cfg.train.micro_batch_size * cfg.train.grad_accum * rt.world_size,
                                       resume_from) if data.stream is not None else None,
+        straggler=StragglerCallback(rt.rank, rt.world_size, cfg.train.straggler_factor, warn=log),
         watchdog=HangWatchdog(cfg.train.hang_timeout, cfg.output_dir, rt.rank, log=log)
         if cfg.train.hang_timeout is not None else None,
         console=ConsoleCallback(bars=not args.disable_tqdm) if rt.is_main else None,
