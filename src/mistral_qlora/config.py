@@ -254,7 +254,7 @@ class TrainSection(_Section):
         "auto", "Seconds within which every rank must finish a training step (a saving step: ten times that); "
         "past it each rank writes its Python stacks to run.log and the run exits with 76, saving nothing new, "
         "for a scheduler to requeue (docs/runs.md). `auto`: 20 times the median step time, at least 300 s; "
-        "null turns the watchdog off.", gt=0)
+        "null turns the watchdog off.")
     straggler_factor: Union[float, None] = _key(
         1.5, "Warn on the console when one rank's forward time per step (median over a logging window) is this "
         "many times the other ranks' in 3 logging windows in a row; each window's per-rank min/median/max go to "
@@ -287,6 +287,13 @@ class TrainSection(_Section):
             raise ValueError("names a tracker twice")
         if "none" in v and len(v) > 1:
             raise ValueError("`none` cannot be combined with trackers")
+        return v
+
+    @field_validator("hang_timeout")
+    @classmethod
+    def _hang_timeout_positive(cls, v):
+        if isinstance(v, float) and not v > 0:
+            raise ValueError("must be 'auto', null, or a number of seconds > 0")
         return v
 
     @field_validator("gradient_checkpointing")
