@@ -144,7 +144,7 @@ def validate(cfg: RunConfig, rt: Runtime, overwrite: bool, force: bool) -> RunIn
     resume_from = checkpoints.find_resume_checkpoint(cfg, fingerprint, overwrite, force, warn=log)
     resume = None
     if resume_from is not None:
-        resume = elastic.adapt_to_world_size(cfg, resume_from, rt.world_size)  # may set train.grad_accum
+        resume = elastic.adapt_to_world_size(cfg, resume_from, rt.world_size, force)  # may set train.grad_accum
         fingerprint = checkpoints.run_fingerprint(cfg, data.digest, rt.world_size)
     if data.stream is not None and resume_from is not None:
         position = resume_from / STREAM_POSITION

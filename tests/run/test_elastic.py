@@ -57,3 +57,19 @@ def test_the_rows_of_each_global_batch_do_not_depend_on_the_world_size():
     assert list(order) != order.order(0) and sorted(set(order.order(1))) == sorted(order.order(1))
     with pytest.raises(UserError, match="fewer than one global batch"):
         GlobalOrderSampler(rows=3, global_batch=4, seed=0)
+
+
+def test_a_config_written_for_the_new_world_size_resumes_a_checkpoint_whose_grad_accum_was_adapted(tmp_path):
+    """2 processes (grad_accum 1) -> 1 process saved grad_accum 2 -> back on 2 with the same config."""
+    from mistral_qlora.run.checkpoints import check_fingerprint
+
+    ckpt = _checkpoint(tmp_path, world_size=1, micro_batch_size=1, grad_accum=2)
+    check_fingerprint(ckpt, {"world_size": 2, "micro_batch_size": 1, "grad_accum": 1}, force=False, warn=print)
+    cfg = _cfg(micro_batch_size=1, grad_accum=1)
+    record = adapt_to_world_size(cfg, ckpt, 2)
+    assert cfg.train.grad_accum == 1 and record["changed"] == {}
+    assert record["from_world_size"] == 1 and record["to_world_size"] == 2
+    cfg = _cfg(micro_batch_size=1, grad_accum=4)  # any grad_accum in the config: the global batch is the checkpoint's
+    assert adapt_to_world_size(cfg, ckpt, 2)["changed"] == {"train.grad_accum": [4, 1]}
+    cfg = _cfg(micro_batch_size=1, grad_accum=4)  # --force: the user's new geometry
+    assert adapt_to_world_size(cfg, ckpt, 2, force=True)["changed"] == {} and cfg.train.grad_accum == 4

@@ -164,8 +164,10 @@ def check_fingerprint(ckpt: Path, current: dict, force: bool, warn) -> None:
     except (OSError, json.JSONDecodeError):
         raise UserError(f"checkpoint {ckpt} has no readable {FINGERPRINT}; resume from another or pass --overwrite") from None
     changed = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
-    if changed == ["world_size"]:
-        return  # another number of processes, the same config: run/elastic.py keeps the global batch
+    if "world_size" in changed and set(changed) <= {"world_size", "grad_accum"}:
+        # another number of processes (and the grad_accum written for it): run/elastic.py keeps the
+        # checkpoint's global batch
+        return
     if not changed:
         return
     detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)

@@ -35,29 +35,33 @@ def saved_geometry(ckpt: Path) -> dict:
     return json.loads((ckpt / FINGERPRINT).read_text())
 
 
-def adapt_to_world_size(cfg: RunConfig, ckpt: Path, world_size: int) -> dict:
+def adapt_to_world_size(cfg: RunConfig, ckpt: Path, world_size: int, force: bool = False) -> dict:
     """The resume's record (step, world sizes, what changed); `cfg.train.grad_accum` set so the
-    global batch stays the checkpoint's. A change of the batch geometry itself (--force) is kept."""
+    global batch stays the checkpoint's, whatever grad_accum the config gives (a config written
+    for one world size resumes on another, and back). With --force a changed micro-batch or
+    grad_accum is the user's new geometry and is kept."""
     saved = saved_geometry(ckpt)
     before = saved.get("world_size", world_size)
     record = {"step": step_of(ckpt), "checkpoint": ckpt.name, "from_world_size": before,
               "to_world_size": world_size, "changed": {}}
     t = cfg.train
     if before == world_size or saved.get("micro_batch_size") != t.micro_batch_size \
-            or saved.get("grad_accum") != t.grad_accum:
+            or (force and saved.get("grad_accum") != t.grad_accum):
         return record
-    global_batch = t.micro_batch_size * t.grad_accum * before
+    configured = t.grad_accum
+    global_batch = t.micro_batch_size * saved["grad_accum"] * before
     per_step = t.micro_batch_size * world_size
     if global_batch % per_step:
         fits = sorted(n for n in range(1, global_batch // t.micro_batch_size + 1)
                       if (global_batch // t.micro_batch_size) % n == 0)
         raise UserError(
             f"cannot resume {ckpt} on {world_size} processes: its global batch of {global_batch} rows "
-            f"(micro_batch_size {t.micro_batch_size} x grad_accum {t.grad_accum} x {before} processes) is no "
+            f"(micro_batch_size {t.micro_batch_size} x grad_accum {saved['grad_accum']} x {before} processes) is no "
             f"multiple of {t.micro_batch_size} x {world_size}; use {', '.join(map(str, fits))} processes, "
             "or --force with another train.grad_accum to change the global batch")
     t.grad_accum = global_batch // per_step
-    record["changed"] = {"train.grad_accum": [saved["grad_accum"], t.grad_accum]}
+    if t.grad_accum != configured:
+        record["changed"] = {"train.grad_accum": [configured, t.grad_accum]}
     return record
 
 
