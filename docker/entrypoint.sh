@@ -8,8 +8,10 @@
 #   help                                               this text
 #
 # Every command replaces this shell (exec), so `docker stop`'s SIGTERM reaches mistral-qlora,
-# which saves a checkpoint at the next step boundary and exits with 75; the same `train`
-# command resumes from it. Several nodes: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT
+# which saves a checkpoint at the next step boundary and exits with 75; a hung rank (train.hang_timeout)
+# exits with 76 after writing its stacks to run.log; both codes pass through as the container's
+# exit code (restart it with `--restart on-failure` or your orchestrator's policy), and the same
+# `train` command resumes from the last checkpoint. Several nodes: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT
 # (launch/train.sh reads them; NPROC_PER_NODE overrides the GPU count).
 set -euo pipefail
 
@@ -43,11 +45,11 @@ case "$command" in
     exec bash "$@"
     ;;
   help | -h | --help)
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
     ;;
   *)
     echo "entrypoint: unknown command '$command'" >&2
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
     ;;
 esac

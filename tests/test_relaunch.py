@@ -182,3 +182,21 @@ def test_launcher_facts_are_read_from_the_current_environment(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert launched_processes() == 2
+
+
+def test_launched_processes_get_nccl_async_error_handling_unless_the_user_set_it():
+    from mistral_qlora.relaunch import child_env
+
+    assert child_env({"PATH": "/bin"})["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert child_env({"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3"})["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
+
+
+def test_a_failed_launch_after_a_hang_recorded_in_output_dir_exits_with_the_hang_code(tmp_path):
+    from mistral_qlora.errors import EXIT_HUNG
+    from mistral_qlora.relaunch import run
+
+    cmd = [sys.executable, "-c", f"import pathlib, sys; pathlib.Path({str(tmp_path / 'hang.json')!r}).write_text('{{}}'); "
+           "sys.exit(1)"]
+    assert run(cmd, dict(os.environ), str(tmp_path)) == EXIT_HUNG
+    (tmp_path / "hang.json").unlink()
+    assert run([sys.executable, "-c", "import sys; sys.exit(1)"], dict(os.environ), str(tmp_path)) == 1

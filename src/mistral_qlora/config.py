@@ -292,6 +292,15 @@ class TrainSection(_Section):
     save_steps: int = _key(50, "Save a checkpoint every this many optimizer steps.", ge=1)
     logging_steps: int = _key(5, "Log loss, learning rate, tokens/s and MFU every this many optimizer steps.",
                               ge=1)
+    hang_timeout: Union[Literal["auto"], None, float] = _key(
+        "auto", "Seconds within which every rank must finish a training step (a saving step: ten times that); "
+        "past it each rank writes its Python stacks to run.log and the run exits with 76, saving nothing new, "
+        "for a scheduler to requeue (docs/runs.md). `auto`: 20 times the median step time, at least 300 s; "
+        "null turns the watchdog off.")
+    straggler_factor: Union[float, None] = _key(
+        1.5, "Warn on the console when one rank's forward time per step (median over a logging window) is this "
+        "many times the other ranks' in 3 logging windows in a row; each window's per-rank min/median/max go to "
+        "run.log and the trackers either way (run/straggler.py). null: no warning.", gt=1)
     keep_checkpoints: int = _key(2, "How many complete checkpoints to keep (the newest).", ge=1)
     resume: str = _key(
         "auto", "`auto` continues from the newest complete checkpoint in output_dir; `never` refuses to start "
@@ -320,6 +329,13 @@ class TrainSection(_Section):
             raise ValueError("names a tracker twice")
         if "none" in v and len(v) > 1:
             raise ValueError("`none` cannot be combined with trackers")
+        return v
+
+    @field_validator("hang_timeout")
+    @classmethod
+    def _hang_timeout_positive(cls, v):
+        if isinstance(v, float) and not v > 0:
+            raise ValueError("must be 'auto', null, or a number of seconds > 0")
         return v
 
     @field_validator("gradient_checkpointing")

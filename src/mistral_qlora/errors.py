@@ -7,6 +7,9 @@ Anything raised as `UserError` ends the program with one line on stderr and exit
 EXIT_USER_ERROR = 2
 # The run saved a checkpoint after SIGTERM/SIGUSR1 and stopped early; a scheduler may requeue it.
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL
+# No training step finished within train.hang_timeout on some rank: its stacks are in run.log, nothing
+# new was saved, the last committed checkpoint is intact; a scheduler may requeue it (run/watchdog.py).
+EXIT_HUNG = 76
 
 
 class UserError(Exception):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from mistral_qlora import resources
 from mistral_qlora.config import RunConfig
-from mistral_qlora.errors import EXIT_PREEMPTED, UserError
+from mistral_qlora.errors import EXIT_HUNG, EXIT_PREEMPTED, UserError
 from mistral_qlora.model.base import load_model_config, resolve_model_path
 from mistral_qlora.plan.strategy import STRATEGY_WHY_ENV, is_deepspeed, plan_strategy
 from mistral_qlora.run.artifacts import check_output_dir
@@ -139,6 +139,9 @@ def child_env(env=None) -> dict[str, str]:
         cuda = False
     if not cuda:
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, gloo underneath
+    # A collective whose peer died fails (after the process group's timeout, run/trainer.py)
+    # instead of waiting for ever; the error tears the process group down.
+    env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     # the children import this package from where this process did (a source checkout's src/)
     import mistral_qlora
 
@@ -173,7 +176,7 @@ def restore_notice_signals() -> None:
             signal.signal(sig, signal.SIG_DFL)
 
 
-def run(cmd: list[str], env: dict[str, str]) -> int:
+def run(cmd: list[str], env: dict[str, str], output_dir: str | None = None) -> int:
     """Run the launcher and return its exit code.
 
     SIGTERM and SIGUSR1 sent to this process (a scheduler's notice, `docker stop`) are passed on
@@ -189,8 +192,13 @@ def run(cmd: list[str], env: dict[str, str]) -> int:
     The workers inherit "ignore"; `restore_notice_signals` undoes that in them."""
     import signal
 
+    import time
+
     import psutil
 
+    from mistral_qlora.run.watchdog import hang_in_run
+
+    started = time.time()
     print("mistral-qlora: " + " ".join(cmd), file=sys.stderr, flush=True)
     notices = [getattr(signal, n) for n in NOTICE_SIGNALS if hasattr(signal, n)]
     env = dict(env)
@@ -227,6 +235,10 @@ def run(cmd: list[str], env: dict[str, str]) -> int:
             signal.signal(s, handler)
     # The launcher reports its workers' exit 75 as a plain failure: after a forwarded notice,
     # a failed launch is the preemption the workers answered.
+    # A rank's hang watchdog (run/watchdog.py) exits with EXIT_HUNG and the launcher stops the
+    # rest, reporting a plain failure: the hang it recorded in output_dir names the cause.
+    if code != 0 and output_dir is not None and hang_in_run(output_dir, started):
+        return EXIT_HUNG
     return EXIT_PREEMPTED if forwarded and code != 0 else code
 
 
@@ -262,4 +274,4 @@ def relaunch(cfg: RunConfig, config_path: str, overrides: list[str], *, nproc=No
         argv.append("--force")
     env = child_env()
     env[STRATEGY_WHY_ENV] = why  # logged once, by rank 0
-    return run(accelerate_command(spec, strategy, argv), env)
+    return run(accelerate_command(spec, strategy, argv), env, cfg.output_dir)

@@ -38,7 +38,7 @@ from mistral_qlora.model.greedy import greedy_answers
 from mistral_qlora.model.lora import check_init_adapter
 from mistral_qlora.model.tokenizer import load_tokenizer
 from mistral_qlora.plan import Plan, lora_variants, make_plan
-from mistral_qlora.run import checkpoints
+from mistral_qlora.run import checkpoints, elastic
 from mistral_qlora.run.artifacts import check_output_dir, clear_previous_run, perplexity, write_final_artifacts
 from mistral_qlora.run.callbacks import RunAlreadyComplete
 from mistral_qlora.run.model_card import write_model_card
@@ -47,6 +47,7 @@ from mistral_qlora.run.preference import (PREFERENCE_METHODS, PreferenceTrainer,
 from mistral_qlora.run.task_eval import TaskSpec, before_after, prepare_tasks, tracker_metrics
 from mistral_qlora.run.trackers import check_trackers, finish_trackers, tracker_env
 from mistral_qlora.run.trainer import RunCallbacks, build_trainer, training_arguments
+from mistral_qlora.run.watchdog import HANG_FILE
 from mistral_qlora.runtime import Runtime, barrier, launched_processes, log, peak_memory, phase, single_process_env
 
 
@@ -79,11 +80,16 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
                         "adapter, or set train.strategy to single or ddp")
     for line in plan.log_lines(cfg):
         log(line)
+    check_checkpoint_strategy(inputs.resume_from, plan, force)
     if plan.ds_config is not None and launched_processes() is None:
         single_process_env()
     # Before the model: with a DeepSpeed config the arguments start the process group that
-    # ZeRO-3 loads the base into.
-    args = training_arguments(cfg, rt, has_eval=bool(inputs.data.eval), deepspeed=plan.ds_config)
+    # ZeRO-3 loads the base into. A checkpoint of another world size is read as DeepSpeed's
+    # universal checkpoint (run/elastic.py).
+    ds_config = plan.ds_config
+    if ds_config is not None and elastic.needs_view(inputs.resume):
+        ds_config = elastic.universal_ds_config(ds_config)
+    args = training_arguments(cfg, rt, has_eval=bool(inputs.data.eval), deepspeed=ds_config)
     phase(f"model: loading {cfg.model.name_or_path} "
           f"({'4-bit NF4' if cfg.quantization.bits == 4 else '16-bit'}) and adding LoRA")
     model, load_stats = build_model(cfg, plan, rt, inputs.model_path, inputs.model_config,
@@ -94,6 +100,7 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
     if rt.is_main:
         for note in tracker_env(cfg):
             log(note)
+    resume_path = start_resume(cfg, rt, plan, inputs)
     per_token = flops_per_token(inputs.model_config, cfg.lora.r, lora_target_names(cfg.lora.target_modules),
                                 inputs.data.train_stats.lengths,
                                 trained_head="lm_head" in {m.rpartition(".")[2] for m in cfg.lora.modules_to_save})
@@ -103,7 +110,9 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
                                        inputs.fingerprint, per_token, peak, inputs.resume_from,
                                        **preference_trainer(cfg, rt, inputs, plan))
     try:
-        train(trainer, inputs.resume_from, rt)
+        train(trainer, inputs.resume_from, rt, resume_path)
+        if rt.is_main:
+            elastic.discard_view(checkpoints.checkpoints_root(cfg.output_dir))
         summary = finish(cfg, rt, plan, inputs, trainer, callbacks, model, per_token, started)
         finish_trackers(callbacks.trackers, Path(cfg.output_dir), ok=True)
     except BaseException:
@@ -125,6 +134,8 @@ class RunInputs:
     fingerprint: dict
     resume_from: Path | None
     tasks: object = None  # lm-eval's TaskManager for eval.tasks, checked before the model loads
+    resume: dict | None = None  # the resume's record (run/elastic.py): step, world sizes, what changed
+    resumes: list | None = None  # every resume of this output_dir so far (resumes.json), rank 0
 
 
 def validate(cfg: RunConfig, rt: Runtime, overwrite: bool, force: bool) -> RunInputs:
@@ -146,6 +157,10 @@ def validate(cfg: RunConfig, rt: Runtime, overwrite: bool, force: bool) -> RunIn
     check_method(cfg, data)
     fingerprint = checkpoints.run_fingerprint(cfg, data.digest, rt.world_size)
     resume_from = checkpoints.find_resume_checkpoint(cfg, fingerprint, overwrite, force, warn=log)
+    resume = None
+    if resume_from is not None:
+        resume = elastic.adapt_to_world_size(cfg, resume_from, rt.world_size, force)  # may set train.grad_accum
+        fingerprint = checkpoints.run_fingerprint(cfg, data.digest, rt.world_size)
     if data.stream is not None and resume_from is not None:
         position = resume_from / STREAM_POSITION
         if not position.is_file():
@@ -153,7 +168,7 @@ def validate(cfg: RunConfig, rt: Runtime, overwrite: bool, force: bool) -> RunIn
                             "--overwrite starts again")
         data.stream.resume(json.loads(position.read_text()))
     tasks = prepare_tasks(task_spec(cfg)) if cfg.eval.tasks else None
-    return RunInputs(model_path, model_config, tokenizer, data, fingerprint, resume_from, tasks)
+    return RunInputs(model_path, model_config, tokenizer, data, fingerprint, resume_from, tasks, resume)
 
 
 def check_method(cfg: RunConfig, data: TrainingData) -> None:
@@ -201,6 +216,37 @@ def task_spec(cfg: RunConfig) -> TaskSpec:
                     where={"tasks": "eval.tasks", "limit": "eval.tasks_limit", "include_path": "eval.include_path"})
 
 
+def check_checkpoint_strategy(ckpt: Path | None, plan: Plan, force: bool) -> None:
+    """A DeepSpeed checkpoint keeps its optimizer in ZeRO files, DDP's and a single process's in
+    optimizer.pt: a resume across the two would start the optimizer afresh, so it needs --force."""
+    if ckpt is None:
+        return
+    saved_by_deepspeed = (ckpt / "latest").is_file()
+    if saved_by_deepspeed != (plan.ds_config is not None) and not force:
+        saved = "DeepSpeed (zero2/zero3)" if saved_by_deepspeed else "a single process or DDP"
+        now = f"train.strategy={plan.strategy}"
+        raise UserError(f"{ckpt} was saved by {saved} and this run is {now}: its optimizer state cannot be read; "
+                        f"set train.strategy to {'zero2 or zero3' if saved_by_deepspeed else 'single or ddp'}, "
+                        "or pass --force to resume the adapter with a fresh optimizer")
+
+
+def start_resume(cfg: RunConfig, rt: Runtime, plan: Plan, inputs: RunInputs) -> Path | None:
+    """The resume logged and recorded (resumes.json, rank 0); on another world size the folder the
+    Trainer resumes from is a view of the checkpoint built by rank 0 (run/elastic.py)."""
+    if inputs.resume is None:
+        return None
+    path = inputs.resume_from
+    if rt.is_main:
+        log(elastic.describe(inputs.resume))
+        inputs.resumes = elastic.record_resume(Path(cfg.output_dir), inputs.resume)
+    if elastic.needs_view(inputs.resume):
+        if rt.is_main:
+            elastic.resume_view(path, rt.world_size, inputs.resume["from_world_size"], plan.ds_config is not None)
+        barrier()
+        path = path.parent / elastic.VIEW / path.name
+    return path
+
+
 def start_output_dir(cfg: RunConfig, rt: Runtime, overwrite: bool) -> None:
     """The first write to output_dir, by rank 0 while the others wait: the previous run cleared
     (--overwrite), stale staging folders of a killed run discarded, the resolved config saved."""
@@ -210,18 +256,24 @@ def start_output_dir(cfg: RunConfig, rt: Runtime, overwrite: bool) -> None:
             clear_previous_run(out)
         out.mkdir(parents=True, exist_ok=True)
         checkpoints.discard_staging(checkpoints.checkpoints_root(out))
+        hang = out / HANG_FILE
+        if hang.is_file():
+            log(f"the previous start ended on a hang (its stacks are in {out / 'run.log'}); resuming")
+            hang.unlink()
         atomic_write_text(out / "config.yaml", cfg.to_yaml())
         open_run_log(out)  # with what was logged so far
     barrier()
 
 
-def train(trainer, resume_from: Path | None, rt: Runtime) -> None:
+def train(trainer, resume_from: Path | None, rt: Runtime, resume_path: Path | None = None) -> None:
+    """`resume_path`: where the Trainer reads `resume_from` (a view of it on another world size)."""
     if resume_from is not None:
         log(f"resuming from {resume_from}")
     if rt.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    resume_path = resume_path or resume_from
     try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        trainer.train(resume_from_checkpoint=str(resume_path) if resume_path else None)
     except RunAlreadyComplete as done:
         # The checkpoint's weights and state are loaded and no callback after it has started
         # (no signal handler, progress bar or TensorBoard writer to close): finish from here.
@@ -314,6 +366,7 @@ def summarize(cfg: RunConfig, rt: Runtime, plan: Plan, inputs: RunInputs, state,
         "checkpointed_layers": plan.layers.recompute,
         "runtime_seconds": round(time.time() - started, 2),
         "resumed_from": str(inputs.resume_from) if inputs.resume_from else None,
+        "resumes": inputs.resumes or [],
         "model": cfg.model.name_or_path,
         "sliding_window": sliding_window,
         "dtype": str(rt.dtype).removeprefix("torch."),

@@ -4,7 +4,9 @@ started by slurm/local-cluster.sh (and stopped again if this module started them
 Jobs run the tiny config on the CPU: one node (one process), two nodes (one process each, gloo,
 rendezvous at the first host of the node list), and a two-node job that gets USR1 mid-run the
 way `--signal=B:USR1@N` delivers it (to the batch shell only), saves a checkpoint, is requeued
-under the same id, resumes, and ends where the uninterrupted two-node job did.
+under the same id, resumes, and ends where the uninterrupted two-node job did; and a one-node,
+two-process job whose rank 1 is frozen (SIGSTOP): the hang watchdog ends it with 76, the script
+requeues it, and it resumes and finishes.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ class Job:
         return {e["step"]: e["loss"] for e in history if "loss" in e}
 
 
-def _submit(tmp: Path, nodes: int, gpus: int = 0) -> Job:
+def _submit(tmp: Path, nodes: int, gpus: int = 0, sets: tuple[str, ...] = ()) -> Job:
     """`sbatch slurm/train.sbatch configs/tiny.yaml --set ...` from the repository, as a user would,
     with the cluster-specific defaults (GPUs, CPUs, time) overridden before the script name. The
     local cluster's GPUs are make-believe (SLURM allocates them; CUDA sees none): each one the
@@ -117,7 +119,8 @@ def _submit(tmp: Path, nodes: int, gpus: int = 0) -> Job:
     runs = tmp / "runs"
     env = {**_env(), "RUNS_DIR": str(runs)}
     cmd = ["sbatch", "--parsable", f"--nodes={nodes}", f"--gpus-per-node={gpus}", "--cpus-per-task=1", "--time=20",
-           f"--output={tmp}/slurm-%j.out", str(SBATCH), "configs/tiny.yaml", *_sets()]
+           f"--output={tmp}/slurm-%j.out", str(SBATCH), "configs/tiny.yaml", *_sets(),
+           *(a for kv in sets for a in ("--set", kv))]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.strip().split(";")[0]
@@ -219,6 +222,47 @@ def test_preempted_job_is_requeued_and_resumes(cluster, two_node_job, tmp_path):
     ref, got = reference.losses(), job.losses()
     assert ref.keys() == got.keys() == set(range(1, STEPS + 1))
     assert all(abs(ref[k] - got[k]) < 1e-6 for k in ref), (ref, got)
+
+
+def test_a_job_whose_rank_hangs_is_requeued_by_the_script_and_finishes(cluster, tmp_path):
+    import psutil
+
+    from mistral_qlora.errors import EXIT_HUNG
+
+    if _cluster_gpus() < 2:
+        pytest.skip("needs two processes on one node: the local cluster's make-believe GPUs (LOCAL_SLURM_GPUS=2)")
+    timeout = 15
+    job = _submit(tmp_path, nodes=1, gpus=2, sets=(f"train.hang_timeout={timeout}",))
+    first_save = job.folder / "checkpoints" / f"checkpoint-{SAVE_STEPS}"
+    deadline = time.time() + 300
+    while not first_save.is_dir():
+        assert job.info().get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), job.describe()
+        assert time.time() < deadline, job.describe()
+        time.sleep(0.05)
+    ranks = []
+    for p in psutil.process_iter():
+        try:
+            env = p.environ()
+            if env.get("RANK") == "1" and "LOCAL_RANK" in env and f"output_dir={job.folder}" in " ".join(p.cmdline()):
+                ranks.append(p)
+        except psutil.Error:
+            continue
+    assert len(ranks) == 1, ranks
+    ranks[0].send_signal(signal.SIGSTOP)
+    stopped = time.time()
+    while not (job.folder / "hang.json").is_file():
+        assert time.time() - stopped < timeout + 30, job.describe()
+        time.sleep(0.1)
+    ranks[0].send_signal(signal.SIGCONT)  # thawed, it writes its own stacks and exits too
+    info = job.wait()
+
+    _assert_finished(job, info, world_size=2, restarts=1)
+    log = job.log()
+    assert f"exit code {EXIT_HUNG}" in log and f"hang (1 of at most 3 requeues); requeueing job {job.id}" in log
+    run_log = (job.folder / "run.log").read_text()
+    assert "[rank 0] hang: no training step finished on rank 0" in run_log
+    assert "the previous start ended on a hang" in run_log
+    assert re.search(r"checkpoint-\d+$", job.summary["resumed_from"]), job.summary
 
 
 @pytest.mark.parametrize("sig", ["SIGUSR1", "SIGTERM"])

@@ -8,8 +8,9 @@ the next start discards; a checkpoint whose files no longer match its manifest i
 resume with a warning that names it.
 
 Each checkpoint also records the run's fingerprint (`run_fingerprint`): a resume with another
-model, quantization or LoRA shape is refused, one with other data, batch geometry, world size or
-seed only with --force (`find_resume_checkpoint`).
+model, quantization or LoRA shape is refused, one with other data, batch geometry or seed only
+with --force (`find_resume_checkpoint`). Another world size alone is no change of the run: the
+global batch is kept by train.grad_accum (run/elastic.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 from mistral_qlora.config import RunConfig
@@ -29,6 +31,10 @@ STAGING = ".staging"
 MANIFEST = "manifest.json"
 FINGERPRINT = "run.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+
+# Held while a checkpoint is renamed into place: the hang watchdog (run/watchdog.py) takes it
+# before it ends the process, so a commit is never cut between its two renames.
+COMMIT_LOCK = threading.Lock()
 
 # Fingerprint keys that change what the saved tensors mean: a resume across them cannot work.
 SHAPE_KEYS = ("model", "revision", "quantization", "lora")
@@ -69,6 +75,11 @@ def _fsync_path(path: Path) -> None:
 
 def commit(staged: Path, fingerprint: dict) -> Path:
     """Seal a staged checkpoint (fingerprint, manifest, fsync) and rename it into place."""
+    with COMMIT_LOCK:
+        return _commit(staged, fingerprint)
+
+
+def _commit(staged: Path, fingerprint: dict) -> Path:
     (staged / FINGERPRINT).write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
     manifest = {str(p.relative_to(staged)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(staged)}
     (staged / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -153,6 +164,10 @@ def check_fingerprint(ckpt: Path, current: dict, force: bool, warn) -> None:
     except (OSError, json.JSONDecodeError):
         raise UserError(f"checkpoint {ckpt} has no readable {FINGERPRINT}; resume from another or pass --overwrite") from None
     changed = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if "world_size" in changed and set(changed) <= {"world_size", "grad_accum"}:
+        # another number of processes (and the grad_accum written for it): run/elastic.py keeps the
+        # checkpoint's global batch
+        return
     if not changed:
         return
     detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)

@@ -20,11 +20,14 @@ from mistral_qlora.run.callbacks import (AdapterCheckCallback, CheckpointCommitC
                                          SamplesCallback, StreamPositionCallback, ThroughputCallback)
 from mistral_qlora.run.checkpoints import staging_root
 from mistral_qlora.run.console import ConsoleCallback
+from mistral_qlora.run.sampler import GlobalOrderSampler
+from mistral_qlora.run.straggler import StragglerCallback
 from mistral_qlora.run.trackers import run_name, tracker_callbacks
+from mistral_qlora.run.watchdog import HangWatchdog
 from mistral_qlora.runtime import Runtime, log
 
 
-def training_arguments(cfg: RunConfig, rt: Runtime, has_eval: bool, deepspeed: Path | None = None):
+def training_arguments(cfg: RunConfig, rt: Runtime, has_eval: bool, deepspeed: Path | dict | None = None):
     """Created before the model is loaded: with a DeepSpeed config this is what tells transformers
     (is_deepspeed_zero3_enabled) and starts the process group the ZeRO-3 loader partitions over."""
     from transformers import TrainingArguments
@@ -73,8 +76,11 @@ def training_arguments(cfg: RunConfig, rt: Runtime, has_eval: bool, deepspeed: P
         # accumulated micro-batches, all ranks), not a mean of per-row or per-rank means.
         average_tokens_across_devices=True,
         dataloader_pin_memory=rt.device == "cuda",
-        deepspeed=str(deepspeed) if deepspeed is not None else None,
+        deepspeed=str(deepspeed) if isinstance(deepspeed, Path) else deepspeed,
         ddp_find_unused_parameters=False,  # every LoRA parameter takes part in every step
+        # The process group's timeout: a collective whose peer died or hung fails after it (NCCL's
+        # async error handling is on: relaunch.child_env); the hang watchdog fires first.
+        ddp_timeout=int(max(1800, 2 * t.hang_timeout)) if isinstance(t.hang_timeout, (int, float)) else 1800,
         log_on_each_node=False,  # one log, from global rank 0
         # Streaming: the stream itself resumes at the checkpoint's position (data/stream.py), so
         # the Trainer must not skip batches again; every process reads the stream and keeps its own
@@ -93,10 +99,28 @@ class RunTrainer(Trainer):
     `create_loraplus_optimizer`, B's learning rate the ratio times A's."""
 
     _eval_totals: torch.Tensor | None = None  # [sum of token losses, answer tokens] while evaluating
+    _order: GlobalOrderSampler | None = None
 
-    def __init__(self, *args, loraplus_lr_ratio: float | None = None, **kwargs):
+    def __init__(self, *args, loraplus_lr_ratio: float | None = None, global_batch: int | None = None,
+                 order_seed: int = 0, **kwargs):
         self.loraplus_lr_ratio = loraplus_lr_ratio
+        self.global_batch, self.order_seed = global_batch, order_seed
         super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        """The run's global order (run/sampler.py) over a dataset with a length; a stream keeps its own."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.global_batch is None or isinstance(dataset, torch.utils.data.IterableDataset):
+            return super()._get_train_sampler(train_dataset)
+        self._order = GlobalOrderSampler(len(dataset), self.global_batch, self.order_seed)
+        return self._order
+
+    def get_resumed_dataloader(self, dataloader, num_batches):
+        # accelerate's skipping wrapper does not pass set_epoch on to the sampler: the resumed
+        # epoch is the one the checkpoint's step falls in.
+        if self._order is not None:
+            self._order.set_epoch(self.state.global_step // self._order.steps_per_epoch)
+        return super().get_resumed_dataloader(dataloader, num_batches)
 
     def create_optimizer(self, model=None):
         if self.loraplus_lr_ratio is None or self.optimizer is not None:
@@ -148,6 +172,8 @@ class RunCallbacks:
     commit: CheckpointCommitCallback
     stream: StreamPositionCallback | None = None
     reference: TrainerCallback | None = None  # DPO's reference log-probs (run/preference.py)
+    straggler: StragglerCallback | None = None
+    watchdog: HangWatchdog | None = None
     console: ConsoleCallback | None = None  # global rank 0
     trackers: list = field(default_factory=list)  # global rank 0: train.report_to's (run/trackers.py)
 
@@ -158,12 +184,18 @@ class RunCallbacks:
         # adapter check runs before the commit seals the checkpoint, and the stream's position is
         # written into the checkpoint before the commit seals it; the console and the trackers come
         # after the callbacks that add tokens/s, MFU and perplexity to the logs.
+        # The straggler report adds its per-rank times to the logs before the console and the
+        # trackers read them. The watchdog starts after the samples (not a step) and comes last, so
+        # a step ends for it only after every collective the other callbacks make at its end.
         stream = [self.stream] if self.stream is not None else []
         shown = [self.console] if self.console is not None else []
         # DPO's reference comes before the completed-run stop: the final evaluation needs it too.
         reference = [self.reference] if self.reference is not None else []
+        watch = [self.watchdog] if self.watchdog is not None else []
+        straggler = [self.straggler] if self.straggler is not None else []
         return [self.samples, *reference, CompletedCheckpointCallback(), self.throughput, self.preemption, self.divergence,
-                AdapterCheckCallback(), *stream, self.commit, EvalPerplexityCallback(), *shown, *self.trackers]
+                AdapterCheckCallback(), *stream, self.commit, EvalPerplexityCallback(), *straggler, *shown,
+                *self.trackers, *watch]
 
 
 def build_trainer(cfg: RunConfig, rt: Runtime, args, model, tokenizer, data: TrainingData, attention: str,
@@ -184,6 +216,9 @@ def build_trainer(cfg: RunConfig, rt: Runtime, args, model, tokenizer, data: Tra
         commit=CheckpointCommitCallback(fingerprint, cfg.train.keep_checkpoints),
         stream=StreamPositionCallback(data.stream, cfg.train.micro_batch_size * cfg.train.grad_accum * rt.world_size,
                                       resume_from) if data.stream is not None else None,
+        straggler=StragglerCallback(rt.rank, rt.world_size, cfg.train.straggler_factor, warn=log),
+        watchdog=HangWatchdog(cfg.train.hang_timeout, cfg.output_dir, rt.rank, log=log)
+        if cfg.train.hang_timeout is not None else None,
         console=ConsoleCallback(bars=not args.disable_tqdm) if rt.is_main else None,
         trackers=tracker_callbacks(cfg) if rt.is_main else [],
     )
@@ -201,6 +236,8 @@ def build_trainer(cfg: RunConfig, rt: Runtime, args, model, tokenizer, data: Tra
         processing_class=tokenizer,
         callbacks=callbacks.ordered(),
         loraplus_lr_ratio=cfg.lora.plus_lr_ratio,
+        global_batch=cfg.train.micro_batch_size * cfg.train.grad_accum * rt.world_size,
+        order_seed=cfg.train.seed,
         **(trainer_kwargs or {}),
     )
     # The Trainer's own printers show each log as a dict; ConsoleCallback (rank 0) takes their place.
