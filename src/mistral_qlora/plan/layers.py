@@ -54,6 +54,7 @@ class LayerPlan:
     kept_for_run: int = 0  # the last `kept_for_run` layers keep their dequantized weights for the whole run
     reentrant: bool = False  # reentrant recompute (ZeRO-3 + PEFT refuses the non-reentrant kind)
     offload: bool = False  # the recomputing layers' inputs held in host memory (model/offload.py)
+    mlp_tile: int = 0  # tokens per tile of the recomputing layers' MLPs (model/tiling.py); 0: untiled
     # The fused layer's levers; each on by default. `mistral-qlora bench --compare` times a plan
     # with one switched off against the plan itself.
     keep_weights: bool = True  # off: no layer keeps a dequantized weight, backward dequantizes again
