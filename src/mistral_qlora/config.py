@@ -278,6 +278,12 @@ class TrainSection(_Section):
         "side CUDA stream, fetched back one layer ahead in backward) instead of on the GPU: the longest rows. "
         "`auto` turns it on only when the rows would not fit the GPU otherwise (the estimate and the host memory "
         "it needs are logged); true needs some layer to recompute (train.gradient_checkpointing not false).")
+    tiled_mlp: Union[bool, Literal["auto"]] = _key(
+        "auto", "Compute the MLP of each recomputing layer over tiles of the sequence (hidden-size tokens each), "
+        "so its intermediates exist one tile at a time in forward and backward: the longest rows, for one more "
+        "forward of the MLP per step. `auto` turns it on only when the rows would not fit the GPU otherwise "
+        "(with activation offload as chosen; the estimate is logged); true needs some layer to recompute and "
+        "no ZeRO-3.")
     memory: Literal["auto", "low"] = _key(
         "auto", "What `auto` aims for. `auto` spends free GPU memory on speed: first fewer layers recompute, "
         "then layers keep their dequantized 16-bit weights for the whole run. `low` recomputes every layer "
@@ -454,6 +460,14 @@ def config_problems(cfg: RunConfig) -> list[str]:
         problems.append("train.activation_offload=true moves the inputs of recomputing layers to the host, and "
                         "train.gradient_checkpointing=false recomputes none; set gradient_checkpointing to true, "
                         "auto or a fraction, or activation_offload to auto or false")
+    if cfg.train.tiled_mlp is True and cfg.train.gradient_checkpointing is False:
+        problems.append("train.tiled_mlp=true tiles the MLPs of recomputing layers, and "
+                        "train.gradient_checkpointing=false recomputes none; set gradient_checkpointing to true, "
+                        "auto or a fraction, or tiled_mlp to auto or false")
+    if cfg.train.tiled_mlp is True and cfg.train.strategy in ZERO3_STRATEGIES:
+        problems.append(f"train.tiled_mlp=true cannot run with train.strategy={cfg.train.strategy} (DeepSpeed "
+                        "gathers each layer's weights around its forward, not the tiles' own); set "
+                        "train.tiled_mlp to auto or false, or another strategy")
     if cfg.data.streaming and cfg.train.max_steps <= 0:
         problems.append("data.streaming needs train.max_steps: a stream has no length to count epochs by")
     if cfg.train.strategy in ZERO3_STRATEGIES:

@@ -103,8 +103,9 @@ def run_probe(spec: dict) -> dict:
     layers = plan.layers
     estimate = estimate_memory(model_config, cfg, rt.dtype.itemsize, recompute_layers=layers.recompute,
                                fused_loss=plan.kernels == "liger", kept_weight_layers=layers.kept_for_run,
-                               offload=layers.offload)
+                               offload=layers.offload, mlp_tile=layers.mlp_tile)
     result.update(recompute=layers.recompute, offload=layers.offload, kept_for_run=layers.kept_for_run,
+                  mlp_tile=layers.mlp_tile,
                   estimate_gib=round(estimate.per_gpu(plan.strategy) / GIB, 3),
                   estimate_host_gib=round(estimate.host_activations / GIB, 3))
     fake = os.environ.get(FAKE_TOKENS_PER_GIB)

@@ -2,7 +2,8 @@
 
 `add_lora` freezes the base, turns recompute on for the first k decoder layers, wraps the target
 linears with PEFT's LoRA layers or, on a 4-bit base, with the fused layer (kernels/fused_lora.py,
-registered through PEFT's custom-module extension point), and configures the fused layers.
+registered through PEFT's custom-module extension point), configures the fused layers and, where
+the plan says, computes the recomputing layers' MLPs over sequence tiles (model/tiling.py).
 `configure_fused_layers` is the one place their run-time options are set: how long each keeps its
 dequantized weight, whether the adapter's product is written first, and which linears share an
 input-gradient buffer. With `lora.init_from` the adapters start from a saved adapter's weights
@@ -19,6 +20,7 @@ from mistral_qlora.errors import UserError
 from mistral_qlora.kernels.fused_lora import (KEEP_FOR_BACKWARD, KEEP_FOR_RUN, KEEP_NONE, SHARED_INPUT_LINEARS,
                                               FusedLoraLinear4bit, InputGroup, register_fused_lora)
 from mistral_qlora.model.offload import BoundaryOffload, install
+from mistral_qlora.model.tiling import tile_mlps
 from mistral_qlora.plan.layers import LayerPlan
 
 
@@ -96,6 +98,8 @@ def add_lora(model, lora_cfg: LoraSection, layers: LayerPlan):
         load_init_adapter(model, lora_cfg.init_from)
     if layers.fused:
         configure_fused_layers(model, layers)
+    if layers.mlp_tile:  # after PEFT has put its layers inside the MLPs the tiles call
+        tile_mlps(decoder_layers(model), layers.mlp_tile)
     return model
 
 

@@ -21,7 +21,7 @@ from mistral_qlora.config import RunConfig
 from mistral_qlora.errors import UserError
 from mistral_qlora.plan.backends import fp8_problem, select_attention, select_kernels
 from mistral_qlora.plan.layers import (LayerPlan, check_host_memory, compute_for, lora_layer, plan_kept_weights,
-                                      plan_offload, plan_recompute)
+                                      plan_mlp_tile, plan_offload, plan_recompute)
 from mistral_qlora.plan.memory import estimate_memory, fused_loss_for
 from mistral_qlora.plan.strategy import is_zero3, plan_strategy
 from mistral_qlora.runtime import Runtime, host_ram, processes_per_host
@@ -46,6 +46,7 @@ class Plan:
                  f"train.gradient_checkpointing={cfg.train.gradient_checkpointing} ({self.why['recompute']}); "
                  f"model.kernels={self.kernels}",
                  f"train.activation_offload={self.layers.offload} ({self.why['offload']})",
+                 f"train.tiled_mlp: tiles of {self.layers.mlp_tile or 'none'} tokens ({self.why['mlp_tile']})",
                  f"lora: {self.why['lora_layer']}"]
         if self.layers.fused:
             lines.append(f"lora: dequantized weights kept for backward: {self.why['kept_for_run']}")
@@ -96,22 +97,26 @@ def make_plan(cfg: RunConfig, model_config, rt: Runtime, env=None, available_hos
     compute, compute_why = compute_for(cfg, layer, strategy,
                                        fp8_problem(rt.dtype) if cfg.quantization.compute == "fp8" else None, rt.dtype)
     offload, offload_why = plan_offload(cfg, model_config, dtype_bytes, kernels, budget, strategy, rt.world_size)
+    mlp_tile, mlp_tile_why = plan_mlp_tile(cfg, model_config, dtype_bytes, kernels, budget, strategy,
+                                           rt.world_size, offload)
     recompute, recompute_why = plan_recompute(cfg, model_config, dtype_bytes, kernels, budget, strategy,
-                                              rt.world_size, offload)
+                                              rt.world_size, offload, mlp_tile)
     if offload and recompute == 0:
         offload, offload_why = False, "no layer recomputes, so no layer input waits for backward"
+    if mlp_tile and recompute == 0:
+        mlp_tile, mlp_tile_why = 0, "no layer recomputes, so no MLP is tiled"
     if offload:
         host = estimate_memory(model_config, cfg, dtype_bytes, recompute_layers=recompute,
                                fused_loss=kernels == "liger", offload=True).host_activations
         available = host_ram() if available_host_ram is None else available_host_ram
         offload_why += "; " + check_host_memory(host, processes_per_host(rt.world_size, env), available)
     kept, kept_why = plan_kept_weights(cfg, model_config, dtype_bytes, kernels, budget, recompute, strategy,
-                                       rt.world_size, offload)
+                                       rt.world_size, offload, mlp_tile)
     layers = LayerPlan(lora_layer=layer, recompute=recompute, kept_for_run=kept, reentrant=is_zero3(strategy),
-                       compute=compute, offload=offload)
+                       compute=compute, offload=offload, mlp_tile=mlp_tile)
     fused_loss = fused_loss_for(cfg, kernels)
     why = {"strategy": strategy_why, "lora_layer": layer_why, "recompute": recompute_why, "kept_for_run": kept_why,
-           "compute": compute_why, "offload": offload_why,
+           "compute": compute_why, "offload": offload_why, "mlp_tile": mlp_tile_why,
            "loss": ("Liger's lm_head fused with the cross-entropy" if fused_loss else
                     f"train.method={cfg.train.method} scores each record from its own logits "
                     "(run/preference.py), so Liger's fused lm_head + cross-entropy is not applied"

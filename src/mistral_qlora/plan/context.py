@@ -6,7 +6,8 @@
   `data.max_seq_len` beyond it is refused (`check_max_seq_len`): RoPE would rotate positions the
   model never saw.
 - `longest_row`: the longest row whose memory estimate (plan/memory.py) fits a GPU budget with
-  recompute and activation offload as `auto` chooses them at that length (plan/layers.py). The
+  recompute, activation offload and the tiled MLP as `auto` chooses them at that length
+  (plan/layers.py). The
   estimate grows with the row, so the longest fitting row is found by bisection over lengths.
   `bench --max-context` seeds its search with it and `prepare` counts the records beyond it.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from mistral_qlora.config import RunConfig
 from mistral_qlora.errors import UserError
-from mistral_qlora.plan.layers import auto_headroom, plan_offload, plan_recompute
+from mistral_qlora.plan.layers import auto_headroom, plan_mlp_tile, plan_offload, plan_recompute
 from mistral_qlora.plan.memory import estimate_memory
 
 
@@ -49,15 +50,24 @@ def check_max_seq_len(cfg: RunConfig, model_config) -> None:
 def planned_need(cfg: RunConfig, model_config, dtype_bytes: int, kernels: str, budget: int, tokens: int
                  ) -> tuple[int, int, bool]:
     """(estimated bytes, recomputing layers, offload) of one row of `tokens` tokens, with the
-    choices `auto` (or the config, where it is explicit) makes at that length in `budget`."""
+    choices `auto` (or the config, where it is explicit) makes at that length in `budget`: offload,
+    then the tiled MLP, then how many layers recompute (`planned_row` says the tile too)."""
+    need, recompute, offload, _ = planned_row(cfg, model_config, dtype_bytes, kernels, budget, tokens)
+    return need, recompute, offload
+
+
+def planned_row(cfg: RunConfig, model_config, dtype_bytes: int, kernels: str, budget: int, tokens: int
+                ) -> tuple[int, int, bool, int]:
+    """`planned_need` and the MLP's tile (0: untiled) at that length."""
     row = cfg.model_copy(update={"data": cfg.data.model_copy(update={"tokens_per_row": tokens, "max_seq_len": tokens}),
                                  "train": cfg.train.model_copy(update={"micro_batch_size": 1})})
     offload, _ = plan_offload(row, model_config, dtype_bytes, kernels, budget)
-    recompute, _ = plan_recompute(row, model_config, dtype_bytes, kernels, budget, offload=offload)
-    offload = offload and recompute > 0
+    tile, _ = plan_mlp_tile(row, model_config, dtype_bytes, kernels, budget, offload=offload)
+    recompute, _ = plan_recompute(row, model_config, dtype_bytes, kernels, budget, offload=offload, mlp_tile=tile)
+    offload, tile = offload and recompute > 0, tile if recompute > 0 else 0
     need = estimate_memory(model_config, row, dtype_bytes, recompute_layers=recompute, fused_loss=kernels == "liger",
-                           offload=offload).per_gpu("single")
-    return need, recompute, offload
+                           offload=offload, mlp_tile=tile).per_gpu("single")
+    return need, recompute, offload, tile
 
 
 def longest_row(cfg: RunConfig, model_config, dtype_bytes: int, kernels: str, budget: int, granularity: int = 256,

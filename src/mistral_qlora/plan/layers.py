@@ -19,6 +19,14 @@
   when the run would not fit the GPU otherwise (every layer recomputing), and `check_host_memory`
   refuses a run whose offloaded inputs and process reserve exceed the host's available memory.
 
+- Tiled MLP (`plan_mlp_tile`): the recomputing layers' MLPs computed over sequence tiles
+  (model/tiling.py). It costs one more forward of the MLP per step, so `auto` takes it only when
+  the row would not fit otherwise with every layer recomputing and offload as `plan_offload`
+  chose. A tile is `hidden_size` tokens (ALST's choice): its gate/up intermediates are then the
+  size of one MLP weight matrix, whatever the row's length, and each of its matmuls has thousands
+  of rows, enough to keep the GPU's matrix units busy. Not under ZeRO-3, whose parameter hooks
+  gather a layer's weights around the layer's forward, not the backward's passes over tiles.
+
 `auto` keeps a head-room free beyond the estimate in proportion to how far the estimate can be
 off: the fast path's op-by-op count (plan/memory.py) lands a few tenths of a GiB from measured
 peaks, so a small share of the budget with a 1 GiB floor; the rule for PEFT's layers is coarser, so
@@ -54,6 +62,7 @@ class LayerPlan:
     kept_for_run: int = 0  # the last `kept_for_run` layers keep their dequantized weights for the whole run
     reentrant: bool = False  # reentrant recompute (ZeRO-3 + PEFT refuses the non-reentrant kind)
     offload: bool = False  # the recomputing layers' inputs held in host memory (model/offload.py)
+    mlp_tile: int = 0  # tokens per tile of the recomputing layers' MLPs (model/tiling.py); 0: untiled
     # The fused layer's levers; each on by default. `mistral-qlora bench --compare` times a plan
     # with one switched off against the plan itself.
     keep_weights: bool = True  # off: no layer keeps a dequantized weight, backward dequantizes again
@@ -136,6 +145,44 @@ def plan_offload(cfg: RunConfig, model_config, dtype_bytes: int, kernels: str, b
                   f"({with_it.host_activations / GIB:.1f} GiB there)")
 
 
+def mlp_tile_tokens(model_config) -> int:
+    """Tokens per tile of a tiled MLP (module docstring): the hidden size."""
+    return int(model_config.hidden_size)
+
+
+def plan_mlp_tile(cfg: RunConfig, model_config, dtype_bytes: int, kernels: str, budget: int | None,
+                  strategy: str = "single", world_size: int = 1, offload: bool = False) -> tuple[int, str]:
+    """(tokens per tile of the recomputing layers' MLPs, 0 for untiled; why) for this run."""
+    setting = cfg.train.tiled_mlp
+    L = model_config.num_hidden_layers
+    tile = mlp_tile_tokens(model_config)
+    if setting is False:
+        return 0, "set in the run config"
+    if recompute_layers_for(cfg.train.gradient_checkpointing, L) == 0:
+        return 0, "no layer recomputes (train.gradient_checkpointing=false)"
+    if strategy in ZERO3:
+        return 0, f"auto: off under {strategy} (DeepSpeed gathers a layer's weights around its forward only)"
+    if setting is True:
+        return tile, f"set in the run config: tiles of {tile} tokens"
+    if budget is None:
+        return 0, "auto without a GPU: off"
+    if cfg.lora.dora:
+        return 0, "auto: off with lora.dora (the estimate does not count DoRA's float32 activations tiled)"
+    usable = budget - auto_headroom(cfg, kernels, budget, strategy)
+    fused = kernels == "liger"
+    where = " with their inputs on the host" if offload else ""
+    without = estimate_memory(model_config, cfg, dtype_bytes, recompute_layers=L, fused_loss=fused,
+                              offload=offload).per_gpu(strategy, world_size)
+    if without <= usable:
+        return 0, (f"auto: off, every row fits the GPU without it (~{without / GIB:.1f} GiB of {usable / GIB:.1f} "
+                   f"GiB usable with every layer recomputing{where})")
+    tiled = estimate_memory(model_config, cfg, dtype_bytes, recompute_layers=L, fused_loss=fused, offload=offload,
+                            mlp_tile=tile)
+    return tile, (f"auto: on, a row of {tiled.tokens_per_micro_batch} tokens needs ~{without / GIB:.1f} GiB with "
+                  f"every layer recomputing{where}, more than {usable / GIB:.1f} GiB usable; ~"
+                  f"{tiled.per_gpu(strategy, world_size) / GIB:.1f} GiB with the MLPs in tiles of {tile} tokens")
+
+
 def check_host_memory(host_activations: int, processes: int, available: int) -> str:
     """A refusal (UserError) when `processes` processes offloading `host_activations` bytes each,
     each with its HOST_RESERVE, need more host memory than `available`; else the log line."""
@@ -150,7 +197,8 @@ def check_host_memory(host_activations: int, processes: int, available: int) -> 
 
 
 def plan_recompute(cfg: RunConfig, model_config, dtype_bytes: int, kernels: str, budget: int | None,
-                   strategy: str = "single", world_size: int = 1, offload: bool = False) -> tuple[int, str]:
+                   strategy: str = "single", world_size: int = 1, offload: bool = False,
+                   mlp_tile: int = 0) -> tuple[int, str]:
     """(layers that recompute in backward, why) for this run."""
     L = model_config.num_hidden_layers
     explicit = recompute_layers_for(cfg.train.gradient_checkpointing, L)
@@ -167,7 +215,7 @@ def plan_recompute(cfg: RunConfig, model_config, dtype_bytes: int, kernels: str,
     # (one layer's activations and weights), so the estimate is not linear in k.
     for k in range(L + 1):
         need = estimate_memory(model_config, cfg, dtype_bytes, recompute_layers=k, fused_loss=kernels == "liger",
-                               offload=offload).per_gpu(strategy, world_size)
+                               offload=offload, mlp_tile=mlp_tile).per_gpu(strategy, world_size)
         if need <= usable:
             break
     return k, (f"auto: {k} of {L} layers recompute; ~{need / GIB:.1f} GiB estimated "
@@ -176,7 +224,7 @@ def plan_recompute(cfg: RunConfig, model_config, dtype_bytes: int, kernels: str,
 
 def plan_kept_weights(cfg: RunConfig, model_config, dtype_bytes: int, kernels: str, budget: int | None,
                       recompute: int, strategy: str = "single", world_size: int = 1,
-                      offload: bool = False) -> tuple[int, str]:
+                      offload: bool = False, mlp_tile: int = 0) -> tuple[int, str]:
     """(layers, among those that do not recompute, that keep their dequantized weights for the
     whole run, why): as many as the memory left after `plan_recompute` holds, with the same
     head-room."""
@@ -187,7 +235,7 @@ def plan_kept_weights(cfg: RunConfig, model_config, dtype_bytes: int, kernels: s
         why = "train.memory=low" if cfg.train.memory == "low" else "no GPU" if budget is None else "every layer recomputes"
         return 0, f"{why}: recomputing layers only, from their recompute to their backward"
     need = estimate_memory(model_config, cfg, dtype_bytes, recompute_layers=recompute, fused_loss=kernels == "liger",
-                           offload=offload)
+                           offload=offload, mlp_tile=mlp_tile)
     per_layer = kept_weight_bytes(layer_shapes(model_config, cfg.lora.target_modules), cfg, dtype_bytes)
     spare = budget - auto_headroom(cfg, kernels, budget, strategy) - need.per_gpu(strategy, world_size)
     n = max(0, min(L - recompute, int(spare // per_layer)))

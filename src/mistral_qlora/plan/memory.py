@@ -14,7 +14,16 @@ keeps, until its backward:
 - with PEFT's layers, 16H + 4I values, a coarser rule (docs/benchmarks.md compares both with
   measured peaks).
 Logits cost V values in the model dtype plus an fp32 copy and its gradient, unless the loss is
-fused with the lm_head (Liger), which never materialises them.
+fused with the lm_head (Liger), which never materialises them whole: Liger's fused linear
+cross-entropy computes, at the end of forward, the logits a chunk of next_pow2(ceil(T / ceil(V/H)))
+tokens at a time (an eighth to a quarter of the row for Mistral-7B), turns each chunk into its
+gradient in place and writes the input's gradient (T x H) for backward. That is a peak of its own
+(`fused_loss_bytes`), counted against the recomputing layer's backward: the larger of the two.
+
+With the MLP computed in sequence tiles in the recomputing layers (model/tiling.py, `mlp_tile`),
+such a layer's recompute holds, instead of the MLP's saved set over the row (`mlp_token_bytes` a
+token), the MLP's input and its gradient (T x H each) and one tile's saved set and gradients
+(`tiled_layer_bytes`).
 
 With activation offloading (model/offload.py) the recomputing layers' inputs wait in host memory:
 the GPU holds at most two of them at a time (the one a layer recomputes from and the one fetched
@@ -108,6 +117,44 @@ def layer_shapes(model_config, target_modules) -> LayerShapes:
     return LayerShapes(linears, targets, tuple(shape for name, shape in linears.items() if name in targets))
 
 
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+
+
+def mlp_token_bytes(shapes: LayerShapes, dtype_bytes: int, dropout: bool, fast_path: bool) -> int:
+    """The MLP's share of one decoder layer's saved bytes per token (`fast_path_layer_bytes` on
+    the fast path, the 16H + 4I rule on PEFT's layers): the gate and up outputs; the adapted
+    linears' dropped inputs and masks, or without dropout their inputs (gate and up share one),
+    on PEFT's layers every MLP linear's input."""
+    linears, targets = shapes.linears, shapes.targets
+    I, H = linears["down_proj"]
+    kept = dtype_bytes * 2 * I
+    if not fast_path:
+        kept += dtype_bytes * (2 * H + I)
+    elif not dropout:
+        kept += dtype_bytes * ((H if {"gate_proj", "up_proj"} & targets else 0) + (I if "down_proj" in targets else 0))
+    if dropout:
+        kept += (dtype_bytes + 1) * sum(linears[n][0] for n in MLP_LINEARS if n in targets)
+    return kept
+
+
+def tiled_layer_bytes(one_layer: int, mlp_bytes: int, tokens: int, hidden: int, dtype_bytes: int, tile: int) -> int:
+    """What a recomputing layer holds in its backward with its MLP in tiles of `tile` tokens
+    (model/tiling.py), from `one_layer`, its bytes untiled, and `mlp_bytes`, the MLP's share a
+    token: the MLP's share over the row replaced by the MLP's input the tiled function keeps and
+    the input gradient it writes tile by tile (T x H each), and one tile's saved set and the
+    gradients of its intermediates (twice the MLP's share, for `tile` tokens)."""
+    return (one_layer - tokens * mlp_bytes + 2 * tokens * hidden * dtype_bytes
+            + 2 * min(tile, tokens) * mlp_bytes)
+
+
+def fused_loss_bytes(tokens: int, hidden: int, vocab: int, dtype_bytes: int) -> int:
+    """Liger's fused linear cross-entropy at its peak, at the end of forward (module docstring): the
+    last layer's output (the final norm keeps it), the norm's output, the input gradient it
+    computes in forward (T x H each) and one chunk's logits, turned into their gradient in place."""
+    chunk = 1 << (math.ceil(tokens / math.ceil(vocab / hidden)) - 1).bit_length()
+    return 3 * tokens * hidden * dtype_bytes + min(chunk, tokens) * vocab * dtype_bytes
+
+
 def fast_path_layer_bytes(shapes: LayerShapes, dtype_bytes: int, dropout: bool) -> int:
     """Bytes one decoder layer keeps for backward per token on the fast path (module docstring)."""
     linears, targets = shapes.linears, shapes.targets
@@ -171,12 +218,15 @@ def dora_layer_bytes(shapes: LayerShapes, cfg: RunConfig, tokens: int, dtype_byt
 
 
 def estimate_memory(model_config, cfg: RunConfig, dtype_bytes: int, recompute_layers: int | None = None,
-                    fused_loss: bool = False, kept_weight_layers: int = 0, offload: bool = False) -> MemoryEstimate:
+                    fused_loss: bool = False, kept_weight_layers: int = 0, offload: bool = False,
+                    mlp_tile: int = 0) -> MemoryEstimate:
     """The estimate for `recompute_layers` recomputing layers (default: what
     train.gradient_checkpointing says, auto counting as every layer) and `kept_weight_layers`
     layers that keep their dequantized weights for the whole run. A run that recomputes any layer
     on the fused path also keeps one layer's weights from its recompute to its backward. With
-    `offload` the recomputing layers' inputs count on the host, two of them on the GPU."""
+    `offload` the recomputing layers' inputs count on the host, two of them on the GPU. With
+    `mlp_tile` the recomputing layers' MLPs run in tiles of that many tokens (not counted under
+    DoRA, whose float32 activations the tiled count does not follow)."""
     c = model_config
     H, L, V = c.hidden_size, c.num_hidden_layers, c.vocab_size
     shapes = layer_shapes(c, cfg.lora.target_modules)
@@ -201,7 +251,8 @@ def estimate_memory(model_config, cfg: RunConfig, dtype_bytes: int, recompute_la
 
     row = cfg.data.tokens_per_row if cfg.data.packing else cfg.data.max_seq_len
     T = cfg.train.micro_batch_size * row
-    if counts_fast_path(cfg, fused_loss):
+    fast_path = counts_fast_path(cfg, fused_loss)
+    if fast_path:
         one_layer = T * fast_path_layer_bytes(shapes, dtype_bytes, cfg.lora.dropout > 0)
     else:
         # (16H + 4I) values a token with LoRA dropout on every linear: the inputs of the seven
@@ -220,7 +271,14 @@ def estimate_memory(model_config, cfg: RunConfig, dtype_bytes: int, recompute_la
     checkpoint_bytes = 4 if cfg.lora.dora else dtype_bytes
     boundary = T * H * checkpoint_bytes  # one recomputing layer's input
     on_gpu = min(k, 2) if offload else k
-    activations = on_gpu * boundary + (L - k) * one_layer + (one_layer if k else 0)
+    recomputing = one_layer
+    if mlp_tile and not cfg.lora.dora:
+        recomputing = tiled_layer_bytes(one_layer, mlp_token_bytes(shapes, dtype_bytes, cfg.lora.dropout > 0, fast_path),
+                                        T, H, dtype_bytes, mlp_tile)
+    kept_layers = on_gpu * boundary + (L - k) * one_layer
+    activations = kept_layers + (recomputing if k else 0)
+    if fused_loss and cfg.train.method not in PREFERENCE_METHODS:
+        activations = max(activations, kept_layers + fused_loss_bytes(T, H, V, dtype_bytes))
     recomputing_keeps = k > 0 and cfg.lora.fused and cfg.quantization.bits == 4
     activations += (kept_weight_layers + recomputing_keeps) * kept_weight_bytes(shapes, cfg, dtype_bytes)
     if cfg.quantization.compute == "fp8":
