@@ -119,6 +119,8 @@ def _run_training(cfg: RunConfig, overwrite: bool, force: bool) -> dict:
         finish_trackers(callbacks.trackers, None, ok=False)
         raise
     finally:
+        if callbacks.watchdog is not None:
+            callbacks.watchdog.stop()
         close_run_log()
     return summary
 

@@ -93,6 +93,12 @@ class HangWatchdog(TrainerCallback):
     on_substep_end = on_log = on_prediction_step = on_evaluate = on_save = _event
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.stop()
+
+    def stop(self) -> None:
+        """Disarm the thread and the backstop. The Trainer calls on_train_end only when training
+        returns; run_training calls this on every way out, so a run that raised (in a process that
+        lives on: an API call, a test session) leaves no timer that would end the process later."""
         self._stop.set()
         self._deadline = None
         if self._backstop is not None:
