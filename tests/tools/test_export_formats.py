@@ -335,8 +335,9 @@ def _story_prompt_response(n: int) -> list[dict]:
 @pytest.mark.slow
 def test_smollm2_fine_tuned_exports_run_in_llama_cpp_as_in_transformers(tmp_path):
     """SmolLM2-135M-Instruct (Llama architecture, tied embeddings, byte-level BPE, ChatML) fine-tuned
-    briefly by `train` on the sample data: its f16 GGUF continues six ChatML prompts greedily as
-    transformers does on the merged model (the same fp16 merge, float32 logits) for 32 tokens; its
+    briefly by `train` on the sample data: its f16 GGUF continues ChatML prompts greedily as
+    transformers does on the merged model (the same fp16 merge, float32 logits) for 32 tokens, all
+    but at most two of six prompts whole and those parting only at a near-tie of the best two; its
     q8_0 GGUF's top-1, teacher-forced on transformers' answers, is transformers' token at least 95%
     of the time. A 16-bit base (plain LoRA) keeps the run short on CPUs; the export is the same
     either way, since an adapter is always merged into the 16-bit base."""
@@ -370,19 +371,32 @@ def test_smollm2_fine_tuned_exports_run_in_llama_cpp_as_in_transformers(tmp_path
     # The f16 file holds the fp16 merge: the reference is that merge, computed in float32.
     reference = load_merged(str(adapter), "fp16")[0].float().eval()
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    answers = []
+    answers, whole, parted = [], 0, []
     for prompt, f16 in zip(prompts, got[str(files["f16"])]):
         # greedy on past the end of the answer as llama.cpp's loop does (generate would stop, or with
         # min_new_tokens forbid the end token)
-        tokens, cache, step_ids = [], None, torch.tensor([prompt])
+        tokens, gaps, cache, step_ids = [], [], None, torch.tensor([prompt])
         for _ in range(steps):
             with torch.no_grad():
                 result = reference(step_ids, past_key_values=cache, use_cache=True)
-            cache, best = result.past_key_values, int(result.logits[0, -1].argmax())
+            logits = result.logits[0, -1]
+            top2 = logits.topk(2)
+            cache, best = result.past_key_values, int(top2.indices[0])
             tokens.append(best)
+            gaps.append((float(top2.values[0] - top2.values[1]), int(top2.indices[1])))
             step_ids = torch.tensor([[best]])
-        assert f16["tokens"] == tokens, (tokenizer.decode(f16["tokens"]), tokenizer.decode(tokens))
+        i = next((k for k, (a, b) in enumerate(zip(f16["tokens"], tokens)) if a != b), None)
+        if i is None:
+            whole += 1
+        else:
+            # fp16 weights against float32 arithmetic may only part at a near-tie of the two best
+            # tokens: llama.cpp took transformers' second choice, less than 0.05 below its first
+            gap, second = gaps[i]
+            parted.append((i, gap, tokenizer.decode(tokens[:i + 1])))
+            assert f16["tokens"][i] == second and gap < 0.05, parted[-1]
         answers.append(tokens[:tokens.index(end) + 1] if end in tokens else tokens)
+    # several prompts (most of them) agree on all 32 tokens
+    assert whole >= len(prompts) - 2, parted
     # q8_0, teacher-forced on transformers' answers (up to their end token): its top-1 at each position
     q8 = run_llama_cpp(runtime, "llama_cpp_greedy.mjs", {"models": [str(files["q8_0"])], "prompts": prompts,
                                                          "forced": answers, "steps": 0, "top": 1},
