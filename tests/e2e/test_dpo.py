@@ -17,7 +17,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from testkit import ROOT, write_jsonl
+from testkit import ROOT, write_jsonl, wait_for
 
 STEPS = 24
 TRAIN_PAIRS, EVAL_PAIRS = 48, 24
@@ -99,16 +98,6 @@ def test_dpo_lifts_held_out_preference_accuracy_on_the_toy_set(toy):
     assert pref["eval"]["rewards/accuracies"] >= 0.9 and pref["eval"]["rewards/margins"] > 0
 
 
-def _wait_for(predicate, proc, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.002)
-    raise TimeoutError
-
 
 def test_sigterm_saves_and_the_resumed_dpo_run_is_exact_with_the_cached_reference(toy, tmp_path):
     train_file, eval_file, cache, reference = toy
@@ -118,7 +107,7 @@ def test_sigterm_saves_and_the_resumed_dpo_run_is_exact_with_the_cached_referenc
     written = ref_file.stat().st_mtime_ns
     proc = subprocess.Popen(_args(train_file, eval_file, out), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    assert _wait_for(lambda: (out / "checkpoints/checkpoint-6").is_dir(), proc), "finished before the signal"
+    assert wait_for(lambda: (out / "checkpoints/checkpoint-6").is_dir(), proc), "finished before the signal"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-3000:]

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from testkit import ROOT, story_records
+from testkit import ROOT, story_records, wait_for
 
 STEPS = 24
 
@@ -62,21 +62,10 @@ def reference(data, tmp_path_factory) -> Path:
     return out
 
 
-def _wait_for(predicate, proc, timeout=300, poll=0.002):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(poll)
-    raise TimeoutError
-
-
 def test_sigterm_saves_and_the_resumed_run_is_exact(data, reference, tmp_path):
     out = tmp_path / "run"
     proc = _start(data, out)
-    assert _wait_for(lambda: (out / "checkpoints/checkpoint-6").is_dir(), proc), "finished before the signal"
+    assert wait_for(lambda: (out / "checkpoints/checkpoint-6").is_dir(), proc), "finished before the signal"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-3000:]
@@ -255,7 +244,7 @@ def test_zero3_two_processes_sigterm_and_resume_is_exact(data, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(_args(data, out, *extra), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    assert _wait_for(lambda: (out / "checkpoints/checkpoint-3").is_dir(), proc), "finished before the signal"
+    assert wait_for(lambda: (out / "checkpoints/checkpoint-3").is_dir(), proc), "finished before the signal"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 75, err[-4000:]

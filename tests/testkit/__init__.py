@@ -66,6 +66,21 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
                           capture_output=True, text=True, timeout=timeout)
 
 
+def wait_for(predicate, proc, timeout: float = 300, poll: float = 0.002) -> bool:
+    """Poll `predicate` until it holds (True) or the subprocess `proc` ends first (False);
+    TimeoutError after `timeout` seconds."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(poll)
+    raise TimeoutError
+
+
 def free_port() -> int:
     import socket
 

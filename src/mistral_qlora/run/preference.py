@@ -181,15 +181,15 @@ class PreferenceTrainer(RunTrainer):
     The loss of a micro-batch is the mean over its pairs (ORPO: plus the NLL over its chosen tokens);
     the Trainer divides it by the accumulation steps (`model_accepts_loss_kwargs` off: the count of
     label tokens it would otherwise normalize by means nothing for pairs). Training metrics (loss
-    parts, rewards, margins, accuracies) are summed per micro-step over the ranks and averaged into
-    each log line; evaluation sums them over every pair of the eval set and every rank."""
+    parts, rewards, margins, accuracies) are summed per micro-step on each rank's device, summed
+    over the ranks when a line is logged and averaged into it; evaluation sums them over every pair of the eval set and every rank."""
 
     def __init__(self, *args, method: str = "dpo", beta: float = 0.1, loss_type: str = "sigmoid",
                  label_smoothing: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.method, self.beta, self.loss_type, self.label_smoothing = method, beta, loss_type, label_smoothing
         self.model_accepts_loss_kwargs = False
-        self._train_totals = torch.zeros(_N_TOTALS, dtype=torch.float64)
+        self._train_totals: torch.Tensor | None = None  # this rank's sums since the last log, on its device
 
     def pair_loss(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(the micro-batch's loss, its metric sums `_N_TOTALS`)."""
@@ -224,7 +224,9 @@ class PreferenceTrainer(RunTrainer):
         if self._eval_totals is not None:
             self._eval_totals += self.accelerator.gather_for_metrics(totals[None]).sum(0).to(self._eval_totals)
         else:
-            self._train_totals += self.accelerator.gather(totals[None]).sum(0).cpu()
+            # summed on the device, gathered over ranks only when a line is logged: no sync a micro-step
+            done = totals.detach()
+            self._train_totals = done if self._train_totals is None else self._train_totals + done
         return (loss, {}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -262,11 +264,16 @@ class PreferenceTrainer(RunTrainer):
         return out
 
     def log(self, logs: dict, start_time=None) -> None:
-        if "loss" in logs and self._train_totals[0] > 0:  # a training log line: the steps since the last
-            metrics = self.metrics_from(self._train_totals.tolist())
-            metrics.pop("loss")  # the Trainer's own running loss is the optimized one
-            logs.update(metrics)
-            self._train_totals.zero_()
+        if "loss" in logs:  # a training log line (every rank logs it): the steps since the last
+            mine = self._train_totals
+            if mine is None:
+                mine = torch.zeros(_N_TOTALS, dtype=torch.float64, device=self.args.device)
+            totals = self.accelerator.gather(mine[None]).sum(0).tolist()
+            self._train_totals = None
+            if totals[0] > 0:
+                metrics = self.metrics_from(totals)
+                metrics.pop("loss")  # the Trainer's own running loss is the optimized one
+                logs.update(metrics)
         super().log(logs, start_time)
 
 
