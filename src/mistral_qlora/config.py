@@ -37,6 +37,7 @@ def _key(default, description: str, **bounds):
 
 
 ROPE_SCALING_TYPES = ("linear", "dynamic", "yarn")
+PREFERENCE_METHODS = ("dpo", "orpo")  # train.method values that train on preference pairs
 
 
 class ModelSection(_Section):
@@ -494,11 +495,11 @@ def _preference_problems(cfg: RunConfig) -> list[str]:
     if pref.label_smoothing and (method != "dpo" or pref.loss != "sigmoid"):
         problems.append(f"preference.label_smoothing applies to DPO's sigmoid loss only (train.method={method}, "
                         f"preference.loss={pref.loss}); set it to 0")
-    if method in ("dpo", "orpo") and cfg.train.neftune_alpha is not None:
+    if method in PREFERENCE_METHODS and cfg.train.neftune_alpha is not None:
         problems.append(f"train.neftune_alpha cannot run with train.method={method}: the noise changes the "
                         "policy's log-probs of the very pairs it compares (and DPO's reference is the noiseless "
                         "policy before training); set train.neftune_alpha=null")
-    if method in ("dpo", "orpo") and cfg.data.streaming:
+    if method in PREFERENCE_METHODS and cfg.data.streaming:
         problems.append(f"train.method={method} reads preference pairs from tables, not streams; set "
                         "data.streaming=false")
     return problems

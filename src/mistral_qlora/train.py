@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from mistral_qlora.config import RunConfig
+from mistral_qlora.config import PREFERENCE_METHODS, RunConfig
 from mistral_qlora.data import TrainingData, build_data
 from mistral_qlora.data.dataset import source_lines
 from mistral_qlora.data.token_cache import cache_root
@@ -42,8 +42,8 @@ from mistral_qlora.run import checkpoints, elastic
 from mistral_qlora.run.artifacts import check_output_dir, clear_previous_run, perplexity, write_final_artifacts
 from mistral_qlora.run.callbacks import RunAlreadyComplete
 from mistral_qlora.run.model_card import write_model_card
-from mistral_qlora.run.preference import (PREFERENCE_METHODS, PreferenceTrainer, ReferenceCallback, ReferenceLogps,
-                                          preference_accuracy, reference_key)
+from mistral_qlora.run.preference import (PreferenceTrainer, ReferenceCallback, ReferenceLogps, preference_accuracy,
+                                          reference_key)
 from mistral_qlora.run.task_eval import TaskSpec, before_after, prepare_tasks, tracker_metrics
 from mistral_qlora.run.trackers import check_trackers, finish_trackers, tracker_env
 from mistral_qlora.run.trainer import RunCallbacks, build_trainer, training_arguments

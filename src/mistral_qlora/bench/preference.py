@@ -44,8 +44,7 @@ from mistral_qlora.data.tokenize import IGNORE_INDEX
 from mistral_qlora.errors import UserError
 from mistral_qlora.model.attention import TAKES_CU_SEQLENS
 from mistral_qlora.model.base import load_base_model, load_model_config, resolve_model_path
-from mistral_qlora.config import ModelSection
-from mistral_qlora.plan.memory import PREFERENCE_METHODS
+from mistral_qlora.config import PREFERENCE_METHODS, ModelSection
 from mistral_qlora.runtime import Runtime
 
 TRL = "trl"

@@ -44,12 +44,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from mistral_qlora.config import RunConfig
+from mistral_qlora.config import PREFERENCE_METHODS, RunConfig
 from mistral_qlora.flops import decoder_linear_shapes, lora_target_names
 
 GIB = 2**30
 ZERO3 = ("zero3", "zero3_offload")
-PREFERENCE_METHODS = ("dpo", "orpo")
 LOGSOFTMAX_CHUNK = 1024  # tokens per float32 log-softmax of the preference log-prob path
 
 

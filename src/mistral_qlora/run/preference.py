@@ -37,7 +37,7 @@ from transformers import TrainerCallback
 from mistral_qlora.data.tokenize import IGNORE_INDEX
 from mistral_qlora.errors import UserError
 from mistral_qlora.files import atomic_write_bytes
-from mistral_qlora.plan.memory import LOGSOFTMAX_CHUNK, PREFERENCE_METHODS  # noqa: F401 (re-exported)
+from mistral_qlora.plan.memory import LOGSOFTMAX_CHUNK
 from mistral_qlora.run.trainer import RunTrainer
 from mistral_qlora.runtime import barrier, log
 
